@@ -1,0 +1,82 @@
+"""celerybridge: typed, async-first calls between Python services over Celery.
+
+Declare a contract once, in a bindings module::
+
+    @remote_task(name="pusher.send_to_s3", queue="pusher")
+    def send_to_s3(key: str, content: str) -> Receipt: ...
+
+call it from async code, validated before anything is sent::
+
+    handle = await send_to_s3.delegate("items/1.json", "{}")
+    receipt = await handle
+
+and implement it in the service that owns it::
+
+    @send_to_s3.implement(app)
+    async def upload(key: str, content: str) -> Receipt: ...
+"""
+
+from importlib.metadata import version as _version
+
+from ._bridge import Bridge
+from ._config import BridgeSettings
+from ._contracts import RemoteTask, remote_task
+from ._default import close_default_bridge, configure, delegate
+from ._exceptions import (
+    ArgumentError,
+    CallError,
+    CeleryBridgeError,
+    ConfigurationError,
+    ContractError,
+    DelegationError,
+    PublishTimeoutError,
+    RemoteTaskError,
+    ResultBackendError,
+    ResultError,
+    ResultTimeoutError,
+    SignatureMismatchError,
+    UnknownTaskError,
+    UnknownVersionError,
+)
+from ._result import TaskHandle
+from ._transports.base import OutgoingMessage, Publisher, ResultSource, TaskOutcome
+from ._transports.memory import MemoryTransport
+from ._worker import celery_app
+from ._worker_loop import WorkerResource, run_on_worker_loop, worker_resource
+
+__version__ = _version("celerybridge")
+
+__all__ = [
+    "ArgumentError",
+    "Bridge",
+    "BridgeSettings",
+    "CallError",
+    "CeleryBridgeError",
+    "ConfigurationError",
+    "ContractError",
+    "DelegationError",
+    "MemoryTransport",
+    "OutgoingMessage",
+    "PublishTimeoutError",
+    "Publisher",
+    "RemoteTask",
+    "RemoteTaskError",
+    "ResultBackendError",
+    "ResultError",
+    "ResultSource",
+    "ResultTimeoutError",
+    "SignatureMismatchError",
+    "TaskHandle",
+    "TaskOutcome",
+    "UnknownTaskError",
+    "UnknownVersionError",
+    "WorkerResource",
+    "__version__",
+    "celery_app",
+    "close_default_bridge",
+    "configure",
+    "delegate",
+    "remote_task",
+    "run_on_worker_loop",
+    "worker_resource",
+]

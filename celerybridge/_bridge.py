@@ -1,0 +1,157 @@
+"""The Bridge: connections to one broker and result backend, and delegation through them."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Self, TypeVar
+
+import anyio
+
+from ._config import BridgeSettings, load_settings
+from ._exceptions import (
+    ConfigurationError,
+    DelegationError,
+    PublishTimeoutError,
+    ResultTimeoutError,
+)
+from ._registry import registry
+from ._result import TaskHandle
+from ._utils import Timeout, to_seconds
+
+if TYPE_CHECKING:
+    from ._contracts import RemoteTask
+    from ._transports.base import Publisher, ResultSource, TaskOutcome
+
+R = TypeVar("R")
+
+
+class Bridge:
+    """Connections to a broker and a result backend, and delegation through them.
+
+    Build one per process (per event loop under pytest-asyncio) and close it with
+    ``async with Bridge() as bridge:`` or ``await bridge.aclose()``. Settings come from
+    ``CELERYBRIDGE_*`` variables, a :class:`BridgeSettings`, and keyword overrides, in
+    rising priority. Connections are opened on first use, never on the event loop thread.
+
+    ``publisher`` and ``results`` replace the transports, e.g. with
+    :class:`~celerybridge.MemoryTransport` in a service's unit tests.
+    """
+
+    def __init__(
+        self,
+        settings: BridgeSettings | None = None,
+        *,
+        publisher: Publisher | None = None,
+        results: ResultSource | None = None,
+        **overrides: Any,
+    ) -> None:
+        self.settings = load_settings(settings, **overrides)
+        self._publisher = publisher
+        self._results = results
+        self._pid = os.getpid()
+        self._closed = False
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        return f"<Bridge {self.settings!r}{' closed' if self._closed else ''}>"
+
+    async def delegate(
+        self, name: str, /, *args: Any, version: int | str | None = None, **kwargs: Any
+    ) -> TaskHandle[Any]:
+        """Send the task ``name`` at ``version`` (default: the contract's default version).
+
+        ``version`` is reserved for version selection: contracts may not name a
+        parameter ``version``. Returns once the broker has accepted the message.
+        """
+        return await self.send(registry.resolve(name, version), args, kwargs, stacklevel=2)
+
+    async def send(
+        self,
+        stub: RemoteTask[Any, R],
+        args: Sequence[Any],
+        kwargs: Mapping[str, Any],
+        *,
+        stacklevel: int = 1,
+    ) -> TaskHandle[R]:
+        """Validate a call of ``stub`` and publish it; the typed core of :meth:`delegate`.
+
+        ``stacklevel`` is the frame a deprecation warning names: 1 is the caller.
+        """
+        call = stub.bind(args, kwargs, stacklevel=stacklevel + 1)
+        message = stub.message(call)
+        publisher = self._get_publisher()
+        timeout = self.settings.publish_timeout
+        try:
+            with anyio.fail_after(timeout):
+                await publisher.publish(message)
+        except TimeoutError:
+            raise PublishTimeoutError(
+                f"the broker did not accept task {stub.name!r} v{stub.version} "
+                f"({message.task_id}) within {timeout:g} s; it may or may not have been delivered"
+            ) from None
+        return TaskHandle(self, stub, message.task_id)
+
+    async def wait_for(
+        self, stub: RemoteTask[Any, Any], task_id: str, timeout: Timeout | None
+    ) -> TaskOutcome:
+        """Wait for the stored outcome of ``task_id``; used by :class:`TaskHandle`."""
+        seconds = to_seconds(timeout)
+        limit = self.settings.result_timeout if seconds is None else seconds
+        results = self._get_results()
+        try:
+            with anyio.fail_after(limit):
+                return await results.wait(task_id)
+        except TimeoutError:
+            raise ResultTimeoutError(stub.name, stub.version, task_id, limit) from None
+
+    async def aclose(self) -> None:
+        """Close the connections this bridge opened. Idempotent."""
+        self._closed = True
+        publisher, results = self._publisher, self._results
+        self._publisher = self._results = None
+        if publisher is not None:
+            await publisher.aclose()
+        if results is not None:
+            await results.aclose()
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise DelegationError("this bridge is closed")
+        if os.getpid() != self._pid:
+            raise ConfigurationError(
+                f"this bridge was created in process {self._pid} and used in {os.getpid()} "
+                "after a fork; create a bridge in each process (e.g. in the app's lifespan)"
+            )
+
+    def _get_publisher(self) -> Publisher:
+        self._check_usable()
+        if self._publisher is None:
+            from ._transports.kombu import KombuPublisher
+
+            self._publisher = KombuPublisher(self.settings)
+        return self._publisher
+
+    def _get_results(self) -> ResultSource:
+        self._check_usable()
+        if self._results is None:
+            if self.settings.result_backend is None:
+                raise ConfigurationError(
+                    "no result backend is configured; set CELERYBRIDGE_RESULT_BACKEND "
+                    "(e.g. redis://127.0.0.1:6379/1) to await results"
+                )
+            from ._transports.kombu import KombuResultSource
+
+            self._results = KombuResultSource(self.settings.result_backend)
+        return self._results

@@ -1,0 +1,105 @@
+"""Settings, read from ``CELERYBRIDGE_*`` environment variables (pydantic-settings)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kombu.utils.url import maybe_sanitize_url
+from pydantic import Field, PositiveFloat, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from ._constants import (
+    DEFAULT_BROKER_URL,
+    DEFAULT_PUBLISH_TIMEOUT,
+    DEFAULT_RESULT_TIMEOUT,
+    ENV_PREFIX,
+)
+from ._exceptions import ConfigurationError
+
+# Schemes we can publish to (kombu transports) and await results from (Celery backends
+# whose values we can read as plain key/value pairs, see _transports/kombu.py).
+BROKER_SCHEMES = frozenset(
+    {"amqp", "amqps", "pyamqp", "redis", "rediss", "sentinel", "memory", "filesystem"}
+)
+RESULT_SCHEMES = frozenset({"redis", "rediss", "sentinel", "file"})
+
+
+class BridgeSettings(BaseSettings):
+    """How a :class:`~celerybridge.Bridge` reaches Celery.
+
+    Every field can come from the environment: ``CELERYBRIDGE_BROKER_URL``,
+    ``CELERYBRIDGE_RESULT_BACKEND``, ``CELERYBRIDGE_PUBLISH_TIMEOUT``,
+    ``CELERYBRIDGE_RESULT_TIMEOUT``. Values are checked when the settings are built.
+    URLs are masked in ``repr``.
+    """
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid")
+
+    broker_url: str = Field(default=DEFAULT_BROKER_URL, repr=False)
+    """The Celery broker, e.g. ``redis://127.0.0.1:6379/0`` or ``amqp://guest:guest@host//``."""
+
+    result_backend: str | None = Field(default=None, repr=False)
+    """Where workers store results, e.g. ``redis://127.0.0.1:6379/1``; ``None`` disables results."""
+
+    publish_timeout: PositiveFloat = DEFAULT_PUBLISH_TIMEOUT
+    """Seconds ``delegate`` may take to have the broker accept a message."""
+
+    result_timeout: PositiveFloat = DEFAULT_RESULT_TIMEOUT
+    """Default seconds ``handle.result()`` waits when no timeout is given."""
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            raise ConfigurationError(_describe(exc)) from exc
+
+    @field_validator("broker_url")
+    @classmethod
+    def _check_broker(cls, url: str) -> str:
+        _check_scheme(url, BROKER_SCHEMES, "broker_url")
+        return url
+
+    @field_validator("result_backend")
+    @classmethod
+    def _check_backend(cls, url: str | None) -> str | None:
+        if url is not None:
+            _check_scheme(url, RESULT_SCHEMES, "result_backend")
+        return url
+
+    def __repr_args__(self) -> Any:
+        yield "broker_url", maybe_sanitize_url(self.broker_url)
+        yield (
+            "result_backend",
+            (maybe_sanitize_url(self.result_backend) if self.result_backend else None),
+        )
+        yield from super().__repr_args__()
+
+
+def scheme_of(url: str) -> str:
+    """The scheme of a broker or backend URL (``redis``, ``amqp``...), or ``""``."""
+    return url.split("://", 1)[0].lower() if "://" in url else ""
+
+
+def _check_scheme(url: str, allowed: frozenset[str], field: str) -> None:
+    scheme = scheme_of(url)
+    if scheme not in allowed:
+        known = ", ".join(sorted(allowed))
+        raise ValueError(f"unsupported scheme {scheme or url!r}; supported: {known}")
+
+
+def load_settings(settings: BridgeSettings | None = None, **overrides: Any) -> BridgeSettings:
+    """Build settings from the environment plus ``overrides``, raising our own error."""
+    if settings is not None and not overrides:
+        return settings
+    if settings is not None:
+        return BridgeSettings(**{**settings.model_dump(), **overrides})
+    return BridgeSettings(**overrides)
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for error in exc.errors(include_url=False):
+        field = ".".join(str(p) for p in error["loc"]) or "settings"
+        message = error["msg"].removeprefix("Value error, ")
+        parts.append(f"{ENV_PREFIX}{field.upper()} ({field}): {message}")
+    return "invalid celerybridge settings: " + "; ".join(parts)

@@ -1,0 +1,302 @@
+"""Contracts: ``@remote_task`` stubs, typed with the signature of the remote task."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import warnings
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from dataclasses import dataclass, replace
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypeVar, overload
+
+from ._constants import DEFAULT_QUEUE, SERIALIZER, VERSION_KEYWORD
+from ._exceptions import CallError, ConfigurationError, ContractError
+from ._registry import registry
+from ._utils import to_seconds
+from ._validation import Binder, BoundCall
+
+if TYPE_CHECKING:
+    from celery import Celery
+    from celery.result import AsyncResult
+
+    from ._bridge import Bridge
+    from ._result import TaskHandle
+    from ._transports.base import OutgoingMessage
+
+P = ParamSpec("P")
+R = TypeVar("R")
+F = TypeVar("F", bound=Callable[..., Any])
+
+# Options of the seed's ``apply_async(args, queue='pusher', serializer='json')`` we pass on.
+_APPLY_ASYNC_OPTIONS = frozenset({"queue", "serializer", "countdown", "expires", "priority"})
+
+
+@dataclass(frozen=True, slots=True)
+class SendOptions:
+    """Per-call delivery options; validated when built, see :meth:`RemoteTask.with_options`."""
+
+    queue: str
+    countdown: float | None = None
+    expires: float | None = None
+    priority: int | None = None
+
+    def celery_options(self) -> dict[str, Any]:
+        """The options as ``Celery.send_task`` keywords, ``None`` values left out."""
+        options = {"countdown": self.countdown, "expires": self.expires, "priority": self.priority}
+        return {k: v for k, v in options.items() if v is not None}
+
+
+class RemoteTask(Generic[P, R]):
+    """A contract for a task that runs in another service: a name, a queue, a version, a
+    typed signature, and no body.
+
+    Declare it with :func:`remote_task`. Call it with ``await stub.delegate(...)``
+    (typed: mypy checks the arguments against the signature), or from sync code as the
+    seed does, ``stub.apply_async(args, queue=..., serializer='json')`` or
+    ``stub.delay(...)``. A worker implements it with :meth:`implement`.
+    """
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        *,
+        name: str,
+        version: int,
+        queue: str,
+        wire_name: str | None,
+        default: bool,
+        deprecated: bool | str,
+    ) -> None:
+        _check_identifier("name", name)
+        _check_identifier("queue", queue)
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise ContractError(f"task {name!r}: version must be an integer >= 1, got {version!r}")
+        self.name = name
+        self.version = version
+        # The seed's convention: v1 is sent under the plain name, vN under name_vN.
+        self.wire_name = wire_name or (name if version == 1 else f"{name}_v{version}")
+        _check_identifier("wire_name", self.wire_name)
+        self.default = default
+        self.deprecated = deprecated
+        self.qualname = f"{fn.__module__}.{fn.__qualname__}"
+        self.__doc__ = fn.__doc__
+        self.__wrapped__ = fn
+        try:
+            signature = inspect.signature(fn, eval_str=True)
+        except NameError as exc:
+            raise ContractError(
+                f"task {name!r} v{version}: cannot resolve annotation: {exc}"
+            ) from exc
+        if VERSION_KEYWORD in signature.parameters:
+            raise ContractError(
+                f"task {name!r} v{version}: parameter name {VERSION_KEYWORD!r} is reserved "
+                "for version selection in delegate(); rename the parameter"
+            )
+        self.binder = Binder(name, version, signature)
+        self.options = SendOptions(queue=queue)
+        self.bridge: Bridge | None = None
+        """The bridge :meth:`delegate` uses; ``None``: the default bridge."""
+
+    @property
+    def queue(self) -> str:
+        """The queue the task is sent to (and the worker consumes, ``-Q``)."""
+        return self.options.queue
+
+    def __repr__(self) -> str:
+        where = f"wire={self.wire_name!r} queue={self.queue!r}"
+        return f"<RemoteTask {self.name!r} v{self.version} {where}>"
+
+    def with_options(
+        self,
+        *,
+        queue: str | None = None,
+        countdown: float | timedelta | None = None,
+        expires: float | timedelta | None = None,
+        priority: int | None = None,
+    ) -> RemoteTask[P, R]:
+        """A copy of this stub that sends with other delivery options.
+
+        ``countdown`` delays execution; ``expires`` drops the task if it has not
+        started in time; ``priority`` is 0-9 (0 first on Redis, 9 first on RabbitMQ).
+        """
+        if queue is not None:
+            _check_identifier("queue", queue)
+        if priority is not None and (
+            isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= 9
+        ):
+            raise ConfigurationError(f"priority must be an integer from 0 to 9, got {priority!r}")
+        clone = copy.copy(self)
+        clone.options = replace(
+            self.options,
+            queue=queue or self.queue,
+            countdown=to_seconds(countdown, what="countdown") or self.options.countdown,
+            expires=to_seconds(expires, what="expires") or self.options.expires,
+            priority=self.options.priority if priority is None else priority,
+        )
+        return clone
+
+    def via(self, bridge: Bridge) -> RemoteTask[P, R]:
+        """A copy of this stub whose :meth:`delegate` sends through ``bridge``.
+
+        The typed way to call with an explicit bridge, e.g. one from FastAPI's
+        ``BridgeDep``: ``await send_to_s3.via(bridge).delegate(key, content)``.
+        """
+        clone = copy.copy(self)
+        clone.bridge = bridge
+        return clone
+
+    def bind(
+        self, args: Sequence[Any], kwargs: Mapping[str, Any], *, stacklevel: int = 1
+    ) -> BoundCall:
+        """Validate a call (warning if this version is deprecated) without sending it.
+
+        ``stacklevel`` is the frame the deprecation warning names: 1 is the caller.
+        """
+        if self.deprecated:
+            reason = f": {self.deprecated}" if isinstance(self.deprecated, str) else ""
+            warnings.warn(
+                f"task {self.name!r} v{self.version} is deprecated{reason}",
+                DeprecationWarning,
+                stacklevel=stacklevel + 1,
+            )
+        return self.binder.bind(args, kwargs)
+
+    def message(self, call: BoundCall, task_id: str | None = None) -> OutgoingMessage:
+        """The message that carries a validated call to the broker."""
+        from ._transports.base import OutgoingMessage
+
+        return OutgoingMessage.new(self.wire_name, call, self.options, task_id)
+
+    async def delegate(self, *args: P.args, **kwargs: P.kwargs) -> TaskHandle[R]:
+        """Send this task (through :meth:`via`'s bridge, else the default bridge) and
+        return once the broker has accepted it."""
+        bridge = self.bridge
+        if bridge is None:
+            from ._default import default_bridge
+
+            bridge = await default_bridge()
+        return await bridge.send(self, args, kwargs, stacklevel=2)
+
+    def apply_async(
+        self,
+        args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        **options: Any,
+    ) -> AsyncResult[Any]:
+        """Send from sync code, exactly as the seed does:
+        ``send_to_s3.apply_async(args, queue='pusher', serializer='json')``.
+
+        Arguments are validated first; only JSON is ever sent. Returns Celery's
+        ``AsyncResult``.
+        """
+        return self._apply(args, kwargs, options, stacklevel=2)
+
+    def delay(self, *args: P.args, **kwargs: P.kwargs) -> AsyncResult[Any]:
+        """Shortcut for ``apply_async(args, kwargs)``, as in Celery."""
+        return self._apply(args, kwargs, {}, stacklevel=2)
+
+    def _apply(
+        self,
+        args: Sequence[Any] | None,
+        kwargs: Mapping[str, Any] | None,
+        options: dict[str, Any],
+        *,
+        stacklevel: int,
+    ) -> AsyncResult[Any]:
+        unknown = set(options) - _APPLY_ASYNC_OPTIONS
+        if unknown:
+            supported = ", ".join(sorted(_APPLY_ASYNC_OPTIONS))
+            raise CallError(
+                f"task {self.name!r}: unsupported apply_async option(s) "
+                f"{', '.join(sorted(unknown))}; supported: {supported}"
+            )
+        serializer = options.pop("serializer", SERIALIZER)
+        if serializer != SERIALIZER:
+            raise ConfigurationError(f"celerybridge sends JSON only, not {serializer!r}")
+        stub = self.with_options(**options) if options else self
+        call = stub.bind(tuple(args or ()), dict(kwargs or {}), stacklevel=stacklevel + 1)
+        from ._default import sync_publisher
+
+        return sync_publisher().send(stub.message(call))
+
+    def implement(self, app: Celery | None = None, **task_options: Any) -> Callable[[F], F]:
+        """Register the decorated function as this contract's implementation on ``app``.
+
+        The Celery task gets this contract's wire name and queue; arguments are
+        validated again on receipt. The signature is checked now: one that cannot
+        accept the contract raises :class:`SignatureMismatchError`. ``async def``
+        bodies run on the worker process's persistent event loop. ``app=None``
+        registers on every Celery app (``shared_task``). Returns the function unchanged;
+        the task is ``app.tasks[stub.wire_name]``.
+        """
+        from ._worker import register_implementation
+
+        def decorator(fn: F) -> F:
+            register_implementation(self, fn, app, task_options)
+            return fn
+
+        return decorator
+
+
+def _check_identifier(what: str, value: object) -> None:
+    if not isinstance(value, str) or not value or value != value.strip() or " " in value:
+        raise ContractError(f"{what} must be a non-empty string without spaces, got {value!r}")
+
+
+class _Decorator(Protocol):
+    @overload
+    def __call__(self, fn: Callable[P, Coroutine[Any, Any, R]], /) -> RemoteTask[P, R]: ...
+    @overload
+    def __call__(self, fn: Callable[P, R], /) -> RemoteTask[P, R]: ...
+
+
+@overload
+def remote_task(fn: Callable[P, Coroutine[Any, Any, R]], /) -> RemoteTask[P, R]: ...
+@overload
+def remote_task(fn: Callable[P, R], /) -> RemoteTask[P, R]: ...
+@overload
+def remote_task(
+    *,
+    name: str | None = None,
+    queue: str = DEFAULT_QUEUE,
+    version: int = 1,
+    wire_name: str | None = None,
+    default: bool = False,
+    deprecated: bool | str = False,
+) -> _Decorator: ...
+def remote_task(
+    fn: Callable[..., Any] | None = None,
+    /,
+    *,
+    name: str | None = None,
+    queue: str = DEFAULT_QUEUE,
+    version: int = 1,
+    wire_name: str | None = None,
+    default: bool = False,
+    deprecated: bool | str = False,
+) -> Any:
+    """Declare a contract: the signature of a task another service implements.
+
+    The body is never run (write ``...``). Versions of one logical ``name`` form its
+    version map; ``delegate(name, ...)`` picks the version flagged ``default=True``,
+    else the lowest. Version 1 is sent under ``name`` itself, version *n* under
+    ``name_vn`` unless ``wire_name`` says otherwise; ``deprecated`` (``True`` or a
+    reason) makes calls warn. Bare ``@remote_task`` names the task after its module and
+    function and sends it to the ``celery`` queue.
+    """
+
+    def decorator(func: Callable[..., Any]) -> RemoteTask[Any, Any]:
+        stub: RemoteTask[Any, Any] = RemoteTask(
+            func,
+            name=name or f"{func.__module__}.{func.__name__}",
+            version=version,
+            queue=queue,
+            wire_name=wire_name,
+            default=default,
+            deprecated=deprecated,
+        )
+        registry.add(stub)
+        return stub
+
+    return decorator if fn is None else decorator(fn)

@@ -1,0 +1,83 @@
+"""The per-broker interfaces: publishing a message and awaiting a result."""
+
+from __future__ import annotations
+
+import uuid
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .._contracts import SendOptions
+    from .._validation import BoundCall
+
+
+@dataclass(frozen=True, slots=True)
+class OutgoingMessage:
+    """One validated call, ready to be published as a Celery task message."""
+
+    task_id: str
+    task_name: str
+    """The wire name the worker looks the task up by."""
+    queue: str
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    options: dict[str, Any] = field(default_factory=dict)
+    """``Celery.send_task`` keywords: ``countdown``, ``expires``, ``priority``."""
+
+    @classmethod
+    def new(
+        cls, task_name: str, call: BoundCall, options: SendOptions, task_id: str | None = None
+    ) -> OutgoingMessage:
+        """Build the message for ``call`` with a fresh task id unless one is given."""
+        return cls(
+            task_id=task_id or str(uuid.uuid4()),
+            task_name=task_name,
+            queue=options.queue,
+            args=call.args,
+            kwargs=dict(call.kwargs),
+            options=options.celery_options(),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class TaskOutcome:
+    """The final state of a task as the result backend stored it, decoded from JSON."""
+
+    state: str
+    """``SUCCESS``, ``FAILURE`` or ``REVOKED``."""
+    result: Any
+    """The return value, or Celery's exception record (``exc_type``, ``exc_message``...)."""
+    traceback: str | None = None
+
+
+class Publisher(ABC):
+    """Puts task messages on a broker."""
+
+    @abstractmethod
+    async def publish(self, message: OutgoingMessage) -> None:
+        """Return once the broker has accepted ``message`` (publisher confirms on AMQP)."""
+
+    @abstractmethod
+    async def aclose(self) -> None:
+        """Release connections. Idempotent."""
+
+
+class ResultSource(ABC):
+    """Reads task outcomes from a result backend."""
+
+    @abstractmethod
+    async def wait(self, task_id: str) -> TaskOutcome:
+        """Wait, without limit, for the task to reach a final state.
+
+        Callers bound the wait with a timeout; cancellation must leave no state behind.
+        """
+
+    @property
+    @abstractmethod
+    def waiting(self) -> int:
+        """How many ``wait`` calls are in progress (zero once all are done or cancelled)."""
+
+    @abstractmethod
+    async def aclose(self) -> None:
+        """Release connections. Idempotent."""

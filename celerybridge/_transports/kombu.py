@@ -1,0 +1,180 @@
+"""The portable path: Celery's own (synchronous) client, run in worker threads.
+
+Works with every broker kombu supports and under any anyio backend (asyncio, trio).
+Broker and result-backend I/O never runs on the event-loop thread.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import anyio.to_thread
+from celery import Celery
+from celery.backends.base import BaseKeyValueStoreBackend
+from celery.result import AsyncResult
+
+from .._config import BridgeSettings, scheme_of
+from .._constants import (
+    KOMBU_THREADS,
+    POLL_FACTOR,
+    POLL_INITIAL,
+    POLL_MAX,
+    READY_STATES,
+    SERIALIZER,
+)
+from .._exceptions import ConfigurationError, DelegationError, ResultBackendError
+from ._errors import translate
+from .base import OutgoingMessage, Publisher, ResultSource, TaskOutcome
+
+_AMQP_SCHEMES = frozenset({"amqp", "amqps", "pyamqp"})
+
+
+def client_app(settings: BridgeSettings, *, with_backend: bool, main: str) -> Celery:
+    """A Celery app used only as a client: JSON only, bounded connect and publish times."""
+    app = Celery(
+        main,
+        broker=settings.broker_url,
+        backend=settings.result_backend if with_backend else None,
+        set_as_current=False,
+    )
+    timeout = settings.publish_timeout
+    transport_options: dict[str, Any] = {
+        "socket_connect_timeout": timeout,
+        "socket_timeout": timeout,
+    }
+    if scheme_of(settings.broker_url) in _AMQP_SCHEMES:
+        # Publisher confirms: basic_publish returns once RabbitMQ has taken the message.
+        transport_options = {"confirm_publish": True, "connect_timeout": timeout}
+    app.conf.update(
+        task_serializer=SERIALIZER,
+        accept_content=[SERIALIZER],
+        result_serializer=SERIALIZER,
+        result_accept_content=[SERIALIZER],
+        broker_connection_timeout=timeout,
+        broker_transport_options=transport_options,
+        task_publish_retry_policy={
+            "max_retries": 3,
+            "interval_start": 0,
+            "interval_step": 0.2,
+            "interval_max": 0.5,
+        },
+    )
+    return app
+
+
+def close_celery_app(app: Celery, *backends: Any) -> None:
+    """Close an app's broker pool and the given result backends' connections (blocking).
+
+    ``Celery.close()`` leaves a Redis result backend's connection pool and pub/sub
+    subscription open until garbage collection. Backends are per thread in Celery
+    (``app.backend``), so callers pass the instances they used; the calling thread's
+    own is closed too.
+    """
+    app.close()
+    own = getattr(getattr(app, "_local", None), "backend", None)
+    for backend in {id(b): b for b in (*backends, own) if b is not None}.values():
+        consumer = getattr(backend, "result_consumer", None)
+        if consumer is not None and hasattr(consumer, "stop"):
+            consumer.stop()
+        client = vars(backend).get("client")  # a cached property: only if it was created
+        if client is not None:
+            client.connection_pool.disconnect()
+
+
+class KombuPublisher(Publisher):
+    """Publishes with ``Celery.send_task`` in a worker thread.
+
+    ``with_backend`` attaches the result backend, for the sync ``apply_async`` path
+    whose callers expect a working ``AsyncResult.get()``; the async path leaves it off,
+    so fire-and-forget creates no result-waiting state.
+    """
+
+    def __init__(self, settings: BridgeSettings, *, with_backend: bool = False) -> None:
+        self._app = client_app(settings, with_backend=with_backend, main="celerybridge-publisher")
+        self._limiter: anyio.CapacityLimiter | None = None
+
+    def send(self, message: OutgoingMessage) -> AsyncResult[Any]:
+        """Publish from the calling thread (blocking) and return Celery's handle."""
+        with translate(DelegationError, f"publishing {message.task_name!r} to {message.queue!r}"):
+            return self._app.send_task(
+                message.task_name,
+                args=message.args,
+                kwargs=message.kwargs,
+                task_id=message.task_id,
+                queue=message.queue,
+                serializer=SERIALIZER,
+                **message.options,
+            )
+
+    async def publish(self, message: OutgoingMessage) -> None:
+        if self._limiter is None:
+            self._limiter = anyio.CapacityLimiter(KOMBU_THREADS)
+        await anyio.to_thread.run_sync(
+            self.send, message, limiter=self._limiter, abandon_on_cancel=True
+        )
+
+    def close(self) -> None:
+        """Close the connection pool (blocking)."""
+        close_celery_app(self._app)
+
+    async def aclose(self) -> None:
+        await anyio.to_thread.run_sync(self.close)
+
+
+class KombuResultSource(ResultSource):
+    """Polls a key/value result backend (Redis, filesystem) with growing pauses.
+
+    The stored JSON is decoded as data: exception classes named in it are never
+    imported (CVE-2021-23727), which is why ``AsyncResult.get()`` is not used.
+    """
+
+    def __init__(self, backend_url: str) -> None:
+        app = Celery("celerybridge-results", backend=backend_url, set_as_current=False)
+        app.conf.update(result_serializer=SERIALIZER, result_accept_content=[SERIALIZER])
+        with translate(ConfigurationError, "setting up the result backend"):
+            backend = app.backend
+        if not isinstance(backend, BaseKeyValueStoreBackend):
+            raise ConfigurationError(
+                f"result backend {type(backend).__name__} is not a key/value store; "
+                "use redis:// or file://"
+            )
+        self._app = app
+        self._backend = backend
+        self._limiter: anyio.CapacityLimiter | None = None
+        self._waiting = 0
+
+    @property
+    def waiting(self) -> int:
+        return self._waiting
+
+    def fetch(self, task_id: str) -> TaskOutcome | None:
+        """Read the task's final outcome now, or ``None`` if it has none yet (blocking)."""
+        with translate(ResultBackendError, f"reading the result of task {task_id}"):
+            raw = self._backend.get(self._backend.get_key_for_task(task_id))
+            if not raw:  # absent, or (file://) being written right now
+                return None
+            meta = self._backend.decode(raw)
+        if not isinstance(meta, dict) or meta.get("status") not in READY_STATES:
+            return None
+        return TaskOutcome(meta["status"], meta.get("result"), meta.get("traceback"))
+
+    async def wait(self, task_id: str) -> TaskOutcome:
+        if self._limiter is None:
+            self._limiter = anyio.CapacityLimiter(KOMBU_THREADS)
+        self._waiting += 1
+        try:
+            pause = POLL_INITIAL
+            while True:
+                outcome = await anyio.to_thread.run_sync(
+                    self.fetch, task_id, limiter=self._limiter, abandon_on_cancel=True
+                )
+                if outcome is not None:
+                    return outcome
+                await anyio.sleep(pause)
+                pause = min(pause * POLL_FACTOR, POLL_MAX)
+        finally:
+            self._waiting -= 1
+
+    async def aclose(self) -> None:
+        await anyio.to_thread.run_sync(close_celery_app, self._app, self._backend)

@@ -1,0 +1,176 @@
+"""Binding call arguments to a contract's signature and validating them.
+
+A :class:`Binder` is built once per contract version, when the stub is declared, so
+bad annotations fail at import time. ``bind`` is used twice per call: by the caller
+before anything is sent, and by the worker on receipt.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ConfigDict, PydanticSchemaGenerationError, TypeAdapter, ValidationError
+from pydantic.errors import PydanticUserError
+from pydantic_core import PydanticSerializationError
+
+from ._exceptions import ArgumentError, ContractError
+
+_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+_VARIADIC = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+_QUOTED = re.compile(r"'([^']+)'")
+MAX_DEPTH = 64
+"""Deepest nesting of containers accepted in an argument."""
+
+
+@dataclass(frozen=True, slots=True)
+class BoundCall:
+    """A call that passed validation: Python values for the body, JSON values for the wire."""
+
+    values: Mapping[str, Any]
+    """Validated (coerced) values, by parameter name, as the implementation receives them."""
+    args: tuple[Any, ...]
+    """JSON-compatible positional arguments, as sent on the wire."""
+    kwargs: Mapping[str, Any]
+    """JSON-compatible keyword-only arguments, as sent on the wire."""
+
+
+class Binder:
+    """Validates calls against one contract version's signature and annotations."""
+
+    def __init__(self, task: str, version: int, signature: inspect.Signature) -> None:
+        self.task = task
+        self.version = version
+        self.signature = signature
+        parameters = signature.parameters.values()
+        self.positional = tuple(p.name for p in parameters if p.kind in _POSITIONAL)
+        self._adapters: dict[str, TypeAdapter[Any]] = {}
+        for param in signature.parameters.values():
+            if param.kind in _VARIADIC:
+                raise ContractError(
+                    f"task {task!r} v{version}: parameter {param.name!r} is variadic; "
+                    "a contract needs an explicit signature"
+                )
+            self._adapters[param.name] = _adapter(task, version, param.name, param.annotation)
+        self._result = _adapter(task, version, "return", signature.return_annotation)
+
+    def bind(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> BoundCall:
+        """Bind, validate and serialise one call, or raise :class:`ArgumentError`."""
+        try:
+            bound = self.signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            message = str(exc)
+            match = _QUOTED.search(message)
+            raise ArgumentError(
+                self.task, self.version, match.group(1) if match else None, message
+            ) from None
+        bound.apply_defaults()
+        values: dict[str, Any] = {}
+        wire: dict[str, Any] = {}
+        for name, raw in bound.arguments.items():
+            values[name], wire[name] = self._validate(name, raw)
+        return BoundCall(
+            values=values,
+            args=tuple(wire[name] for name in self.positional),
+            kwargs={k: v for k, v in wire.items() if k not in self.positional},
+        )
+
+    def call_arguments(self, call: BoundCall) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """Split validated values into the positional and keyword arguments of a body."""
+        args = tuple(call.values[name] for name in self.positional)
+        return args, {k: v for k, v in call.values.items() if k not in self.positional}
+
+    def dump_result(self, value: Any) -> Any:
+        """Turn what an implementation returned into the JSON value stored as its result."""
+        return self._result.dump_python(value, mode="json")
+
+    def load_result(self, value: Any) -> Any:
+        """Coerce a stored result into the contract's declared return type."""
+        return self._result.validate_python(value)
+
+    def _validate(self, name: str, raw: Any) -> tuple[Any, Any]:
+        adapter = self._adapters[name]
+        try:
+            value = adapter.validate_python(raw)
+            _check_json(adapter.dump_python(value), strict=adapter is _ANY, depth=0)
+            return value, adapter.dump_python(value, mode="json")
+        except ValidationError as exc:
+            raise ArgumentError(self.task, self.version, name, _first_error(exc)) from None
+        except (_NotJSON, PydanticSerializationError, RecursionError) as exc:
+            problem = str(exc) if isinstance(exc, _NotJSON) else "value is not JSON-serialisable"
+            raise ArgumentError(self.task, self.version, name, problem) from None
+
+
+class _NotJSON(Exception):
+    pass
+
+
+_ANY: TypeAdapter[Any] = TypeAdapter(Any)
+_NO_INF_NAN = ConfigDict(allow_inf_nan=False)
+
+
+def _adapter(task: str, version: int, name: str, annotation: Any) -> TypeAdapter[Any]:
+    if annotation is inspect.Parameter.empty or annotation is Any:
+        return _ANY
+    try:
+        try:
+            return TypeAdapter(annotation, config=_NO_INF_NAN)
+        except PydanticUserError:
+            # Models and dataclasses carry their own config and refuse ours.
+            return TypeAdapter(annotation)
+    except (PydanticSchemaGenerationError, PydanticUserError, TypeError, NameError) as exc:
+        raise ContractError(
+            f"task {task!r} v{version}: annotation of {name!r} cannot be validated: {exc}"
+        ) from exc
+
+
+def _check_json(value: Any, *, strict: bool, depth: int) -> None:
+    """Refuse what JSON cannot carry faithfully.
+
+    pydantic would silently turn NaN into ``null`` and a set into a list; a remote
+    call must not change its arguments on the way, so we refuse instead. ``strict``
+    (unannotated parameters) also refuses any non-JSON type.
+    """
+    if depth > MAX_DEPTH:
+        raise _NotJSON(f"nesting deeper than {MAX_DEPTH} levels")
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise _NotJSON(f"{value!r} is not a finite number; JSON cannot carry it")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if strict and not isinstance(key, str):
+                raise _NotJSON(f"object key {key!r} is not a string")
+            _check_json(item, strict=strict, depth=depth + 1)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            _check_json(item, strict=strict, depth=depth + 1)
+    elif strict and not (value is None or isinstance(value, str | int | bool)):
+        raise _NotJSON(f"{type(value).__name__} is not JSON-serialisable")
+
+
+def _first_error(exc: ValidationError) -> str:
+    error = exc.errors(include_url=False)[0]
+    where = "".join(f"[{p!r}]" for p in error["loc"])
+    return f"{error['msg']}{' at ' + where if where else ''} (got {error['input']!r:.80})"
+
+
+def arguments_schema(binder: Binder) -> dict[str, Any]:
+    """JSON Schema of a contract version's arguments, as an object keyed by parameter."""
+    from pydantic import create_model
+
+    fields: dict[str, Any] = {}
+    for param in binder.signature.parameters.values():
+        annotation = Any if param.annotation is inspect.Parameter.empty else param.annotation
+        default = ... if param.default is inspect.Parameter.empty else param.default
+        fields[param.name] = (annotation, default)
+    model = create_model(f"{binder.task} v{binder.version} arguments", **fields)
+    return model.model_json_schema()
+
+
+def result_schema(binder: Binder) -> dict[str, Any]:
+    """JSON Schema of a contract version's return value."""
+    return binder._result.json_schema()

@@ -1,0 +1,121 @@
+"""The worker side: registering implementations of contracts on a Celery app."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from celery import Celery, shared_task
+
+from ._config import BridgeSettings, load_settings
+from ._constants import SERIALIZER
+from ._exceptions import ContractError, SignatureMismatchError
+from ._registry import registry
+from ._worker_loop import worker_loop
+
+if TYPE_CHECKING:
+    from ._contracts import RemoteTask
+
+_JSON_ONLY = {
+    "task_serializer": SERIALIZER,
+    "result_serializer": SERIALIZER,
+    "accept_content": [SERIALIZER],
+    "result_accept_content": [SERIALIZER],
+}
+
+
+def celery_app(main: str, settings: BridgeSettings | None = None, **conf: Any) -> Celery:
+    """A Celery app for a worker, configured from the same ``CELERYBRIDGE_*`` settings
+    as the bridge, accepting JSON only. ``conf`` adds Celery settings."""
+    settings = load_settings(settings)
+    app = Celery(main, broker=settings.broker_url, backend=settings.result_backend)
+    app.conf.update(_JSON_ONLY, **conf)
+    return app
+
+
+def check_signature(stub: RemoteTask[Any, Any], fn: Callable[..., Any]) -> str | None:
+    """Why ``fn`` cannot accept every call of ``stub`` (positionally as the seed sends,
+    and by keyword as ``send_task(kwargs=...)`` does), or ``None`` if it can."""
+    contract = stub.binder.signature
+    try:
+        impl = inspect.signature(fn, eval_str=True)
+    except NameError:
+        impl = inspect.signature(fn)
+    except (TypeError, ValueError) as exc:
+        return f"its signature cannot be read: {exc}"
+    positional = [object()] * len(stub.binder.positional)
+    keyword_only = {n: object() for n in contract.parameters if n not in stub.binder.positional}
+    by_name = {
+        n: object()
+        for n, p in contract.parameters.items()
+        if p.kind is not inspect.Parameter.POSITIONAL_ONLY
+    }
+    by_position = {n: object() for n in contract.parameters if n not in by_name}
+    for how, args, kwargs in (
+        ("positionally", positional, keyword_only),
+        ("by keyword", list(by_position.values()), by_name),
+    ):
+        try:
+            impl.bind(*args, **kwargs)
+        except TypeError as exc:
+            return f"{fn.__qualname__}{impl} cannot take the arguments of {contract} {how}: {exc}"
+    return None
+
+
+def _route(app: Celery, task_name: str, queue: str) -> None:
+    """Send ``task_name`` to ``queue`` when the app itself publishes it (retries, chains).
+
+    Celery 5.5 deprecated the ``queue`` task attribute in favour of ``task_routes``.
+    """
+    routes = app.conf.task_routes
+    route = {task_name: {"queue": queue}}
+    if routes is None or isinstance(routes, dict):
+        app.conf.task_routes = {**(routes or {}), **route}
+    else:
+        app.conf.task_routes = [*routes, route]
+
+
+def register_implementation(
+    stub: RemoteTask[Any, Any],
+    fn: Callable[..., Any],
+    app: Celery | None,
+    task_options: dict[str, Any],
+) -> None:
+    """Register ``fn`` as the Celery task behind ``stub`` on ``app`` (every app if None)."""
+    if task_options.get("bind"):
+        raise ContractError(
+            f"task {stub.name!r} v{stub.version}: implement() does not support bind=True; "
+            "the body receives exactly the contract's arguments"
+        )
+    problem = check_signature(stub, fn)
+    if problem is not None:
+        raise SignatureMismatchError(
+            f"{fn.__qualname__} cannot implement task {stub.name!r} v{stub.version}: {problem}"
+        )
+    binder = stub.binder
+    is_async = inspect.iscoroutinefunction(fn)
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        # Validate again on receipt: a foreign sender may not have. ArgumentError fails
+        # the task with a clear message before the body runs.
+        call = binder.bind(args, kwargs)
+        call_args, call_kwargs = binder.call_arguments(call)
+        if is_async:
+            value = worker_loop.run(fn(*call_args, **call_kwargs))
+        else:
+            value = fn(*call_args, **call_kwargs)
+        return binder.dump_result(value)
+
+    run.__name__ = fn.__name__
+    run.__qualname__ = fn.__qualname__
+    run.__module__ = fn.__module__
+    run.__doc__ = fn.__doc__
+    options: dict[str, Any] = {"serializer": SERIALIZER, **task_options}
+    if app is None:
+        shared_task(name=stub.wire_name, **options)(run)  # type: ignore[no-untyped-call]
+    else:
+        app.conf.update(_JSON_ONLY)
+        _route(app, stub.wire_name, stub.queue)
+        app.task(name=stub.wire_name, **options)(run)  # type: ignore[no-untyped-call]
+    registry.implementations[stub.wire_name] = fn

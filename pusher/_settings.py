@@ -1,0 +1,54 @@
+"""The pusher worker's settings, from ``PUSHER_*`` variables (AWS settings: the AWS chain)."""
+
+from __future__ import annotations
+
+from pydantic import Field, PositiveFloat, PositiveInt, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MiB = 1024 * 1024
+
+
+class PusherSettings(BaseSettings):
+    """Settings of ``celery -A pusher worker``.
+
+    Credentials, region and endpoint are not here: they come from the standard AWS
+    chain (``AWS_ACCESS_KEY_ID``, ``AWS_REGION``, ``AWS_ENDPOINT_URL_S3``, profiles...).
+    """
+
+    model_config = SettingsConfigDict(env_prefix="PUSHER_", frozen=True)
+
+    bucket: str = Field(min_length=3)
+    """The bucket objects land in (``PUSHER_BUCKET``); must exist."""
+    concurrency: PositiveInt = 32
+    """Uploads in flight per worker process (threads sharing one event loop and client)."""
+    content_type: str = "application/json"
+    multipart_threshold: PositiveInt = 8 * MiB
+    """Content of at least this many bytes is sent as a multipart upload."""
+    part_size: int = Field(default=8 * MiB, ge=5 * MiB)
+    """Multipart part size; S3 requires at least 5 MiB."""
+    s3_max_attempts: PositiveInt = 5
+    """Attempts per S3 call by botocore's ``standard`` retry mode (backoff with jitter)."""
+    max_retries: int = Field(default=5, ge=0)
+    """Task-level retries after botocore gives up on a transient error."""
+    task_time_limit: PositiveFloat = 300
+    """Hard limit for one upload task, in seconds."""
+    visibility_timeout: PositiveFloat = 3600
+    """Redis only: seconds before an unacknowledged task is redelivered."""
+    allowed_prefixes: str = ""
+    """Comma-separated key prefixes the pusher accepts (empty: any key)."""
+
+    @property
+    def prefixes(self) -> tuple[str, ...]:
+        return tuple(p.strip() for p in self.allowed_prefixes.split(",") if p.strip())
+
+    @model_validator(mode="after")
+    def _delivery_is_safe(self) -> PusherSettings:
+        # With acks_late, Redis redelivers a task still running after the visibility
+        # timeout: a second copy would run concurrently. Refuse such a configuration.
+        if self.visibility_timeout <= self.task_time_limit:
+            raise ValueError(
+                f"PUSHER_VISIBILITY_TIMEOUT ({self.visibility_timeout:g} s) must exceed "
+                f"PUSHER_TASK_TIME_LIMIT ({self.task_time_limit:g} s), or Redis redelivers "
+                "tasks that are still running"
+            )
+        return self

@@ -1,0 +1,85 @@
+# mypy: disable-error-code="empty-body"
+"""The pusher's contract, for the services that call it. Light: pydantic only.
+
+``pusher.send_to_s3(key, content)`` (v1, the default) and
+``pusher.send_to_s3_v2(key, content, meta)`` (v2: ``meta`` becomes S3 user metadata),
+both on the ``pusher`` queue, both returning a :class:`Receipt`.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from typing import Annotated, Final
+
+from pydantic import AfterValidator, BaseModel
+
+from celerybridge import remote_task
+
+QUEUE: Final = "pusher"
+MAX_KEY_BYTES: Final = 1024
+MAX_CONTENT_BYTES: Final = 64 * 1024 * 1024
+"""Largest content accepted, checked by the caller before anything is sent."""
+
+
+def _check_key(key: str) -> str:
+    if not key:
+        raise ValueError("an S3 key cannot be empty")
+    size = len(key.encode())
+    if size > MAX_KEY_BYTES:
+        raise ValueError(f"an S3 key is at most {MAX_KEY_BYTES} bytes of UTF-8, this one is {size}")
+    bad = next((c for c in key if unicodedata.category(c) == "Cc"), None)
+    if bad is not None:
+        raise ValueError(f"an S3 key cannot contain control characters, found {bad!r}")
+    return key
+
+
+def _check_content(content: str) -> str:
+    size = len(content.encode())
+    if size > MAX_CONTENT_BYTES:
+        raise ValueError(
+            f"content is {size} bytes of UTF-8; the pusher takes at most {MAX_CONTENT_BYTES}"
+        )
+    return content
+
+
+def _check_meta(meta: dict[str, str]) -> dict[str, str]:
+    # S3 sends user metadata as HTTP headers: keep it printable ASCII, small.
+    for name, value in meta.items():
+        if not name.isascii() or not value.isascii() or not name.replace("-", "").isalnum():
+            raise ValueError(f"metadata {name!r} must be ASCII, its name letters, digits and '-'")
+    if sum(len(k) + len(v) for k, v in meta.items()) > 2048:
+        raise ValueError("user metadata is limited to 2 KiB in all")
+    return meta
+
+
+S3Key = Annotated[str, AfterValidator(_check_key)]
+Content = Annotated[str, AfterValidator(_check_content)]
+Metadata = Annotated[dict[str, str], AfterValidator(_check_meta)]
+
+
+class Receipt(BaseModel):
+    """What landed in S3."""
+
+    bucket: str
+    key: str
+    etag: str
+    size: int
+    """Bytes stored (the UTF-8 encoding of the content)."""
+    version_id: str | None = None
+    """The object version, when the bucket has versioning on."""
+    checksum_sha256: str
+    """Base64 SHA-256 of the stored bytes, verified by S3 on upload."""
+
+
+# --8<-- [start:contracts]
+@remote_task(name="pusher.send_to_s3", queue=QUEUE)
+def send_to_s3(key: S3Key, content: Content) -> Receipt:
+    """Store ``content`` (UTF-8) under ``key`` with content type ``application/json``."""
+
+
+@remote_task(name="pusher.send_to_s3", queue=QUEUE, version=2)
+def send_to_s3_v2(key: S3Key, content: Content, meta: Metadata) -> Receipt:
+    """As v1, and store ``meta`` as the object's S3 user metadata."""
+
+
+# --8<-- [end:contracts]

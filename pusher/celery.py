@@ -1,0 +1,126 @@
+"""The pusher worker: ``celery -A pusher worker -Q pusher --loglevel=info``.
+
+Celery finds this module as ``pusher.celery`` and its ``app``. Settings come from
+``CELERYBRIDGE_*`` (broker, result backend), ``PUSHER_*`` (bucket, concurrency,
+limits) and the AWS chain (credentials, region, ``AWS_ENDPOINT_URL_S3``). A
+configuration that could lose or duplicate tasks refuses to load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from aiobotocore.session import get_session
+from celery import signals
+from pydantic import ValidationError
+
+from celerybridge import ConfigurationError, celery_app, worker_resource
+from celerybridge._config import load_settings, scheme_of
+
+from . import _s3
+from ._settings import PusherSettings
+from .bindings import QUEUE, Receipt, send_to_s3, send_to_s3_v2
+from .errors import PermanentUploadError, TransientUploadError
+
+logger = logging.getLogger("pusher")
+
+
+def _load() -> PusherSettings:
+    try:
+        return PusherSettings()
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"PUSHER_{'_'.join(str(p) for p in e['loc']).upper() or 'SETTINGS'}: "
+            f"{e['msg'].removeprefix('Value error, ')}"
+            for e in exc.errors(include_url=False)
+        )
+        raise ConfigurationError(f"the pusher cannot start: {problems}") from None
+
+
+def _redis_delivery(settings: PusherSettings) -> dict[str, float]:
+    """Redis redelivers an unacknowledged task once its visibility timeout has passed,
+    but kombu only sweeps for such tasks every interval x throttle seconds (100 s by
+    default). Sweep at a quarter of the timeout instead, so a task of a killed worker
+    comes back within about 1.25 x the visibility timeout."""
+    return {
+        "visibility_timeout": settings.visibility_timeout,
+        "unacked_restore_interval": max(1.0, min(10.0, settings.visibility_timeout / 4)),
+        "unacked_restore_throttle": 1,
+    }
+
+
+settings = _load()
+bridge_settings = load_settings()
+_redis = scheme_of(bridge_settings.broker_url) in {"redis", "rediss", "sentinel"}
+
+app = celery_app(
+    "pusher",
+    bridge_settings,
+    # Uploads wait on the network: threads sharing one event loop and one S3 client.
+    worker_pool="threads",
+    worker_concurrency=settings.concurrency,
+    task_default_queue=QUEUE,
+    # At-least-once: acknowledge after the upload; a lost worker means redelivery.
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    worker_prefetch_multiplier=1,
+    broker_transport_options=_redis_delivery(settings) if _redis else {},
+    broker_connection_retry_on_startup=True,
+    result_backend_always_retry=True,
+    result_backend_max_retries=10,
+)
+
+_RETRY: dict[str, Any] = {
+    "autoretry_for": (TransientUploadError,),
+    "retry_backoff": True,
+    "retry_backoff_max": 60,
+    "retry_jitter": True,
+    "max_retries": settings.max_retries,
+}
+
+
+@worker_resource
+async def s3() -> AsyncIterator[Any]:
+    """One S3 client per worker process, on its event loop, closed at shutdown."""
+    async with get_session().create_client("s3", config=_s3.client_config(settings)) as client:
+        yield client
+
+
+@send_to_s3.implement(app, **_RETRY)
+async def store(key: str, content: str) -> Receipt:
+    """v1: store the content as it is."""
+    return await _s3.upload(await s3(), settings, key, content.encode(), {})
+
+
+@send_to_s3_v2.implement(app, **_RETRY)
+async def store_v2(key: str, content: str, meta: dict[str, str]) -> Receipt:
+    """v2: store the content with ``meta`` as S3 user metadata."""
+    return await _s3.upload(await s3(), settings, key, content.encode(), meta)
+
+
+async def _check() -> None:
+    async with get_session().create_client("s3", config=_s3.client_config(settings)) as client:
+        await _s3.check_bucket(client, settings.bucket)
+
+
+@signals.worker_init.connect(weak=False)
+def _check_at_start(**_: Any) -> None:
+    """One clear error at start instead of a stack trace per task."""
+    try:
+        asyncio.run(_check())
+    except PermanentUploadError as exc:
+        logger.critical("the pusher cannot start: %s", exc)
+        raise SystemExit(f"the pusher cannot start: {exc}") from None
+
+
+@signals.worker_ready.connect(weak=False)
+def _announce(**_: Any) -> None:
+    # Logged here, not at the check: Celery sets up logging only after worker_init.
+    logger.info(
+        "pusher ready: bucket %r, %d uploads in flight per process",
+        settings.bucket,
+        settings.concurrency,
+    )

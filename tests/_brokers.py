@@ -1,0 +1,30 @@
+"""Where the test brokers are, and what is on their queues."""
+
+from __future__ import annotations
+
+import os
+from contextlib import suppress
+
+import kombu
+from amqp.exceptions import NotFound
+from kombu.exceptions import ChannelError
+
+BROKERS = {
+    "redis": os.environ.get("CELERYBRIDGE_TEST_REDIS_URL", "redis://127.0.0.1:6379/2"),
+    "amqp": os.environ.get("CELERYBRIDGE_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//"),
+}
+RESULT_BACKEND = os.environ.get("CELERYBRIDGE_TEST_RESULT_BACKEND", "redis://127.0.0.1:6379/3")
+
+
+def queue_length(broker_url: str, queue: str) -> int:
+    """Messages waiting on ``queue`` (0 if it does not exist)."""
+    with kombu.Connection(broker_url) as connection:
+        try:
+            return int(connection.default_channel.queue_declare(queue=queue, passive=True)[1])
+        except (ChannelError, NotFound):
+            return 0
+
+
+def purge(broker_url: str, queue: str) -> None:
+    with kombu.Connection(broker_url) as connection, suppress(ChannelError, NotFound):
+        connection.default_channel.queue_purge(queue)

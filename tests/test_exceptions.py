@@ -1,0 +1,105 @@
+"""One exception tree, and one boundary where every foreign exception is translated."""
+
+from __future__ import annotations
+
+import inspect
+
+import amqp.exceptions
+import celery.exceptions
+import kombu.exceptions
+import pytest
+import redis.exceptions
+
+import celerybridge
+from celerybridge import CeleryBridgeError, DelegationError, ResultBackendError
+from celerybridge._transports._errors import translate
+
+FOREIGN_MODULES = [kombu.exceptions, amqp.exceptions, redis.exceptions, celery.exceptions]
+
+
+def _foreign_classes() -> list[type[BaseException]]:
+    classes = []
+    for module in FOREIGN_MODULES:
+        for _, value in inspect.getmembers(module, inspect.isclass):
+            if (
+                issubclass(value, Exception)
+                and value.__module__.split(".")[0] == module.__name__.split(".")[0]
+                # Warnings are warned, not raised; TaskPredicate is control flow inside a
+                # worker; the command exception belongs to Celery's own CLI.
+                and not issubclass(value, Warning | celery.exceptions.TaskPredicate)
+                and value is not celery.exceptions.CeleryCommandException
+            ):
+                classes.append(value)
+    return classes
+
+
+def _instance(cls: type[BaseException]) -> BaseException:
+    try:
+        return cls("boom")
+    except (TypeError, ValueError):  # some take several constructor arguments
+        return cls.__new__(cls)
+
+
+@pytest.mark.parametrize("cls", _foreign_classes(), ids=lambda c: f"{c.__module__}.{c.__name__}")
+@pytest.mark.parametrize("target", [DelegationError, ResultBackendError])
+def test_every_foreign_exception_is_translated(
+    cls: type[BaseException], target: type[CeleryBridgeError]
+) -> None:
+    with pytest.raises(target) as caught, translate(target, "publishing 'x'"):
+        raise _instance(cls)
+    assert isinstance(caught.value.__cause__, cls)
+    assert str(caught.value).startswith(f"publishing 'x': {cls.__name__}")
+
+
+def test_socket_errors_are_translated() -> None:
+    with pytest.raises(DelegationError) as caught, translate(DelegationError, "publishing 'x'"):
+        raise ConnectionRefusedError(111, "Connection refused")
+    assert (
+        str(caught.value)
+        == "publishing 'x': ConnectionRefusedError: [Errno 111] Connection refused"
+    )
+
+
+def test_our_errors_pass_through_untouched() -> None:
+    error = ResultBackendError("inner")
+    with pytest.raises(ResultBackendError) as caught, translate(DelegationError, "x"):
+        raise error
+    assert caught.value is error
+
+
+def test_every_public_error_is_in_one_tree() -> None:
+    errors = [
+        getattr(celerybridge, name)
+        for name in celerybridge.__all__
+        if isinstance(getattr(celerybridge, name), type)
+        and issubclass(getattr(celerybridge, name), BaseException)
+    ]
+    # The tree drawn in _exceptions' docstring (and the docs) names exactly these classes.
+    import re
+
+    from celerybridge import _exceptions
+
+    drawn = set(re.findall(r"\b([A-Z]\w*Error)\b", _exceptions.__doc__ or "")) - {
+        "ValueError",
+        "LookupError",
+        "TimeoutError",
+    }
+    assert drawn == {e.__name__ for e in errors}
+    assert all(issubclass(e, CeleryBridgeError) for e in errors)
+    assert issubclass(celerybridge.ResultTimeoutError, TimeoutError)
+    assert issubclass(celerybridge.PublishTimeoutError, TimeoutError)
+    assert issubclass(celerybridge.ArgumentError, ValueError)
+    assert issubclass(celerybridge.UnknownTaskError, LookupError)
+
+
+def test_argument_error_survives_pickling_for_celery_results() -> None:
+    import pickle
+
+    error = celerybridge.ArgumentError("t", 2, "p", "bad")
+    copy = pickle.loads(pickle.dumps(error))
+    assert (copy.task, copy.version, copy.parameter, str(copy)) == (
+        "t",
+        2,
+        "p",
+        "task 't' v2, parameter 'p': bad",
+    )

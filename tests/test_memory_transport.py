@@ -1,0 +1,61 @@
+"""The public test double behaves like the real path: validation, JSON, outcomes."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+from celery import Celery
+
+from celerybridge import Bridge, MemoryTransport, RemoteTaskError, remote_task
+
+
+async def test_runs_registered_implementations_after_a_json_round_trip() -> None:
+    @remote_task(name="mem.scale")
+    def scale(values: list[float], factor: float = 2) -> list[float]: ...
+
+    @remote_task(name="mem.fail")
+    async def fail() -> None: ...
+
+    app = Celery("mem", set_as_current=False)
+
+    @scale.implement(app)
+    def scale_impl(values: list[float], factor: float = 2) -> list[float]:
+        return [v * factor for v in values]
+
+    @fail.implement(app)
+    async def fail_impl() -> None:
+        raise KeyError("missing")
+
+    transport = MemoryTransport()
+    async with Bridge(publisher=transport, results=transport) as bridge:
+        handle = await bridge.send(scale, ((1, "2"),), {})
+        assert await handle == [2.0, 4.0]
+        message = transport.messages[0]
+        assert (message.task_name, message.args, message.kwargs) == (
+            "mem.scale",
+            ([1.0, 2.0], 2.0),
+            {},
+        )
+        with pytest.raises(RemoteTaskError) as caught:
+            await (await bridge.send(fail, (), {}))
+    assert (caught.value.remote_type, caught.value.remote_message) == ("KeyError", "missing")
+    assert "raise KeyError" in (caught.value.remote_traceback or "")
+
+
+async def test_set_result_wakes_a_waiter_and_timeouts_clean_up() -> None:
+    @remote_task(name="mem.later")
+    def later() -> str: ...
+
+    transport = MemoryTransport(execute=False)
+    async with Bridge(publisher=transport, results=transport) as bridge:
+        handle = await bridge.send(later, (), {})
+        with pytest.raises(TimeoutError):
+            await handle.result(timeout=0.05)
+        assert transport.waiting == 0
+        async with anyio.create_task_group() as group:
+            group.start_soon(handle.result)
+            await anyio.sleep(0.01)
+            assert transport.waiting == 1
+            transport.set_result(handle.id, "ready")
+        assert await handle == "ready"
+        assert transport.waiting == 0

@@ -1,0 +1,62 @@
+"""Worker-side guarantees: resources closed at shutdown, JSON only, confirms on AMQP."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anyio
+import pytest
+from celery import Celery
+
+from celerybridge import Bridge, BridgeSettings
+from celerybridge._transports.kombu import client_app, close_celery_app
+
+from ._brokers import BROKERS, RESULT_BACKEND
+from ._workers import Worker
+from .workers import bindings
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.mark.parametrize("pool", ["prefork", "threads"])
+async def test_worker_resources_are_closed_at_shutdown(
+    broker: str, pool: str, tmp_path: Path
+) -> None:
+    marker = tmp_path / "closed.txt"
+    worker = Worker("tests.workers.bridge_worker", BROKERS[broker], RESULT_BACKEND, pool, 1)
+    worker.extra_env["CB_TEST_SHUTDOWN_MARKER"] = str(marker)
+    await anyio.to_thread.run_sync(worker.start, tmp_path)
+    try:
+        async with Bridge(broker_url=BROKERS[broker], result_backend=RESULT_BACKEND) as bridge:
+            stub = bindings.loop_identity.with_options(queue=worker.queue)
+            outcome = await (await bridge.send(stub, (), {})).result(timeout=20)
+    finally:
+        worker.stop()
+    assert worker.process is not None
+    assert worker.process.returncode == 0, worker.log()
+    assert marker.read_text() == f"closed pid={outcome['pid']} same_loop=True\n"
+
+
+async def test_worker_refuses_pickle(bridge_worker: Worker, broker_url: str) -> None:
+    app = Celery("pickler", broker=broker_url, backend=RESULT_BACKEND, set_as_current=False)
+    app.conf.update(accept_content=["json", "pickle"], result_accept_content=["json", "pickle"])
+    try:
+        pickled = app.send_task(
+            "calc.add", args=(1, 2), queue=bridge_worker.queue, serializer="pickle"
+        )
+        control = app.send_task("calc.add", args=(1, 2), queue=bridge_worker.queue)
+        assert (await anyio.to_thread.run_sync(lambda: control.get(timeout=20)))["value"] == 3
+        await anyio.sleep(0.5)  # the pickled message was ahead of the control one
+        assert pickled.state == "PENDING"  # never executed, no result stored
+    finally:
+        close_celery_app(app, control.backend, pickled.backend)
+    assert "ContentDisallowed" in bridge_worker.log() or "disallowed" in bridge_worker.log()
+
+
+def test_amqp_publishes_with_publisher_confirms() -> None:
+    app = client_app(BridgeSettings(broker_url=BROKERS["amqp"]), with_backend=False, main="t")
+    with app.connection_for_write() as connection:
+        channel = connection.default_channel
+        # py-amqp swaps in the publish that waits for the broker's ack (basic.ack/nack).
+        assert channel.basic_publish == channel.basic_publish_confirm
+    app.close()

@@ -1,0 +1,45 @@
+# mypy: disable-error-code="empty-body"
+"""Checked by ``mypy --strict`` in CI (not run by pytest).
+
+Every ``type: ignore[...]`` marks a call mypy must reject; with ``warn_unused_ignores``
+(part of --strict) a regression that lets the call through fails the type check.
+"""
+
+from __future__ import annotations
+
+from typing import assert_type
+
+from pydantic import BaseModel
+
+from celerybridge import Bridge, TaskHandle, remote_task
+
+
+class Receipt(BaseModel):
+    key: str
+
+
+@remote_task(name="typing.send", queue="typing")
+def send(key: str, content: str) -> Receipt: ...
+
+
+@remote_task(name="typing.send", queue="typing", version=2)
+async def send_v2(key: str, content: str, meta: dict[str, str]) -> Receipt: ...
+
+
+async def typed_calls() -> None:
+    handle = await send.delegate("k", "c")
+    assert_type(handle, TaskHandle[Receipt])
+    assert_type(await handle, Receipt)
+    assert_type(await handle.result(timeout=5), Receipt)
+    assert_type(await (await send_v2.delegate("k", "c", {"a": "b"})), Receipt)
+    await send.delegate(key="k", content="c")
+    assert_type(await send.via(Bridge()).delegate("k", "c"), TaskHandle[Receipt])
+
+    await send.delegate("k", 123)  # type: ignore[arg-type]
+    await send.delegate("k")  # type: ignore[call-arg]
+    await send.delegate("k", "c", "extra")  # type: ignore[call-arg]
+    await send.delegate("k", "c", colour="red")  # type: ignore[call-arg]
+    await send_v2.delegate("k", "c", {"a": 1})  # type: ignore[dict-item]
+    send.delay("k", 1)  # type: ignore[arg-type]
+    await send.via(Bridge()).delegate("k", 2)  # type: ignore[arg-type]
+    send.with_options(queue="other").delay("k", b"c")  # type: ignore[arg-type]
