@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Self, TypeVar, overload
 
 import anyio
 
@@ -102,6 +102,27 @@ class Bridge:
                 f"({message.task_id}) within {timeout:g} s; it may or may not have been delivered"
             ) from None
         return TaskHandle(self, stub, message.task_id)
+
+    @overload
+    def handle(self, task: RemoteTask[Any, R], task_id: str) -> TaskHandle[R]: ...
+    @overload
+    def handle(
+        self, task: str, task_id: str, *, version: int | str | None = None
+    ) -> TaskHandle[Any]: ...
+    def handle(
+        self, task: str | RemoteTask[Any, Any], task_id: str, *, version: int | str | None = None
+    ) -> TaskHandle[Any]:
+        """A handle for a task sent earlier, e.g. by id stored in a database.
+
+        ``task`` is a contract name (with ``version``, default: the contract's default)
+        or a stub; the handle decodes the result with that version's return type.
+        """
+        stub = registry.resolve(task, version) if isinstance(task, str) else task
+        return TaskHandle(self, stub, task_id)
+
+    async def poll(self, task_id: str) -> TaskOutcome | None:
+        """The stored outcome of ``task_id`` if it has one now; used by :class:`TaskHandle`."""
+        return await self._get_results().poll(task_id)
 
     async def wait_for(
         self, stub: RemoteTask[Any, Any], task_id: str, timeout: Timeout | None

@@ -54,6 +54,10 @@ class TaskHandle(Generic[R]):
         outcome = await self._bridge.wait_for(self._stub, self.id, timeout)
         return decode_outcome(self._stub, self.id, outcome)
 
+    async def done(self) -> bool:
+        """Whether the task has finished (succeeded or failed), without waiting for it."""
+        return await self._bridge.poll(self.id) is not None
+
     def __await__(self) -> Generator[Any, None, R]:
         return self.result().__await__()
 

@@ -59,3 +59,22 @@ async def test_set_result_wakes_a_waiter_and_timeouts_clean_up() -> None:
             transport.set_result(handle.id, "ready")
         assert await handle == "ready"
         assert transport.waiting == 0
+
+
+async def test_a_handle_rebuilt_from_a_stored_id_polls_without_waiting() -> None:
+    @remote_task(name="mem.report")
+    def report_v1() -> str: ...
+
+    @remote_task(name="mem.report", version=2)
+    def report_v2() -> int: ...
+
+    transport = MemoryTransport(execute=False)
+    async with Bridge(publisher=transport, results=transport) as bridge:
+        task_id = (await bridge.delegate("mem.report", version=2)).id
+        later = bridge.handle("mem.report", task_id, version=2)  # e.g. after a restart
+        assert (later.id, later.task_name, later.version) == (task_id, "mem.report_v2", 2)
+        assert not await later.done()
+        transport.set_result(task_id, "7")
+        assert await later.done()
+        assert await later == 7  # decoded with v2's return type
+        assert bridge.handle(report_v1, task_id).version == 1

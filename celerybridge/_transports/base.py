@@ -73,6 +73,10 @@ class ResultSource(ABC):
         Callers bound the wait with a timeout; cancellation must leave no state behind.
         """
 
+    @abstractmethod
+    async def poll(self, task_id: str) -> TaskOutcome | None:
+        """The task's final outcome if it has one now, else ``None``; never waits for it."""
+
     @property
     @abstractmethod
     def waiting(self) -> int:

@@ -25,6 +25,7 @@ from .._constants import (
 )
 from .._exceptions import ConfigurationError, DelegationError, ResultBackendError
 from ._errors import translate
+from ._threads import ThreadCalls
 from .base import OutgoingMessage, Publisher, ResultSource, TaskOutcome
 
 _AMQP_SCHEMES = frozenset({"amqp", "amqps", "pyamqp"})
@@ -92,7 +93,7 @@ class KombuPublisher(Publisher):
 
     def __init__(self, settings: BridgeSettings, *, with_backend: bool = False) -> None:
         self._app = client_app(settings, with_backend=with_backend, main="celerybridge-publisher")
-        self._limiter: anyio.CapacityLimiter | None = None
+        self._threads = ThreadCalls(KOMBU_THREADS, DelegationError)
 
     def send(self, message: OutgoingMessage) -> AsyncResult[Any]:
         """Publish from the calling thread (blocking) and return Celery's handle."""
@@ -108,14 +109,11 @@ class KombuPublisher(Publisher):
             )
 
     async def publish(self, message: OutgoingMessage) -> None:
-        if self._limiter is None:
-            self._limiter = anyio.CapacityLimiter(KOMBU_THREADS)
-        await anyio.to_thread.run_sync(
-            self.send, message, limiter=self._limiter, abandon_on_cancel=True
-        )
+        await self._threads.run(self.send, message)
 
     def close(self) -> None:
-        """Close the connection pool (blocking)."""
+        """Close the connection pool once no publish uses it any more (blocking)."""
+        self._threads.close()
         close_celery_app(self._app)
 
     async def aclose(self) -> None:
@@ -141,7 +139,7 @@ class KombuResultSource(ResultSource):
             )
         self._app = app
         self._backend = backend
-        self._limiter: anyio.CapacityLimiter | None = None
+        self._threads = ThreadCalls(KOMBU_THREADS, ResultBackendError)
         self._waiting = 0
 
     @property
@@ -159,16 +157,15 @@ class KombuResultSource(ResultSource):
             return None
         return TaskOutcome(meta["status"], meta.get("result"), meta.get("traceback"))
 
+    async def poll(self, task_id: str) -> TaskOutcome | None:
+        return await self._threads.run(self.fetch, task_id)
+
     async def wait(self, task_id: str) -> TaskOutcome:
-        if self._limiter is None:
-            self._limiter = anyio.CapacityLimiter(KOMBU_THREADS)
         self._waiting += 1
         try:
             pause = POLL_INITIAL
             while True:
-                outcome = await anyio.to_thread.run_sync(
-                    self.fetch, task_id, limiter=self._limiter, abandon_on_cancel=True
-                )
+                outcome = await self._threads.run(self.fetch, task_id)
                 if outcome is not None:
                     return outcome
                 await anyio.sleep(pause)
@@ -176,5 +173,10 @@ class KombuResultSource(ResultSource):
         finally:
             self._waiting -= 1
 
+    def close(self) -> None:
+        """Close the backend's connections once no fetch uses them any more (blocking)."""
+        self._threads.close()
+        close_celery_app(self._app, self._backend)
+
     async def aclose(self) -> None:
-        await anyio.to_thread.run_sync(close_celery_app, self._app, self._backend)
+        await anyio.to_thread.run_sync(self.close)

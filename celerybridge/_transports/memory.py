@@ -81,6 +81,9 @@ class MemoryTransport(Publisher, ResultSource):
         if event is not None:
             event.set()
 
+    async def poll(self, task_id: str) -> TaskOutcome | None:
+        return self._outcomes.get(task_id)
+
     async def wait(self, task_id: str) -> TaskOutcome:
         self._waiting += 1
         try:
