@@ -7,13 +7,13 @@ lint:
 	./scripts/lint
 
 typecheck:
-	.venv/bin/mypy --strict celerybridge pusher tests/typing
+	.venv/bin/mypy --strict celerybridge pusher examples tests/typing
 
 bench:
 	.venv/bin/python -m bench
 
 demo:
-	.venv/bin/celerybridge demo
+	./scripts/demo
 
 brokers:
 	./scripts/ensure-brokers

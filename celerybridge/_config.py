@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from kombu.utils.url import maybe_sanitize_url
@@ -13,6 +14,7 @@ from ._constants import (
     DEFAULT_PUBLISH_TIMEOUT,
     DEFAULT_RESULT_TIMEOUT,
     ENV_PREFIX,
+    FILESYSTEM_POLLING_INTERVAL,
 )
 from ._exceptions import ConfigurationError
 
@@ -59,6 +61,15 @@ class BridgeSettings(BaseSettings):
         _check_scheme(url, BROKER_SCHEMES, "broker_url")
         return url
 
+    @field_validator("broker_url")
+    @classmethod
+    def _check_filesystem_folder(cls, url: str) -> str:
+        if scheme_of(url) == "filesystem" and not url.split("://", 1)[1].startswith("/"):
+            raise ValueError(
+                "the filesystem transport needs an absolute folder, e.g. filesystem:///var/spool/cb"
+            )
+        return url
+
     @field_validator("result_backend")
     @classmethod
     def _check_backend(cls, url: str | None) -> str | None:
@@ -73,6 +84,25 @@ class BridgeSettings(BaseSettings):
             (maybe_sanitize_url(self.result_backend) if self.result_backend else None),
         )
         yield from super().__repr_args__()
+
+
+def broker_transport_options(url: str) -> dict[str, Any]:
+    """The kombu transport options a broker URL implies, for clients and workers alike.
+
+    ``filesystem:///some/dir`` is kombu's filesystem transport with every process
+    exchanging messages through files in ``/some/dir`` (created if missing), polled
+    every 0.1 s: an embedded broker for demos and single-host setups, no server needed.
+    """
+    if scheme_of(url) != "filesystem":
+        return {}
+    folder = Path(url.split("://", 1)[1])
+    (folder / "control").mkdir(parents=True, exist_ok=True)
+    return {
+        "data_folder_in": str(folder),
+        "data_folder_out": str(folder),
+        "control_folder": str(folder / "control"),
+        "polling_interval": FILESYSTEM_POLLING_INTERVAL,
+    }
 
 
 def scheme_of(url: str) -> str:

@@ -9,6 +9,9 @@ DEFAULT_QUEUE: Final = "celery"
 DEFAULT_PUBLISH_TIMEOUT: Final = 10.0
 DEFAULT_RESULT_TIMEOUT: Final = 60.0
 
+# How often consumers of the filesystem transport (filesystem:///dir) look for messages.
+FILESYSTEM_POLLING_INTERVAL: Final = 0.1
+
 # The only serializer celerybridge ever sends or accepts.
 SERIALIZER: Final = "json"
 CONTENT_TYPE: Final = "application/json"

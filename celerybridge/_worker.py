@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from celery import Celery, shared_task
 
-from ._config import BridgeSettings, load_settings
+from ._config import BridgeSettings, broker_transport_options, load_settings
 from ._constants import SERIALIZER
 from ._exceptions import ContractError, SignatureMismatchError
 from ._registry import registry
@@ -30,7 +30,11 @@ def celery_app(main: str, settings: BridgeSettings | None = None, **conf: Any) -
     as the bridge, accepting JSON only. ``conf`` adds Celery settings."""
     settings = load_settings(settings)
     app = Celery(main, broker=settings.broker_url, backend=settings.result_backend)
-    app.conf.update(_JSON_ONLY, **conf)
+    transport_options = {
+        **broker_transport_options(settings.broker_url),
+        **conf.pop("broker_transport_options", {}),
+    }
+    app.conf.update(_JSON_ONLY, broker_transport_options=transport_options, **conf)
     return app
 
 

@@ -58,6 +58,10 @@ class Worker:
             time.sleep(0.05)
         return self
 
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path else ""
 

@@ -12,6 +12,8 @@ from celerybridge._registry import registry
 from ._brokers import BROKERS, RESULT_BACKEND
 from ._workers import Worker
 
+pytest_plugins = ("tests._pusher_fixtures",)
+
 
 @pytest.fixture(autouse=True)
 def _restore_registry() -> Iterator[None]:

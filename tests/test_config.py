@@ -41,6 +41,11 @@ def test_repr_masks_credentials() -> None:
             "sentinel",
         ),
         (
+            {"broker_url": "filesystem://spool"},
+            "invalid celerybridge settings: CELERYBRIDGE_BROKER_URL (broker_url): the filesystem "
+            "transport needs an absolute folder, e.g. filesystem:///var/spool/cb",
+        ),
+        (
             {"result_backend": "rpc://"},
             "invalid celerybridge settings: CELERYBRIDGE_RESULT_BACKEND (result_backend): "
             "unsupported scheme 'rpc'; supported: file, redis, rediss, sentinel",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import anyio
 import pytest
@@ -172,3 +173,17 @@ async def test_delegate_reaches_a_plain_celery_worker(bridge: Bridge, plain_work
     second = await (await bridge.send(v2, ("c.json", "[]", {"owner": "b"}), {})).result(timeout=20)
     assert first == {"key": "a/b.json", "content": "{}", "bridge_loaded": "False"}
     assert second == {"key": "c.json", "content": "[]", "owner": "b"}
+
+
+async def test_embedded_filesystem_broker_and_file_results(tmp_path: Path) -> None:
+    # No server at all: the demo's default. Worker and bridge share two folders.
+    broker, results = f"filesystem://{tmp_path / 'broker'}", tmp_path / "results"
+    results.mkdir()
+    worker = Worker("tests.workers.bridge_worker", broker, f"file://{results}")
+    worker.start(tmp_path)
+    try:
+        async with Bridge(broker_url=broker, result_backend=f"file://{results}") as bridge:
+            handle = await bridge.send(bindings.add.with_options(queue=worker.queue), (2, 3), {})
+            assert (await handle.result(timeout=20)).value == 5
+    finally:
+        worker.stop()

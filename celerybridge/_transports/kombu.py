@@ -14,7 +14,7 @@ from celery import Celery
 from celery.backends.base import BaseKeyValueStoreBackend
 from celery.result import AsyncResult
 
-from .._config import BridgeSettings, scheme_of
+from .._config import BridgeSettings, broker_transport_options, scheme_of
 from .._constants import (
     KOMBU_THREADS,
     POLL_FACTOR,
@@ -47,6 +47,7 @@ def client_app(settings: BridgeSettings, *, with_backend: bool, main: str) -> Ce
     if scheme_of(settings.broker_url) in _AMQP_SCHEMES:
         # Publisher confirms: basic_publish returns once RabbitMQ has taken the message.
         transport_options = {"confirm_publish": True, "connect_timeout": timeout}
+    transport_options.update(broker_transport_options(settings.broker_url))
     app.conf.update(
         task_serializer=SERIALIZER,
         accept_content=[SERIALIZER],

@@ -1,3 +1,5 @@
+"""Fixtures for tests that need S3 and the pusher: moto's server, a bucket, pusher workers."""
+
 from __future__ import annotations
 
 import uuid
@@ -7,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from .._brokers import BROKERS, RESULT_BACKEND
-from .._workers import Worker
-from ._s3server import MotoServer
+from ._brokers import BROKERS, RESULT_BACKEND
+from ._workers import Worker
+from .pusher._s3server import MotoServer
 
 
 @pytest.fixture(scope="session")
@@ -55,8 +57,12 @@ def start_pusher(
     log_dir: Path = tmp_path_factory.mktemp("pushers")
 
     def start(broker: str, *, queue: str | None = None, wait: bool = True, **env: str) -> Worker:
-        key = (broker, tuple(sorted(env.items())))
-        if queue is None and wait and key in shared:
+        """A pusher on ``broker``; one per (broker, queue, env), reused while it runs.
+
+        Workers are named after their queue, so two alive on one queue would clash.
+        """
+        key = (broker, queue, tuple(sorted(env.items())))
+        if wait and key in shared and shared[key].running:
             return shared[key]
         worker = Worker("pusher", BROKERS[broker], RESULT_BACKEND, pool=None)
         if queue is not None:
@@ -65,7 +71,7 @@ def start_pusher(
         worker.extra_env.update(env)
         started.append(worker)
         worker.start(log_dir, wait=wait)
-        if queue is None and wait:
+        if wait:
             shared[key] = worker
         return worker
 

@@ -1,0 +1,1 @@
+"""Runnable examples of celerybridge (not part of the installed package)."""

@@ -1,0 +1,87 @@
+"""The page at ``/`` in headless Chromium (Debian's, driven by Playwright): a save turns done."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from playwright.async_api import async_playwright, expect
+
+from .._brokers import BROKERS, RESULT_BACKEND
+from .._workers import ROOT, Worker
+from ..pusher._s3server import free_port
+
+pytestmark = pytest.mark.integration
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+# As the machine's own probe runs it: no sandbox as root, nothing fetched from the network.
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.fixture
+def service_url(broker: str, tmp_path: Path) -> Iterator[str]:
+    """Service A under uvicorn, as a separate process, like in production."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "CELERYBRIDGE_BROKER_URL": BROKERS[broker],
+        "CELERYBRIDGE_RESULT_BACKEND": RESULT_BACKEND,
+        "SERVICE_A_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'a.db'}",
+    }
+    command = [sys.executable, "-m", "uvicorn", "examples.fastapi_app.service_a:app"]
+    with (tmp_path / "uvicorn.log").open("wb") as log:
+        server = subprocess.Popen(
+            [*command, "--port", str(port)], cwd=ROOT, env=env, stdout=log, stderr=log
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(url + "/items").raise_for_status()
+                break
+            except httpx.HTTPError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError((tmp_path / "uvicorn.log").read_text()) from None
+                time.sleep(0.1)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium package")
+async def test_a_saved_item_turns_done_on_the_page(
+    start_pusher: Callable[..., Worker], broker: str, service_url: str
+) -> None:
+    start_pusher(broker, queue="pusher")
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = await browser.new_page()
+            await page.goto(service_url)
+            await expect(page.locator("h1")).to_have_text("service-a")
+            await page.fill("input[name=name]", "browser lamp")
+            await page.fill("input[name=quantity]", "3")
+            await page.click("button")
+            row = page.locator("#items tr", has_text="browser lamp")
+            await expect(row).to_have_count(1)
+            await expect(row.locator("td.state")).to_have_text("done", timeout=30_000)
+            await expect(row).to_contain_text("service-a/items/")  # the receipt's key
+        finally:
+            await browser.close()
