@@ -8,6 +8,7 @@ before anything is sent, and by the worker on receipt.
 from __future__ import annotations
 
 import inspect
+import json
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -60,6 +61,19 @@ class Binder:
 
     def bind(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> BoundCall:
         """Bind, validate and serialise one call, or raise :class:`ArgumentError`."""
+        return self._bind(args, kwargs, from_wire=False)
+
+    def receive(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> BoundCall:
+        """Bind and validate a call as it arrived from the broker, on the worker.
+
+        Arguments are validated in pydantic's JSON mode, as the JSON they crossed the
+        broker as: ``bytes`` come back from base64, for instance.
+        """
+        return self._bind(args, kwargs, from_wire=True)
+
+    def _bind(
+        self, args: Sequence[Any], kwargs: Mapping[str, Any], *, from_wire: bool
+    ) -> BoundCall:
         try:
             bound = self.signature.bind(*args, **kwargs)
         except TypeError as exc:
@@ -72,7 +86,7 @@ class Binder:
         values: dict[str, Any] = {}
         wire: dict[str, Any] = {}
         for name, raw in bound.arguments.items():
-            values[name], wire[name] = self._validate(name, raw)
+            values[name], wire[name] = self._validate(name, raw, from_wire)
         return BoundCall(
             values=values,
             args=tuple(wire[name] for name in self.positional),
@@ -89,18 +103,21 @@ class Binder:
         return self._result.dump_python(value, mode="json")
 
     def load_result(self, value: Any) -> Any:
-        """Coerce a stored result into the contract's declared return type."""
-        return self._result.validate_python(value)
+        """Coerce a stored result (decoded JSON) into the contract's declared return type."""
+        return self._result.validate_json(json.dumps(value))
 
-    def _validate(self, name: str, raw: Any) -> tuple[Any, Any]:
+    def _validate(self, name: str, raw: Any, from_wire: bool) -> tuple[Any, Any]:
         adapter = self._adapters[name]
         try:
-            value = adapter.validate_python(raw)
+            if from_wire:
+                value = adapter.validate_json(json.dumps(raw, allow_nan=False))
+            else:
+                value = adapter.validate_python(raw)
             _check_json(adapter.dump_python(value), strict=adapter is _ANY, depth=0)
             return value, adapter.dump_python(value, mode="json")
         except ValidationError as exc:
             raise ArgumentError(self.task, self.version, name, _first_error(exc)) from None
-        except (_NotJSON, PydanticSerializationError, RecursionError) as exc:
+        except (_NotJSON, PydanticSerializationError, RecursionError, TypeError, ValueError) as exc:
             problem = str(exc) if isinstance(exc, _NotJSON) else "value is not JSON-serialisable"
             raise ArgumentError(self.task, self.version, name, problem) from None
 
@@ -110,7 +127,8 @@ class _NotJSON(Exception):
 
 
 _ANY: TypeAdapter[Any] = TypeAdapter(Any)
-_NO_INF_NAN = ConfigDict(allow_inf_nan=False)
+# bytes cross JSON as base64, both ways (pydantic's default is raw UTF-8).
+_CONFIG = ConfigDict(allow_inf_nan=False, ser_json_bytes="base64", val_json_bytes="base64")
 
 
 def _adapter(task: str, version: int, name: str, annotation: Any) -> TypeAdapter[Any]:
@@ -118,7 +136,7 @@ def _adapter(task: str, version: int, name: str, annotation: Any) -> TypeAdapter
         return _ANY
     try:
         try:
-            return TypeAdapter(annotation, config=_NO_INF_NAN)
+            return TypeAdapter(annotation, config=_CONFIG)
         except PydanticUserError:
             # Models and dataclasses carry their own config and refuse ours.
             return TypeAdapter(annotation)

@@ -103,7 +103,7 @@ def register_implementation(
     def run(*args: Any, **kwargs: Any) -> Any:
         # Validate again on receipt: a foreign sender may not have. ArgumentError fails
         # the task with a clear message before the body runs.
-        call = binder.bind(args, kwargs)
+        call = binder.receive(args, kwargs)
         call_args, call_kwargs = binder.call_arguments(call)
         if is_async:
             value = worker_loop.run(fn(*call_args, **call_kwargs))

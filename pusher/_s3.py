@@ -90,6 +90,8 @@ async def upload(
     key: str,
     body: bytes,
     metadata: Mapping[str, str],
+    *,
+    content_type: str = "",
 ) -> Receipt:
     """Store ``body`` under ``key`` and return what landed.
 
@@ -106,7 +108,7 @@ async def upload(
     common: dict[str, Any] = {
         "Bucket": bucket,
         "Key": key,
-        "ContentType": settings.content_type,
+        "ContentType": content_type or settings.content_type,
         "Metadata": dict(metadata),
     }
     async with translate(bucket, key), asyncio.timeout(settings.task_time_limit):

@@ -8,6 +8,7 @@ both on the ``pusher`` queue, both returning a :class:`Receipt`.
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from typing import Annotated, Final
 
@@ -19,6 +20,7 @@ QUEUE: Final = "pusher"
 MAX_KEY_BYTES: Final = 1024
 MAX_CONTENT_BYTES: Final = 64 * 1024 * 1024
 """Largest content accepted, checked by the caller before anything is sent."""
+_MEDIA_TYPE: Final = re.compile(r"[\w.+-]+/[\w.+-]+(\s*;\s*[\w.+-]+=[\w.+\-\"]+)*", re.ASCII)
 
 
 def _check_key(key: str) -> str:
@@ -42,6 +44,20 @@ def _check_content(content: str) -> str:
     return content
 
 
+def _check_binary(content: bytes) -> bytes:
+    if len(content) > MAX_CONTENT_BYTES:
+        raise ValueError(
+            f"content is {len(content)} bytes; the pusher takes at most {MAX_CONTENT_BYTES}"
+        )
+    return content
+
+
+def _check_content_type(value: str) -> str:
+    if not _MEDIA_TYPE.fullmatch(value):
+        raise ValueError(f"{value!r} is not a media type like 'image/png'")
+    return value
+
+
 def _check_meta(meta: dict[str, str]) -> dict[str, str]:
     # S3 sends user metadata as HTTP headers: keep it printable ASCII, small.
     for name, value in meta.items():
@@ -54,6 +70,9 @@ def _check_meta(meta: dict[str, str]) -> dict[str, str]:
 
 S3Key = Annotated[str, AfterValidator(_check_key)]
 Content = Annotated[str, AfterValidator(_check_content)]
+BinaryContent = Annotated[bytes, AfterValidator(_check_binary)]
+"""Any bytes: base64 in the task message, stored as they are."""
+MediaType = Annotated[str, AfterValidator(_check_content_type)]
 Metadata = Annotated[dict[str, str], AfterValidator(_check_meta)]
 
 
@@ -64,7 +83,7 @@ class Receipt(BaseModel):
     key: str
     etag: str
     size: int
-    """Bytes stored (the UTF-8 encoding of the content)."""
+    """Bytes stored (for ``str`` content, its UTF-8 encoding)."""
     version_id: str | None = None
     """The object version, when the bucket has versioning on."""
     checksum_sha256: str
@@ -80,6 +99,16 @@ def send_to_s3(key: S3Key, content: Content) -> Receipt:
 @remote_task(name="pusher.send_to_s3", queue=QUEUE, version=2)
 def send_to_s3_v2(key: S3Key, content: Content, meta: Metadata) -> Receipt:
     """As v1, and store ``meta`` as the object's S3 user metadata."""
+
+
+@remote_task(name="pusher.send_to_s3", queue=QUEUE, version=3)
+def send_to_s3_v3(
+    key: S3Key,
+    content: BinaryContent,
+    meta: Metadata | None = None,
+    content_type: MediaType = "application/octet-stream",
+) -> Receipt:
+    """Store any bytes (base64 on the wire) with a content type and optional metadata."""
 
 
 # --8<-- [end:contracts]

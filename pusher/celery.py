@@ -22,7 +22,7 @@ from celerybridge._config import load_settings, scheme_of
 
 from . import _s3
 from ._settings import PusherSettings
-from .bindings import QUEUE, Receipt, send_to_s3, send_to_s3_v2
+from .bindings import QUEUE, Receipt, send_to_s3, send_to_s3_v2, send_to_s3_v3
 from .errors import PermanentUploadError, TransientUploadError
 
 logger = logging.getLogger("pusher")
@@ -99,6 +99,18 @@ async def store(key: str, content: str) -> Receipt:
 async def store_v2(key: str, content: str, meta: dict[str, str]) -> Receipt:
     """v2: store the content with ``meta`` as S3 user metadata."""
     return await _s3.upload(await s3(), settings, key, content.encode(), meta)
+
+
+@send_to_s3_v3.implement(app, **_RETRY)
+async def store_v3(
+    key: str,
+    content: bytes,
+    meta: dict[str, str] | None = None,
+    content_type: str = "application/octet-stream",
+) -> Receipt:
+    """v3: store bytes as they are, with their content type."""
+    client = await s3()
+    return await _s3.upload(client, settings, key, content, meta or {}, content_type=content_type)
 
 
 async def _check() -> None:

@@ -78,3 +78,22 @@ async def test_a_handle_rebuilt_from_a_stored_id_polls_without_waiting() -> None
         assert await later.done()
         assert await later == 7  # decoded with v2's return type
         assert bridge.handle(report_v1, task_id).version == 1
+
+
+async def test_bytes_cross_as_base64_and_arrive_as_bytes() -> None:
+    @remote_task(name="mem.reverse")
+    def reverse(data: bytes) -> bytes: ...
+
+    received: list[bytes] = []
+
+    @reverse.implement(Celery("mem", set_as_current=False))
+    def reverse_impl(data: bytes) -> bytes:
+        received.append(data)
+        return data[::-1]
+
+    transport = MemoryTransport()
+    async with Bridge(publisher=transport, results=transport) as bridge:
+        handle = await bridge.send(reverse, (b"\x00\xff not UTF-8",), {})
+        assert await handle == b"8-FTU ton \xff\x00"
+    assert transport.messages[0].args == ("AP8gbm90IFVURi04",)  # base64 on the wire
+    assert received == [b"\x00\xff not UTF-8"]

@@ -49,7 +49,7 @@ class MemoryTransport(Publisher, ResultSource):
         stub = registry.by_wire_name(message.task_name)
         if self.execute and fn is not None and stub is not None:
             try:
-                call = stub.binder.bind(args, kwargs)
+                call = stub.binder.receive(args, kwargs)
                 call_args, call_kwargs = stub.binder.call_arguments(call)
                 if inspect.iscoroutinefunction(fn):
                     value = await fn(*call_args, **call_kwargs)

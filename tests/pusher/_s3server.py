@@ -63,10 +63,18 @@ class MotoServer:
 
 
 _REQUEST_LINE = re.compile(rb"^(PUT|POST) (/[^ ?]+)")
+_SLOW_DOWN_BODY = (
+    b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
+    b"<Message>Please reduce your request rate.</Message></Error>"
+)
+_SLOW_DOWN = (
+    b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\n"
+    b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(_SLOW_DOWN_BODY)
+) + _SLOW_DOWN_BODY
 
 
 class DelayProxy:
-    """A TCP proxy that can hold requests back, and counts the uploads it saw by path.
+    """A TCP proxy that can hold requests back or throttle them, and counts uploads by path.
 
     With ``delay`` set, each request waits that long before it is forwarded, so a test
     can act (kill a worker) while an upload is certainly in progress.
@@ -76,6 +84,8 @@ class DelayProxy:
         self.target_port = target_port
         self.port = free_port()
         self.delay = 0.0
+        self.slow_downs = 0
+        """How many of the next uploads get S3's ``503 SlowDown`` instead of reaching S3."""
         self.uploads: Counter[str] = Counter()
         self.upload_seen = threading.Event()
         self._server = socket.create_server(("127.0.0.1", self.port))
@@ -107,6 +117,10 @@ class DelayProxy:
                 if match:
                     self.uploads[match.group(2).decode()] += 1
                     self.upload_seen.set()
+                    if self.slow_downs > 0:
+                        self.slow_downs -= 1
+                        source.sendall(_SLOW_DOWN)
+                        return
                     time.sleep(self.delay)
                 sink.sendall(data)
         except OSError:

@@ -13,7 +13,7 @@ import pytest
 
 from celerybridge import ArgumentError, Bridge, RemoteTaskError
 from celerybridge._transports.kombu import close_celery_app
-from pusher.bindings import MAX_CONTENT_BYTES, Receipt, send_to_s3, send_to_s3_v2
+from pusher.bindings import MAX_CONTENT_BYTES, Receipt, send_to_s3, send_to_s3_v2, send_to_s3_v3
 
 from .._brokers import BROKERS, RESULT_BACKEND, purge, queue_length
 from .._imports import loaded_by
@@ -66,6 +66,29 @@ async def test_v1_and_v2_land_with_bytes_type_and_metadata(
     assert stored2["Bytes"] == b"[]"
     assert stored2["Metadata"] == {"owner": "svc-b"}
     assert second.key == key2
+
+
+async def test_v3_stores_any_bytes_with_their_content_type(
+    bridge: Bridge, pusher_worker: Worker, s3: Any, bucket: str, broker_url: str
+) -> None:
+    key = _key("images")
+    png = b"\x89PNG\r\n\x1a\n\x00\xff" + bytes(range(256))  # not UTF-8
+    v3 = send_to_s3_v3.with_options(queue=pusher_worker.queue)
+    handle = await bridge.send(v3, (key, png), {"content_type": "image/png"})
+    receipt = await handle.result(timeout=30)
+    stored = await _get(s3, bucket, key)
+    assert stored["Bytes"] == png
+    assert (stored["ContentType"], stored["Metadata"]) == ("image/png", {})
+    assert receipt.size == len(png)
+
+    refused = send_to_s3_v3.with_options(queue=f"cb-pusher-refuse-{uuid.uuid4().hex[:6]}")
+    with pytest.raises(ArgumentError) as caught:
+        await bridge.send(refused, (key, png), {"content_type": "png"})
+    assert str(caught.value) == (
+        "task 'pusher.send_to_s3' v3, parameter 'content_type': Value error, 'png' is not a "
+        "media type like 'image/png' (got 'png')"
+    )
+    assert queue_length(broker_url, refused.queue) == 0
 
 
 async def test_large_content_goes_multipart(
@@ -147,6 +170,25 @@ async def test_permanent_errors_fail_at_once_with_a_clear_error(
     assert time.monotonic() - started < 5  # not retried
     landed = await (await bridge.send(stub, ("svc-a/1.json", "{}"), {})).result(timeout=30)
     assert landed.key == "svc-a/1.json"
+
+
+async def test_throttled_uploads_are_retried_until_they_land(
+    start_pusher: Callable[..., Worker], broker: str, moto_server: MotoServer, s3: Any, bucket: str
+) -> None:
+    proxy = DelayProxy(moto_server.port)
+    queue = f"cb-pusher-throttled-{uuid.uuid4().hex[:6]}"
+    start_pusher(broker, queue=queue, AWS_ENDPOINT_URL_S3=proxy.url)
+    key = _key("throttled")
+    proxy.slow_downs = 2  # botocore's standard retry mode backs off and tries again
+    try:
+        async with Bridge(broker_url=BROKERS[broker], result_backend=RESULT_BACKEND) as bridge:
+            stub = send_to_s3.with_options(queue=queue)
+            receipt = await (await bridge.send(stub, (key, "{}"), {})).result(timeout=60)
+    finally:
+        proxy.close()
+    assert proxy.uploads[f"/{bucket}/{key}"] == 3  # two 503 SlowDown, then the upload
+    assert (await _get(s3, bucket, key))["Bytes"] == b"{}"
+    assert receipt.key == key
 
 
 @pytest.mark.parametrize(
