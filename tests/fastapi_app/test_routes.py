@@ -166,3 +166,17 @@ async def test_the_page_and_unknown_items(service_client: ServiceClient) -> None
         assert "pusher.send_to_s3 v2 (key, content, meta)" in page.text
         missing = await http.get("/items/42/backup")
         assert (missing.status_code, missing.json()) == (404, {"detail": "no item 42"})
+
+
+async def test_an_unreachable_broker_is_never_a_500(service_client: ServiceClient) -> None:
+    # The real kombu path against a port nobody listens on: refused within the timeout.
+    unreachable = {"broker_url": "redis://127.0.0.1:1/0", "publish_timeout": 2}
+    async with service_client(service_b.SERVICE, **unreachable) as http:
+        with anyio.fail_after(10):
+            response = await http.post("/items", json={"name": "offline", "quantity": 1})
+        assert response.status_code == 201
+        backup = response.json()["backup"]
+        assert (backup["state"], backup["task_id"]) == ("pending", None)
+        assert backup["error"].startswith("not queued yet, will retry: ")
+        listed = (await http.get("/items")).json()
+        assert [item["name"] for item in listed] == ["offline"]
