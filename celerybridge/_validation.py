@@ -26,6 +26,8 @@ _VARIADIC = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
 _QUOTED = re.compile(r"'([^']+)'")
 MAX_DEPTH = 64
 """Deepest nesting of containers accepted in an argument."""
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+"""Integers JSON peers can carry (Java's long, Go's int64, ...); beyond, refused."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +160,12 @@ def _check_json(value: Any, *, strict: bool, depth: int) -> None:
     if isinstance(value, float):
         if not math.isfinite(value):
             raise _NotJSON(f"{value!r} is not a finite number; JSON cannot carry it")
+    elif isinstance(value, int) and not isinstance(value, bool):
+        if not INT64_MIN <= value <= INT64_MAX:
+            raise _NotJSON(
+                "integer outside the signed 64-bit range (-2**63 to 2**63-1); "
+                "most JSON peers cannot carry it"
+            )
     elif isinstance(value, dict):
         for key, item in value.items():
             if strict and not isinstance(key, str):

@@ -20,8 +20,9 @@ from celerybridge import (
     UnknownVersionError,
     remote_task,
 )
+from pusher.bindings import MAX_CONTENT_BYTES
 
-from ._brokers import queue_length
+from ._brokers import purge, queue_length
 
 pytestmark = pytest.mark.integration
 QUEUE = f"cb-corpus-{uuid.uuid4().hex[:8]}"
@@ -68,6 +69,10 @@ S1 = "task 'corpus.store' v1"
 S2 = "task 'corpus.store' v2"
 FREE = "task 'corpus.free' v1, parameter 'value'"
 TYPED = "task 'corpus.typed' v1, parameter"
+PUSH = "task 'pusher.send_to_s3' v1"
+INT64 = (
+    "integer outside the signed 64-bit range (-2**63 to 2**63-1); most JSON peers cannot carry it"
+)
 
 # (name, args, kwargs, version, error type, exact message)
 CORPUS: list[tuple[str, tuple[Any, ...], dict[str, Any], Any, type[CeleryBridgeError], str]] = [
@@ -134,11 +139,50 @@ CORPUS: list[tuple[str, tuple[Any, ...], dict[str, Any], Any, type[CeleryBridgeE
     ("corpus.typed", (), {**GOOD, "meta": {"owner": "x", "size": "big"}}, None, ArgumentError,
      f"{TYPED} 'meta': Input should be a valid integer, unable to parse string as an integer "
      "at ['size'] (got 'big')"),
+    # Integers beyond 64 bits, typed or not, top level or nested.
+    ("corpus.store", ("k", "c", 2**63), {}, None, ArgumentError,
+     f"{S1}, parameter 'count': {INT64}"),
+    ("corpus.store", ("k", "c", -(2**63) - 1), {}, None, ArgumentError,
+     f"{S1}, parameter 'count': {INT64}"),
+    ("corpus.free", ({"ids": [1, 10**30]},), {}, None, ArgumentError, f"{FREE}: {INT64}"),
+    ("corpus.free", (10**5000,), {}, None, ArgumentError, f"{FREE}: {INT64}"),
+    # More shapes that JSON cannot carry faithfully.
+    ("corpus.free", ((1, {2}),), {}, None, ArgumentError, f"{FREE}: set is not JSON-serialisable"),
+    ("corpus.free", (-float("inf"),), {}, None, ArgumentError,
+     f"{FREE}: -inf is not a finite number; JSON cannot carry it"),
+    ("corpus.free", (datetime(2024, 1, 1),), {}, None, ArgumentError,
+     f"{FREE}: datetime is not JSON-serialisable"),
+    ("corpus.free", ({"k": 1j},), {}, None, ArgumentError,
+     f"{FREE}: complex is not JSON-serialisable"),
+    # The pusher's contract: keys and sizes checked before anything is sent.
+    ("pusher.send_to_s3", ("", "{}"), {}, None, ArgumentError,
+     f"{PUSH}, parameter 'key': Value error, an S3 key cannot be empty (got '')"),
+    ("pusher.send_to_s3", ("a\nb", "{}"), {}, None, ArgumentError,
+     f"{PUSH}, parameter 'key': Value error, an S3 key cannot contain control characters, "
+     "found '\\n' (got 'a\\nb')"),
+    ("pusher.send_to_s3", ("\u00e9" * 513, "{}"), {}, None, ArgumentError,
+     f"{PUSH}, parameter 'key': Value error, an S3 key is at most 1024 bytes of UTF-8, this "
+     "one is 1026 (got '" + "\u00e9" * 79 + ")"),
+    ("pusher.send_to_s3", (7, "{}"), {}, None, ArgumentError,
+     f"{PUSH}, parameter 'key': Input should be a valid string (got 7)"),
+    ("pusher.send_to_s3", ("k", "x" * (MAX_CONTENT_BYTES + 1)), {}, None, ArgumentError,
+     f"{PUSH}, parameter 'content': Value error, content is 67108865 bytes of UTF-8; the "
+     "pusher takes at most 67108864 (got '" + "x" * 79 + ")"),
+    ("pusher.send_to_s3", ("k", "{}"), {}, 2, ArgumentError,
+     "task 'pusher.send_to_s3' v2, parameter 'meta': missing a required argument: 'meta'"),
+    ("pusher.send_to_s3", ("k", "{}", {"caf\u00e9": "x"}), {}, 2, ArgumentError,
+     "task 'pusher.send_to_s3' v2, parameter 'meta': Value error, metadata 'caf\u00e9' must "
+     "be ASCII, its name letters, digits and '-' (got {'caf\u00e9': 'x'})"),
+    ("pusher.send_to_s3", ("k", b"\x00" * (MAX_CONTENT_BYTES + 1)), {}, 3, ArgumentError,
+     "task 'pusher.send_to_s3' v3, parameter 'content': Value error, content is 67108865 "
+     "bytes; the pusher takes at most 67108864 (got b'" + "\\x00" * 19 + "\\x)"),
+    ("pusher.send_to_s3", ("k", "{}"), {}, 4, UnknownVersionError,
+     "task 'pusher.send_to_s3' has no version 4; known versions: 1, 2, 3"),
 ]  # fmt: skip
 
 
 async def test_corpus_is_refused_before_send(bridge: Bridge, broker_url: str) -> None:
-    assert len(CORPUS) >= 20
+    assert len(CORPUS) >= 40
     for name, args, kwargs, version, error, message in CORPUS:
         with pytest.raises(error) as caught:
             await bridge.delegate(name, *args, version=version, **kwargs)
@@ -147,8 +191,6 @@ async def test_corpus_is_refused_before_send(bridge: Bridge, broker_url: str) ->
     # The control: a good call does reach the queue we watched.
     await bridge.delegate("corpus.store", "k", "c")
     assert queue_length(broker_url, QUEUE) == 1
-    from ._brokers import purge
-
     purge(broker_url, QUEUE)
 
 

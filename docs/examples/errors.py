@@ -123,6 +123,12 @@ async def main() -> None:
             "task 'metrics.record' v1, parameter 'labels': object key 1 is not a string",
         ):
             await bridge.delegate("metrics.record", "load", 1.0, labels={1: "a"})
+        with expect(
+            ArgumentError,
+            "task 'metrics.record' v1, parameter 'labels': integer outside the signed 64-bit "
+            "range (-2**63 to 2**63-1); most JSON peers cannot carry it",
+        ):
+            await bridge.delegate("metrics.record", "load", 1.0, labels={"id": 2**64})
         # --8<-- [end:json-only]
         assert transport.messages == []  # nothing refused ever reached the broker
 
