@@ -14,6 +14,7 @@ from ._exceptions import (
     ConfigurationError,
     DelegationError,
     PublishTimeoutError,
+    ResultBackendError,
     ResultTimeoutError,
 )
 from ._registry import registry
@@ -121,8 +122,19 @@ class Bridge:
         return TaskHandle(self, stub, task_id)
 
     async def poll(self, task_id: str) -> TaskOutcome | None:
-        """The stored outcome of ``task_id`` if it has one now; used by :class:`TaskHandle`."""
-        return await self._get_results().poll(task_id)
+        """The stored outcome of ``task_id`` if it has one now; used by :class:`TaskHandle`.
+
+        One read, bounded by ``publish_timeout`` (the bridge's I/O timeout).
+        """
+        results = self._get_results()
+        timeout = self.settings.publish_timeout
+        try:
+            with anyio.fail_after(timeout):
+                return await results.poll(task_id)
+        except TimeoutError:
+            raise ResultBackendError(
+                f"the result backend did not answer within {timeout:g} s (task {task_id})"
+            ) from None
 
     async def wait_for(
         self, stub: RemoteTask[Any, Any], task_id: str, timeout: Timeout | None
@@ -174,5 +186,7 @@ class Bridge:
                 )
             from ._transports.kombu import KombuResultSource
 
-            self._results = KombuResultSource(self.settings.result_backend)
+            self._results = KombuResultSource(
+                self.settings.result_backend, io_timeout=self.settings.publish_timeout
+            )
         return self._results

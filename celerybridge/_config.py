@@ -91,12 +91,16 @@ def broker_transport_options(url: str) -> dict[str, Any]:
 
     ``filesystem:///some/dir`` is kombu's filesystem transport with every process
     exchanging messages through files in ``/some/dir`` (created if missing), polled
-    every 0.1 s: an embedded broker for demos and single-host setups, no server needed.
+    every 0.1 s: an embedded broker for demos, no server needed. It is at most once
+    (kombu deletes a message file when it reads it, before any acknowledgement).
     """
     if scheme_of(url) != "filesystem":
         return {}
     folder = Path(url.split("://", 1)[1])
-    (folder / "control").mkdir(parents=True, exist_ok=True)
+    try:
+        (folder / "control").mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigurationError(f"cannot use {folder} for the filesystem broker: {exc}") from exc
     return {
         "data_folder_in": str(folder),
         "data_folder_out": str(folder),

@@ -30,5 +30,8 @@ POLL_INITIAL: Final = 0.002
 POLL_FACTOR: Final = 1.5
 POLL_MAX: Final = 0.1
 
+# Attempts kombu makes to publish one message (Celery's publish retry policy).
+PUBLISH_ATTEMPTS: Final = 4
+
 # Threads the kombu path may occupy at once, per bridge.
 KOMBU_THREADS: Final = 16

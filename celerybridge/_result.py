@@ -55,7 +55,11 @@ class TaskHandle(Generic[R]):
         return decode_outcome(self._stub, self.id, outcome)
 
     async def done(self) -> bool:
-        """Whether the task has finished (succeeded or failed), without waiting for it."""
+        """Whether the task has finished (succeeded, failed or was revoked), without waiting.
+
+        One read of the result backend. A task id the backend never heard of (or whose
+        result expired) looks unfinished.
+        """
         return await self._bridge.poll(self.id) is not None
 
     def __await__(self) -> Generator[Any, None, R]:

@@ -112,14 +112,16 @@ class Binder:
         adapter = self._adapters[name]
         try:
             if from_wire:
-                value = adapter.validate_json(json.dumps(raw, allow_nan=False))
+                value = adapter.validate_json(_as_json(raw))
             else:
                 value = adapter.validate_python(raw)
             _check_json(adapter.dump_python(value), strict=adapter is _ANY, depth=0)
+            if from_wire:  # the worker never sends it on: no wire form to build
+                return value, value
             return value, adapter.dump_python(value, mode="json")
         except ValidationError as exc:
             raise ArgumentError(self.task, self.version, name, _first_error(exc)) from None
-        except (_NotJSON, PydanticSerializationError, RecursionError, TypeError, ValueError) as exc:
+        except (_NotJSON, PydanticSerializationError, RecursionError) as exc:
             problem = str(exc) if isinstance(exc, _NotJSON) else "value is not JSON-serialisable"
             raise ArgumentError(self.task, self.version, name, problem) from None
 
@@ -128,8 +130,17 @@ class _NotJSON(Exception):
     pass
 
 
+def _as_json(value: Any) -> str:
+    try:
+        return json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as exc:  # not decoded JSON after all
+        raise _NotJSON(f"value is not JSON: {exc}") from None
+
+
 _ANY: TypeAdapter[Any] = TypeAdapter(Any)
-# bytes cross JSON as base64, both ways (pydantic's default is raw UTF-8).
+# bytes cross JSON as base64, both ways (pydantic's default is raw UTF-8): URL-safe
+# alphabet when sending, either alphabet on receipt. Models and dataclasses keep their
+# own config: give them ser_json_bytes/val_json_bytes="base64" for the same.
 _CONFIG = ConfigDict(allow_inf_nan=False, ser_json_bytes="base64", val_json_bytes="base64")
 
 

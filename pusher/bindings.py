@@ -1,9 +1,10 @@
 # mypy: disable-error-code="empty-body"
 """The pusher's contract, for the services that call it. Light: pydantic only.
 
-``pusher.send_to_s3(key, content)`` (v1, the default) and
-``pusher.send_to_s3_v2(key, content, meta)`` (v2: ``meta`` becomes S3 user metadata),
-both on the ``pusher`` queue, both returning a :class:`Receipt`.
+``pusher.send_to_s3(key, content)`` (v1, the default),
+``pusher.send_to_s3_v2(key, content, meta)`` (v2: ``meta`` becomes S3 user metadata) and
+``pusher.send_to_s3_v3(key, content: bytes, meta=None, content_type=...)`` (v3: any bytes,
+base64 on the wire), all on the ``pusher`` queue, all returning a :class:`Receipt`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,13 @@ QUEUE: Final = "pusher"
 MAX_KEY_BYTES: Final = 1024
 MAX_CONTENT_BYTES: Final = 64 * 1024 * 1024
 """Largest content accepted, checked by the caller before anything is sent."""
-_MEDIA_TYPE: Final = re.compile(r"[\w.+-]+/[\w.+-]+(\s*;\s*[\w.+-]+=[\w.+\-\"]+)*", re.ASCII)
+# RFC 9110: type "/" subtype *( OWS ";" OWS name "=" ( token / quoted-string ) ), OWS being
+# spaces and tabs only: the value becomes an HTTP header, so no CR, LF or other controls.
+_TOKEN: Final = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_QUOTED: Final = r'"(?:[\t !#-\[\]-~]|\\[\t -~])*"'
+_MEDIA_TYPE: Final = re.compile(
+    rf"{_TOKEN}/{_TOKEN}(?:[ \t]*;[ \t]*{_TOKEN}=(?:{_TOKEN}|{_QUOTED}))*"
+)
 
 
 def _check_key(key: str) -> str:

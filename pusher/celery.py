@@ -63,7 +63,8 @@ app = celery_app(
     worker_pool="threads",
     worker_concurrency=settings.concurrency,
     task_default_queue=QUEUE,
-    # At-least-once: acknowledge after the upload; a lost worker means redelivery.
+    # At-least-once: acknowledge after the upload; a lost worker means redelivery
+    # (on Redis and RabbitMQ; the demo's filesystem transport cannot redeliver).
     task_acks_late=True,
     task_reject_on_worker_lost=True,
     worker_prefetch_multiplier=1,

@@ -176,6 +176,14 @@ CORPUS: list[tuple[str, tuple[Any, ...], dict[str, Any], Any, type[CeleryBridgeE
     ("pusher.send_to_s3", ("k", b"\x00" * (MAX_CONTENT_BYTES + 1)), {}, 3, ArgumentError,
      "task 'pusher.send_to_s3' v3, parameter 'content': Value error, content is 67108865 "
      "bytes; the pusher takes at most 67108864 (got b'" + "\\x00" * 19 + "\\x)"),
+    ("pusher.send_to_s3", ("k", b"x"), {"content_type": "text/plain\r\nX-Evil: 1"}, 3,
+     ArgumentError, "task 'pusher.send_to_s3' v3, parameter 'content_type': Value error, "
+     "'text/plain\\r\\nX-Evil: 1' is not a media type like 'image/png' "
+     "(got 'text/plain\\r\\nX-Evil: 1')"),
+    ("pusher.send_to_s3", ("k", b"x"), {"content_type": 'text/plain; charset="utf-8'}, 3,
+     ArgumentError, "task 'pusher.send_to_s3' v3, parameter 'content_type': Value error, "
+     "'text/plain; charset=\"utf-8' is not a media type like 'image/png' "
+     "(got 'text/plain; charset=\"utf-8')"),
     ("pusher.send_to_s3", ("k", "{}"), {}, 4, UnknownVersionError,
      "task 'pusher.send_to_s3' has no version 4; known versions: 1, 2, 3"),
 ]  # fmt: skip

@@ -122,3 +122,18 @@ def test_well_typed_calls_are_always_sent(call: tuple[Any, ...]) -> None:
     assert error is None
     [message] = transport.messages
     assert message.args == (call[0], call[1], call[2], call[3])
+
+
+@remote_task(name="prop.blob")
+def blob(data: bytes, sizes: list[int], labels: dict[str, str]) -> None: ...
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.binary(), sizes=st.lists(INT64), labels=st.dictionaries(st.text(), st.text()))
+def test_what_the_caller_sends_the_worker_receives_unchanged(
+    data: bytes, sizes: list[int], labels: dict[str, str]
+) -> None:
+    sent = blob.binder.bind((data, sizes, labels), {})
+    wire = json.loads(json.dumps([list(sent.args), sent.kwargs]))  # across the broker
+    received = blob.binder.receive(wire[0], wire[1])
+    assert received.values == {"data": data, "sizes": sizes, "labels": labels}

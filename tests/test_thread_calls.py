@@ -15,7 +15,7 @@ from ._brokers import RESULT_BACKEND
 
 
 async def test_cancelled_call_is_abandoned_and_close_waits_for_it() -> None:
-    calls = ThreadCalls(4, ResultBackendError)
+    calls = ThreadCalls(4, ResultBackendError, grace=5)
     started, release, finished = threading.Event(), threading.Event(), threading.Event()
 
     def blocking() -> None:
@@ -35,8 +35,32 @@ async def test_cancelled_call_is_abandoned_and_close_waits_for_it() -> None:
     assert finished.is_set()
 
 
+async def test_abandoned_calls_still_count_against_the_limit() -> None:
+    calls = ThreadCalls(2, ResultBackendError, grace=5)
+    running, peak, lock = 0, 0, threading.Lock()
+    release = threading.Event()
+
+    def blocking() -> None:
+        nonlocal running, peak
+        with lock:
+            running += 1
+            peak = max(peak, running)
+        release.wait(5)
+        with lock:
+            running -= 1
+
+    for _ in range(5):  # each caller gives up at once: anyio frees its limiter token
+        with anyio.move_on_after(0.05):
+            await calls.run(blocking)
+    await anyio.sleep(0.2)
+    assert peak == 2
+    release.set()
+    assert await anyio.to_thread.run_sync(calls.close, 5)
+    assert peak == 2
+
+
 async def test_call_after_close_fails_with_the_given_error() -> None:
-    calls = ThreadCalls(4, ResultBackendError)
+    calls = ThreadCalls(4, ResultBackendError, grace=5)
     assert calls.close()
     with pytest.raises(ResultBackendError, match="closed before the call started"):
         await calls.run(lambda: None)
@@ -53,7 +77,7 @@ def open_sockets(source: KombuResultSource) -> int:
 async def test_closing_with_an_abandoned_fetch_in_flight_leaves_no_socket_open() -> None:
     # Before ThreadCalls, the fetch abandoned by its cancelled caller went on after
     # close, reconnected the closed pool and left the socket to the garbage collector.
-    source = KombuResultSource(RESULT_BACKEND)
+    source = KombuResultSource(RESULT_BACKEND, io_timeout=5)
     real_fetch = source.fetch
     entered, release, done = threading.Event(), threading.Event(), threading.Event()
 

@@ -34,6 +34,7 @@ def black_hole() -> Iterator[int]:
 
     threading.Thread(target=accept, daemon=True).start()
     yield server.getsockname()[1]
+    server.shutdown(socket.SHUT_RDWR)  # wakes accept(); close() alone does not
     server.close()
     for connection in held:
         connection.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 from typing import TypeVar
@@ -13,23 +14,27 @@ from .._exceptions import CeleryBridgeError
 
 T = TypeVar("T")
 
-CLOSE_GRACE = 5.0
-"""Seconds ``close`` waits for calls that are still running in their threads."""
+log = logging.getLogger("celerybridge")
 
 
 class ThreadCalls:
-    """Runs blocking calls in at most ``limit`` threads and knows which still run.
+    """Runs at most ``limit`` blocking calls at once in worker threads, and knows which run.
 
     A cancelled caller does not wait for its thread (``abandon_on_cancel``): cancellation
     must be immediate. The thread goes on with the client it uses, though, so ``close``
     first waits for every running call, then the owner may tear the clients down. A call
     that reaches its thread after ``close`` fails instead of reconnecting a closed client.
+    ``grace`` is the longest one call can take (its I/O timeouts and retries).
     """
 
-    def __init__(self, limit: int, error: type[CeleryBridgeError]) -> None:
+    def __init__(self, limit: int, error: type[CeleryBridgeError], *, grace: float) -> None:
         self._limit = limit
         self._error = error
+        self._grace = grace
         self._limiter: anyio.CapacityLimiter | None = None  # created on the caller's loop
+        # anyio frees a limiter token when its caller is cancelled, while the abandoned
+        # thread still runs: the slots bound the calls really running.
+        self._slots = threading.BoundedSemaphore(limit)
         self._idle = threading.Condition()
         self._running = 0
         self._closed = False
@@ -43,22 +48,30 @@ class ThreadCalls:
         )
 
     def _tracked(self, func: Callable[..., T], *args: object) -> T:
-        with self._idle:
-            if self._closed:
-                raise self._error("the connection was closed before the call started")
-            self._running += 1
-        try:
-            return func(*args)
-        finally:
+        with self._slots:
             with self._idle:
-                self._running -= 1
-                self._idle.notify_all()
+                if self._closed:
+                    raise self._error("the connection was closed before the call started")
+                self._running += 1
+            try:
+                return func(*args)
+            finally:
+                with self._idle:
+                    self._running -= 1
+                    self._idle.notify_all()
 
-    def close(self, grace: float = CLOSE_GRACE) -> bool:
-        """Refuse new calls and wait up to ``grace`` seconds for running ones (blocking).
+    def close(self, grace: float | None = None) -> bool:
+        """Refuse new calls and wait for running ones (blocking), at most ``grace`` seconds.
 
-        Returns whether every call had finished.
+        Returns whether every call had finished; if not, the owner closes its clients
+        under the calls still running, and a warning says so.
         """
+        grace = self._grace if grace is None else grace
         with self._idle:
             self._closed = True
-            return self._idle.wait_for(lambda: self._running == 0, grace)
+            if self._idle.wait_for(lambda: self._running == 0, grace):
+                return True
+            log.warning(
+                "closing with %d blocking calls still running after %g s", self._running, grace
+            )
+            return False

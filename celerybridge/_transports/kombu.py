@@ -20,6 +20,7 @@ from .._constants import (
     POLL_FACTOR,
     POLL_INITIAL,
     POLL_MAX,
+    PUBLISH_ATTEMPTS,
     READY_STATES,
     SERIALIZER,
 )
@@ -56,7 +57,7 @@ def client_app(settings: BridgeSettings, *, with_backend: bool, main: str) -> Ce
         broker_connection_timeout=timeout,
         broker_transport_options=transport_options,
         task_publish_retry_policy={
-            "max_retries": 3,
+            "max_retries": PUBLISH_ATTEMPTS - 1,
             "interval_start": 0,
             "interval_step": 0.2,
             "interval_max": 0.5,
@@ -94,7 +95,9 @@ class KombuPublisher(Publisher):
 
     def __init__(self, settings: BridgeSettings, *, with_backend: bool = False) -> None:
         self._app = client_app(settings, with_backend=with_backend, main="celerybridge-publisher")
-        self._threads = ThreadCalls(KOMBU_THREADS, DelegationError)
+        # One publish: up to PUBLISH_ATTEMPTS connects/sends, each bounded by the timeout.
+        grace = settings.publish_timeout * PUBLISH_ATTEMPTS + 1
+        self._threads = ThreadCalls(KOMBU_THREADS, DelegationError, grace=grace)
 
     def send(self, message: OutgoingMessage) -> AsyncResult[Any]:
         """Publish from the calling thread (blocking) and return Celery's handle."""
@@ -128,9 +131,15 @@ class KombuResultSource(ResultSource):
     imported (CVE-2021-23727), which is why ``AsyncResult.get()`` is not used.
     """
 
-    def __init__(self, backend_url: str) -> None:
+    def __init__(self, backend_url: str, *, io_timeout: float) -> None:
         app = Celery("celerybridge-results", backend=backend_url, set_as_current=False)
-        app.conf.update(result_serializer=SERIALIZER, result_accept_content=[SERIALIZER])
+        app.conf.update(
+            result_serializer=SERIALIZER,
+            result_accept_content=[SERIALIZER],
+            # Celery's defaults: no connect timeout, 120 s per read.
+            redis_socket_connect_timeout=io_timeout,
+            redis_socket_timeout=io_timeout,
+        )
         with translate(ConfigurationError, "setting up the result backend"):
             backend = app.backend
         if not isinstance(backend, BaseKeyValueStoreBackend):
@@ -140,7 +149,7 @@ class KombuResultSource(ResultSource):
             )
         self._app = app
         self._backend = backend
-        self._threads = ThreadCalls(KOMBU_THREADS, ResultBackendError)
+        self._threads = ThreadCalls(KOMBU_THREADS, ResultBackendError, grace=io_timeout + 1)
         self._waiting = 0
 
     @property

@@ -8,6 +8,7 @@ when asked for, and kept in the database once final.
 
 from __future__ import annotations
 
+import html
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -20,7 +21,16 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse
 from pydantic_settings import BaseSettings
 
-from celerybridge import Bridge, CeleryBridgeError, RemoteTaskError, TaskHandle
+from celerybridge import (
+    Bridge,
+    CallError,
+    CeleryBridgeError,
+    DelegationError,
+    RemoteTaskError,
+    ResultError,
+    ResultTimeoutError,
+    TaskHandle,
+)
 from celerybridge.fastapi import BridgeDep, bridge_lifespan
 from pusher.bindings import Receipt
 
@@ -54,7 +64,10 @@ class Service:
 class ServiceSettings(BaseSettings):
     """Per service, from ``<PREFIX>DATABASE_URL`` (e.g. ``SERVICE_A_DATABASE_URL``)."""
 
-    database_url: str = "sqlite+aiosqlite:///:memory:"
+    database_url: str | None = None
+    """Default: ``<service name>.db`` in the working directory. (Not ``:memory:``: SQLAlchemy
+    shares one connection between its sessions there, so one session's rollback would undo
+    another's uncommitted insert.)"""
 
 
 @dataclass
@@ -77,12 +90,12 @@ class Backups:
         """Save a new item, then queue its backup."""
         async with self.store.sessions() as session:
             item = await self.store.add(session, **new.model_dump(), service=self.service.name)
-            self.sending.add(item.id)
-            await session.commit()
-        try:
-            await self._send(bridge, item)
-        finally:
-            self.sending.discard(item.id)
+            self.sending.add(item.id)  # before the commit makes it visible to the retry loop
+            try:
+                await session.commit()
+                await self._send(bridge, item)
+            finally:
+                self.sending.discard(item.id)
         return item
 
     async def _send(self, bridge: Bridge, item: Item) -> None:
@@ -92,11 +105,13 @@ class Backups:
             handle = await self.service.backup(
                 bridge, self.key_of(record), record.model_dump_json(), record
             )
-        except CeleryBridgeError as exc:
+        except DelegationError as exc:  # the broker is down: the retry loop tries again
             log.warning("backup of item %s not queued (will retry): %s", item.id, exc)
             await self.store.update(
                 item, backup_detail={"error": f"not queued yet, will retry: {exc}"}
             )
+        except CallError as exc:  # the contract refused it: retrying cannot help
+            await self.store.update(item, backup_state=FAILED, backup_detail={"error": str(exc)})
         else:
             await self.store.update(item, backup_task_id=handle.id, backup_detail=None)
 
@@ -112,6 +127,10 @@ class Backups:
         except RemoteTaskError as exc:
             error = f"{exc.remote_type}: {exc.remote_message}"
             await self.store.update(item, backup_state=FAILED, backup_detail={"error": error})
+        except ResultTimeoutError:  # done, yet not readable in time: ask again next time
+            return
+        except ResultError as exc:  # a receipt that does not match the contract
+            await self.store.update(item, backup_state=FAILED, backup_detail={"error": str(exc)})
         except CeleryBridgeError as exc:  # the result backend is down: still pending
             item.backup_detail = {"error": f"state unknown for now: {exc}"}
         else:
@@ -122,19 +141,25 @@ class Backups:
         """Every few seconds, queue the backups the broker refused (or a crash left unsent)."""
         while True:
             await anyio.sleep(RESEND_INTERVAL)
-            async with self.store.sessions() as session:
-                waiting = [item.id for item in await self.store.not_queued(session)]
-            for item_id in waiting:
-                if item_id in self.sending:
-                    continue
-                self.sending.add(item_id)
-                try:
-                    async with self.store.sessions() as session:
-                        item = await session.get(Item, item_id)  # as committed by now
-                    if item is not None and item.backup_task_id is None:
-                        await self._send(bridge, item)
-                finally:
-                    self.sending.discard(item_id)
+            try:
+                await self._resend(bridge)
+            except Exception:  # e.g. "database is locked": log it, try again next time
+                log.exception("retrying unsent backups failed")
+
+    async def _resend(self, bridge: Bridge) -> None:
+        async with self.store.sessions() as session:
+            waiting = [item.id for item in await self.store.not_queued(session)]
+        for item_id in waiting:
+            if item_id in self.sending:
+                continue
+            self.sending.add(item_id)
+            try:
+                async with self.store.sessions() as session:
+                    item = await session.get(Item, item_id)  # as committed by now
+                if item is not None and item.backup_task_id is None:
+                    await self._send(bridge, item)
+            finally:
+                self.sending.discard(item_id)
 
     async def get(self, bridge: Bridge, item_id: int) -> Item:
         async with self.store.sessions() as session:
@@ -171,11 +196,12 @@ def create_app(
 ) -> FastAPI:
     """The service's ASGI app; ``bridge_options`` go to :func:`bridge_lifespan`."""
     settings = settings or ServiceSettings()
+    database_url = settings.database_url or f"sqlite+aiosqlite:///{service.name}.db"
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         async with (
-            Store.open(settings.database_url) as store,
+            Store.open(database_url) as store,
             bridge_lifespan(**bridge_options)(app) as state,
             anyio.create_task_group() as background,
         ):
@@ -188,7 +214,8 @@ def create_app(
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> str:
-        return PAGE.replace("{{service}}", service.name).replace("{{contract}}", service.contract)
+        name, contract = html.escape(service.name), html.escape(service.contract)
+        return PAGE.replace("{{service}}", name).replace("{{contract}}", contract)
 
     @app.post("/items", status_code=201)
     async def save(new: ItemIn, bridge: BridgeDep, backups: BackupsDep) -> ItemOut:

@@ -84,5 +84,10 @@ class Store:
 
     async def not_queued(self, session: AsyncSession, limit: int = 100) -> Sequence[Item]:
         """Items whose backup the broker has not accepted yet (it was down)."""
-        query = select(Item).where(Item.backup_task_id.is_(None)).order_by(Item.id).limit(limit)
+        query = (
+            select(Item)
+            .where(Item.backup_task_id.is_(None), Item.backup_state == PENDING)
+            .order_by(Item.id)
+            .limit(limit)
+        )
         return (await session.scalars(query)).all()
