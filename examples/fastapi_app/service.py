@@ -24,9 +24,9 @@ from pydantic_settings import BaseSettings
 from celerybridge import (
     Bridge,
     CallError,
-    CeleryBridgeError,
     DelegationError,
     RemoteTaskError,
+    ResultBackendError,
     ResultError,
     ResultTimeoutError,
     TaskHandle,
@@ -127,12 +127,11 @@ class Backups:
         except RemoteTaskError as exc:
             error = f"{exc.remote_type}: {exc.remote_message}"
             await self.store.update(item, backup_state=FAILED, backup_detail={"error": error})
-        except ResultTimeoutError:  # done, yet not readable in time: ask again next time
-            return
+        except (ResultBackendError, ResultTimeoutError, DelegationError) as exc:
+            # The result backend is down or slow: still pending, ask again next time.
+            item.backup_detail = {"error": f"state unknown for now: {exc}"}
         except ResultError as exc:  # a receipt that does not match the contract
             await self.store.update(item, backup_state=FAILED, backup_detail={"error": str(exc)})
-        except CeleryBridgeError as exc:  # the result backend is down: still pending
-            item.backup_detail = {"error": f"state unknown for now: {exc}"}
         else:
             detail = {"receipt": receipt.model_dump(mode="json")}
             await self.store.update(item, backup_state=DONE, backup_detail=detail)

@@ -7,7 +7,7 @@ import json
 import anyio
 import pytest
 
-from celerybridge import DelegationError, MemoryTransport
+from celerybridge import DelegationError, MemoryTransport, ResultBackendError
 from celerybridge._transports.base import OutgoingMessage
 from examples.fastapi_app import service, service_a, service_b
 
@@ -181,3 +181,23 @@ async def test_an_unreachable_broker_is_never_a_500(service_client: ServiceClien
         assert backup["error"].startswith("not queued yet, will retry: ")
         listed = (await http.get("/items")).json()
         assert [item["name"] for item in listed] == ["offline"]
+
+
+class BackendDown(MemoryTransport):
+    """A result backend that cannot be reached."""
+
+    async def poll(self, task_id: str) -> None:
+        raise ResultBackendError(f"reading the result of task {task_id}: Connection refused")
+
+
+async def test_a_result_backend_that_is_down_leaves_the_backup_pending(
+    service_client: ServiceClient,
+) -> None:
+    transport = BackendDown(execute=False)
+    async with service_client(service_a.SERVICE, publisher=transport, results=transport) as http:
+        item = (await http.post("/items", json={"name": "x", "quantity": 1})).json()
+        backup = (await http.get(f"/items/{item['id']}/backup")).json()
+    assert backup["state"] == "pending"
+    assert backup["error"] == (
+        f"state unknown for now: reading the result of task {backup['task_id']}: Connection refused"
+    )
