@@ -6,6 +6,7 @@ import json
 import threading
 import time
 import uuid
+from typing import NoReturn
 
 import anyio
 import pytest
@@ -13,8 +14,10 @@ import redis
 
 from celerybridge import Bridge, BridgeSettings, remote_task
 from celerybridge._transports.kombu import KombuPublisher
+from celerybridge._transports.redis import RedisPublisher
+from celerybridge._transports.redis_results import RedisResultSource
 
-from ._brokers import RESULT_BACKEND, purge, queue_length
+from ._brokers import BROKERS, RESULT_BACKEND, purge, queue_length
 
 pytestmark = pytest.mark.integration
 QUEUE = f"cb-lag-{uuid.uuid4().hex[:8]}"
@@ -60,8 +63,8 @@ async def test_loop_lag_with_1000_delegations_in_flight(
     assert p99 < 0.1
 
 
-async def test_publishing_happens_off_the_loop_thread(
-    monkeypatch: pytest.MonkeyPatch, bridge: Bridge, broker_url: str
+async def test_kombu_path_publishes_off_the_loop_thread(
+    monkeypatch: pytest.MonkeyPatch, settings: BridgeSettings, broker_url: str
 ) -> None:
     threads: list[int] = []
     original = KombuPublisher.send
@@ -71,9 +74,31 @@ async def test_publishing_happens_off_the_loop_thread(
         return original(self, message)  # type: ignore[arg-type]
 
     monkeypatch.setattr(KombuPublisher, "send", spy)
-    await bridge.send(echo, ("x",), {})
+    async with Bridge(settings, fast_path=False) as bridge:
+        await bridge.send(echo, ("x",), {})
     assert threads
     assert threading.get_ident() not in threads
+    purge(broker_url, QUEUE)
+
+
+async def test_fast_path_publishes_and_awaits_without_threads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    broker_url = BROKERS["redis"]  # the native fast path exists for Redis only
+    settings = BridgeSettings(broker_url=broker_url, result_backend=RESULT_BACKEND)
+
+    def no_threads(*args: object, **kwargs: object) -> NoReturn:
+        raise AssertionError("the fast path must not use a worker thread")
+
+    monkeypatch.setattr(anyio.to_thread, "run_sync", no_threads)
+    async with Bridge(settings) as bridge:
+        handle = await bridge.send(echo, ("x",), {})
+        assert isinstance(bridge._publisher, RedisPublisher)
+        with redis.Redis.from_url(RESULT_BACKEND) as client:
+            client.set(f"celery-task-meta-{handle.id}", json.dumps({"status": "SUCCESS"}))
+        assert await handle.done()
+        assert isinstance(bridge._results, RedisResultSource)
+    assert queue_length(broker_url, QUEUE) == 1
     purge(broker_url, QUEUE)
 
 

@@ -20,13 +20,12 @@ from .._constants import (
     POLL_FACTOR,
     POLL_INITIAL,
     POLL_MAX,
-    READY_STATES,
     SERIALIZER,
 )
 from .._exceptions import ConfigurationError, DelegationError, ResultBackendError
 from ._errors import translate
 from ._threads import ThreadCalls
-from .base import OutgoingMessage, Publisher, ResultSource, TaskOutcome
+from .base import OutgoingMessage, Publisher, ResultSource, TaskOutcome, outcome_from_meta
 
 _AMQP_SCHEMES = frozenset({"amqp", "amqps", "pyamqp"})
 
@@ -83,6 +82,24 @@ def close_celery_app(app: Celery, *backends: Any) -> None:
             client.connection_pool.disconnect()
 
 
+def key_value_backend(backend_url: str) -> tuple[Celery, BaseKeyValueStoreBackend]:
+    """Celery's result backend for ``backend_url``, JSON only; creating it connects nothing.
+
+    Both result sources use it to name a task's key and to decode what a worker stored,
+    so they read results exactly as Celery writes them.
+    """
+    app = Celery("celerybridge-results", backend=backend_url, set_as_current=False)
+    app.conf.update(result_serializer=SERIALIZER, result_accept_content=[SERIALIZER])
+    with translate(ConfigurationError, "setting up the result backend"):
+        backend = app.backend
+    if not isinstance(backend, BaseKeyValueStoreBackend):
+        raise ConfigurationError(
+            f"result backend {type(backend).__name__} is not a key/value store; "
+            "use redis:// or file://"
+        )
+    return app, backend
+
+
 class KombuPublisher(Publisher):
     """Publishes with ``Celery.send_task`` in a worker thread.
 
@@ -128,17 +145,7 @@ class KombuResultSource(ResultSource):
     """
 
     def __init__(self, backend_url: str) -> None:
-        app = Celery("celerybridge-results", backend=backend_url, set_as_current=False)
-        app.conf.update(result_serializer=SERIALIZER, result_accept_content=[SERIALIZER])
-        with translate(ConfigurationError, "setting up the result backend"):
-            backend = app.backend
-        if not isinstance(backend, BaseKeyValueStoreBackend):
-            raise ConfigurationError(
-                f"result backend {type(backend).__name__} is not a key/value store; "
-                "use redis:// or file://"
-            )
-        self._app = app
-        self._backend = backend
+        self._app, self._backend = key_value_backend(backend_url)
         self._threads = ThreadCalls(KOMBU_THREADS, ResultBackendError)
         self._waiting = 0
 
@@ -153,9 +160,7 @@ class KombuResultSource(ResultSource):
             if not raw:  # absent, or (file://) being written right now
                 return None
             meta = self._backend.decode(raw)
-        if not isinstance(meta, dict) or meta.get("status") not in READY_STATES:
-            return None
-        return TaskOutcome(meta["status"], meta.get("result"), meta.get("traceback"))
+        return outcome_from_meta(meta)
 
     async def poll(self, task_id: str) -> TaskOutcome | None:
         return await self._threads.run(self.fetch, task_id)
