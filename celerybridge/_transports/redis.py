@@ -24,8 +24,8 @@ from redis.backoff import ExponentialBackoff
 
 from .._constants import (
     BATCH_MAX,
-    PUBLISH_SLOTS,
     PUBLISH_RETRIES,
+    PUBLISH_SLOTS,
     RECONNECT_INITIAL,
     RECONNECT_MAX,
     REDIS_CONNECTIONS,
