@@ -13,7 +13,7 @@ import pytest
 import redis
 
 from celerybridge import Bridge, BridgeSettings, remote_task
-from celerybridge._transports.kombu import KombuPublisher
+from celerybridge._transports.kombu import KombuPublisher, KombuResultSource
 from celerybridge._transports.redis import RedisPublisher
 from celerybridge._transports.redis_results import RedisResultSource
 
@@ -125,6 +125,10 @@ def test_delegation_and_results_work_under_trio(broker_url: str) -> None:
             with redis.Redis.from_url(RESULT_BACKEND) as client:
                 client.set(f"celery-task-meta-{handle.id}", json.dumps(record))
             value = await handle.result(timeout=5)
+            # redis.asyncio cannot run under trio: the fast path (on by default) falls back.
+            assert settings.fast_path
+            assert isinstance(bridge._publisher, KombuPublisher)
+            assert isinstance(bridge._results, KombuResultSource)
         transport = MemoryTransport(execute=False)
         async with Bridge(publisher=transport, results=transport) as memory:
             other = await memory.send(under_trio, ("7",), {})
