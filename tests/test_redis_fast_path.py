@@ -217,7 +217,7 @@ async def test_unreachable_redis_is_a_delegation_or_result_backend_error() -> No
             await results.wait("id")
     finally:
         await results.aclose()
-    assert str(failed.value).startswith("subscribing to results: ConnectionError: ")
+    assert str(failed.value).startswith("subscribing to the result of task id: ConnectionError: ")
 
 
 async def test_a_silent_broker_is_a_publish_timeout() -> None:

@@ -83,7 +83,7 @@ class RedisResultSource(ResultSource):
         return await self._get(task_id)
 
     async def wait(self, task_id: str) -> TaskOutcome:
-        await self._start()
+        await self._start(task_id)
         channel = self._key(task_id)
         waiter = _Waiter()
         self._waiting += 1
@@ -146,7 +146,7 @@ class RedisResultSource(ResultSource):
 
     # -- the subscription ----------------------------------------------------------------
 
-    async def _start(self) -> None:
+    async def _start(self, task_id: str) -> None:
         if self._closed:
             raise ResultBackendError("the result source is closed")
         if self._reader is not None:
@@ -155,7 +155,7 @@ class RedisResultSource(ResultSource):
             if self._reader is not None:
                 return
             conn = self._pool.make_connection()  # type: ignore[no-untyped-call]
-            with translate(ResultBackendError, "subscribing to results"):
+            with translate(ResultBackendError, f"subscribing to the result of task {task_id}"):
                 await conn.connect()
             self._conn = conn
             self._reader = asyncio.get_running_loop().create_task(self._read())
