@@ -17,7 +17,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from collections.abc import Awaitable
 from contextlib import suppress
+from typing import Any, TypeVar
 
 import redis.asyncio
 from redis.asyncio.connection import AbstractConnection
@@ -30,8 +32,30 @@ from .kombu import key_value_backend
 from .redis import redis_client
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _CLOSED = "the result source was closed while the result was awaited"
+
+
+async def _apart(call: Awaitable[T]) -> T:
+    """Await ``call`` in a task of its own, so that cancelling the caller cancels only it.
+
+    Some of redis-py's connection checks wait with a zero timeout; on Python 3.11 a
+    cancellation arriving at that moment is turned into a timeout and lost, and a
+    cancelled ``wait`` would go on waiting. In its own task the command completes (the
+    connection stays consistent) and its outcome is dropped if nobody waits for it.
+    """
+    task = asyncio.ensure_future(call)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        task.add_done_callback(_drop_outcome)
+        raise
+
+
+def _drop_outcome(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 class _Waiter:
@@ -135,7 +159,7 @@ class RedisResultSource(ResultSource):
     async def _get(self, task_id: str) -> TaskOutcome | None:
         key = self._key(task_id)
         with translate(ResultBackendError, f"reading the result of task {task_id}"):
-            raw = await self._client.get(key)
+            raw = await _apart(self._client.get(key))
         if raw is None:
             return None
         return self._decode(task_id, raw.encode() if isinstance(raw, str) else raw)
@@ -201,7 +225,7 @@ class RedisResultSource(ResultSource):
             if conn is None:
                 return
             try:
-                await conn.send_command(*command)
+                await _apart(conn.send_command(*command, check_health=False))
             except FOREIGN_ERRORS as exc:
                 # The reader sees the broken connection too; it reconnects and subscribes
                 # again to every channel someone waits on.
