@@ -77,6 +77,11 @@ def close_celery_app(app: Celery, *backends: Any) -> None:
         consumer = getattr(backend, "result_consumer", None)
         if consumer is not None and hasattr(consumer, "stop"):
             consumer.stop()
+            # An AsyncResult collected later unsubscribes from its channel in __del__,
+            # which would reconnect the closed pub/sub and leak that socket.
+            subscribed = getattr(consumer, "subscribed_to", None)
+            if isinstance(subscribed, set):
+                subscribed.clear()
         client = vars(backend).get("client")  # a cached property: only if it was created
         if client is not None:
             client.connection_pool.disconnect()
