@@ -18,7 +18,6 @@ import asyncio
 import logging
 import math
 from collections.abc import Awaitable
-from contextlib import suppress
 from typing import Any, TypeVar
 
 import redis.asyncio
@@ -140,10 +139,13 @@ class RedisResultSource(ResultSource):
             for waiter in waiters:
                 waiter.wake.set()
         for task in (self._reader, self._flusher):
-            if task is not None:
+            # Cancelled until it ends: a cancellation redis-py swallows (see _apart) must
+            # not leave close waiting for ever.
+            while task is not None and not task.done():
                 task.cancel()
-                with suppress(asyncio.CancelledError):
-                    await task
+                await asyncio.wait({task}, timeout=0.1)
+            if task is not None and not task.cancelled():
+                task.exception()  # retrieved: the task ended as intended
         if self._conn is not None:
             await self._conn.disconnect()
         await self._pool.disconnect()
@@ -234,7 +236,7 @@ class RedisResultSource(ResultSource):
     async def _read(self) -> None:
         conn = self._conn
         assert conn is not None
-        while True:
+        while not self._closed:
             try:
                 # Block without a time limit (math.inf, as redis-py's own PubSub does);
                 # pub/sub frames are push replies, returned only when asked for.
@@ -263,7 +265,7 @@ class RedisResultSource(ResultSource):
 
     async def _reconnect(self, conn: AbstractConnection) -> None:
         pause = RECONNECT_INITIAL
-        while True:
+        while not self._closed:
             async with self._lock:
                 try:
                     await conn.disconnect()
