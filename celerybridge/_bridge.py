@@ -8,8 +8,9 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, TypeVar, overload
 
 import anyio
+import sniffio
 
-from ._config import BridgeSettings, load_settings
+from ._config import FAST_PATH_SCHEMES, BridgeSettings, load_settings, scheme_of
 from ._exceptions import (
     ConfigurationError,
     DelegationError,
@@ -168,12 +169,31 @@ class Bridge:
                 "after a fork; create a bridge in each process (e.g. in the app's lifespan)"
             )
 
+    def _fast_path(self, url: str) -> bool:
+        """Whether ``url`` gets a native asyncio client rather than kombu in threads.
+
+        Only Redis has one, and only under asyncio: redis-py's async client does not
+        run under trio, where the portable kombu path is taken automatically.
+        """
+        return (
+            self.settings.fast_path
+            and scheme_of(url) in FAST_PATH_SCHEMES
+            and sniffio.current_async_library() == "asyncio"
+        )
+
     def _get_publisher(self) -> Publisher:
         self._check_usable()
         if self._publisher is None:
-            from ._transports.kombu import KombuPublisher
+            if self._fast_path(self.settings.broker_url):
+                from ._transports.redis import RedisPublisher
 
-            self._publisher = KombuPublisher(self.settings)
+                self._publisher = RedisPublisher(
+                    self.settings.broker_url, timeout=self.settings.publish_timeout
+                )
+            else:
+                from ._transports.kombu import KombuPublisher
+
+                self._publisher = KombuPublisher(self.settings)
         return self._publisher
 
     def _get_results(self) -> ResultSource:
@@ -184,9 +204,13 @@ class Bridge:
                     "no result backend is configured; set CELERYBRIDGE_RESULT_BACKEND "
                     "(e.g. redis://127.0.0.1:6379/1) to await results"
                 )
-            from ._transports.kombu import KombuResultSource
+            backend = self.settings.result_backend
+            if self._fast_path(backend):
+                from ._transports.redis_results import RedisResultSource
 
-            self._results = KombuResultSource(
-                self.settings.result_backend, io_timeout=self.settings.publish_timeout
-            )
+                self._results = RedisResultSource(backend, timeout=self.settings.publish_timeout)
+            else:
+                from ._transports.kombu import KombuResultSource
+
+                self._results = KombuResultSource(backend, io_timeout=self.settings.publish_timeout)
         return self._results

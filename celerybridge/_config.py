@@ -24,6 +24,8 @@ BROKER_SCHEMES = frozenset(
     {"amqp", "amqps", "pyamqp", "redis", "rediss", "sentinel", "memory", "filesystem"}
 )
 RESULT_SCHEMES = frozenset({"redis", "rediss", "sentinel", "file"})
+# Schemes with a native asyncio client (the fast path, see _transports/redis.py).
+FAST_PATH_SCHEMES = frozenset({"redis", "rediss"})
 
 
 class BridgeSettings(BaseSettings):
@@ -31,8 +33,8 @@ class BridgeSettings(BaseSettings):
 
     Every field can come from the environment: ``CELERYBRIDGE_BROKER_URL``,
     ``CELERYBRIDGE_RESULT_BACKEND``, ``CELERYBRIDGE_PUBLISH_TIMEOUT``,
-    ``CELERYBRIDGE_RESULT_TIMEOUT``. Values are checked when the settings are built.
-    URLs are masked in ``repr``.
+    ``CELERYBRIDGE_RESULT_TIMEOUT``, ``CELERYBRIDGE_FAST_PATH``. Values are checked when
+    the settings are built. URLs are masked in ``repr``.
     """
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid")
@@ -48,6 +50,10 @@ class BridgeSettings(BaseSettings):
 
     result_timeout: PositiveFloat = DEFAULT_RESULT_TIMEOUT
     """Default seconds ``handle.result()`` waits when no timeout is given."""
+
+    fast_path: bool = True
+    """Use the native asyncio clients where there is one (Redis broker and result
+    backend, under asyncio); ``False`` always uses Celery's own client (kombu) in threads."""
 
     def __init__(self, **values: Any) -> None:
         try:

@@ -35,3 +35,30 @@ PUBLISH_ATTEMPTS: Final = 4
 
 # Threads the kombu path may occupy at once, per bridge.
 KOMBU_THREADS: Final = 16
+
+# Celery protocol v2 as ``Celery.send_task`` writes it (celery/app/amqp.py, app/defaults.py).
+CELERY_PERSISTENT_DELIVERY_MODE: Final = 2  # task_default_delivery_mode = "persistent"
+CELERY_REPR_MAXSIZE: Final = 1024  # AMQP.argsrepr_maxsize / kwargsrepr_maxsize
+CELERY_REPR_MAXLEVELS: Final = 3  # task_repr_maxlevels
+
+# kombu's Redis transport conventions (kombu/transport/redis.py, default transport options).
+KOMBU_REDIS_SEP: Final = "\x06\x16"
+KOMBU_PRIORITY_STEPS: Final = (0, 3, 6, 9)
+KOMBU_BINDING_PREFIX: Final = "_kombu.binding."
+KOMBU_BINDING_PERMANENT_PREFIX: Final = "_kombu.binding_permanent."
+
+# Celery's Redis result backend: the key holding a task's meta, also the pub/sub channel
+# its ``set`` PUBLISHes the meta on (celery/backends/base.py, backends/redis.py).
+RESULT_KEY_PREFIX: Final = "celery-task-meta-"
+
+# Reconnecting the native Redis clients: first pause, ceiling, in seconds.
+RECONNECT_INITIAL: Final = 0.05
+RECONNECT_MAX: Final = 1.0
+# Attempts the native publisher makes when the connection breaks (kombu path: 3 retries).
+PUBLISH_RETRIES: Final = 3
+# Connections the native Redis client opens at most, per bridge (kombu path: 16 threads).
+REDIS_CONNECTIONS: Final = 16
+# Messages the native Redis publisher sends in one pipeline at most.
+BATCH_MAX: Final = 256
+# Publishes the native Redis publisher encodes and has on the wire at once.
+PUBLISH_SLOTS: Final = 32

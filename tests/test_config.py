@@ -142,3 +142,21 @@ async def test_closed_bridge_refuses_to_send() -> None:
     await bridge.aclose()
     with pytest.raises(DelegationError, match=r"^this bridge is closed$"):
         await bridge.send(closed, (), {})
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"), [("true", "RedisPublisher"), ("0", "KombuPublisher")]
+)
+async def test_fast_path_setting_picks_the_transport(
+    monkeypatch: pytest.MonkeyPatch, value: str, expected: str
+) -> None:
+    monkeypatch.setenv("CELERYBRIDGE_FAST_PATH", value)
+    settings = load_settings(
+        broker_url="redis://127.0.0.1:1/0", result_backend="redis://127.0.0.1:1/1"
+    )
+    async with Bridge(settings) as bridge:  # building transports connects nothing
+        assert type(bridge._get_publisher()).__name__ == expected
+        results = "RedisResultSource" if expected == "RedisPublisher" else "KombuResultSource"
+        assert type(bridge._get_results()).__name__ == results
+    async with Bridge(settings, broker_url="amqp://guest:guest@127.0.0.1:1//") as amqp:
+        assert type(amqp._get_publisher()).__name__ == "KombuPublisher"  # no native AMQP yet

@@ -8,13 +8,25 @@ import amqp.exceptions
 import celery.exceptions
 import kombu.exceptions
 import pytest
+import redis.asyncio.client
+import redis.asyncio.connection
+import redis.asyncio.sentinel
 import redis.exceptions
 
 import celerybridge
 from celerybridge import CeleryBridgeError, DelegationError, ResultBackendError
 from celerybridge._transports._errors import translate
 
-FOREIGN_MODULES = [kombu.exceptions, amqp.exceptions, redis.exceptions, celery.exceptions]
+FOREIGN_MODULES = [
+    kombu.exceptions,
+    amqp.exceptions,
+    redis.exceptions,
+    celery.exceptions,
+    # The fast path's redis-py asyncio modules, and what they raise besides redis.exceptions.
+    redis.asyncio.client,
+    redis.asyncio.connection,
+    redis.asyncio.sentinel,
+]
 
 
 def _foreign_classes() -> list[type[BaseException]]:

@@ -7,6 +7,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .._constants import READY_STATES
+
 if TYPE_CHECKING:
     from .._contracts import SendOptions
     from .._validation import BoundCall
@@ -49,6 +51,17 @@ class TaskOutcome:
     result: Any
     """The return value, or Celery's exception record (``exc_type``, ``exc_message``...)."""
     traceback: str | None = None
+
+
+def outcome_from_meta(meta: Any) -> TaskOutcome | None:
+    """The outcome in a decoded result record, or ``None`` if the task has not ended.
+
+    The record stays data: an exception class it names is never imported
+    (CVE-2021-23727), which is why ``AsyncResult.get()`` is never used.
+    """
+    if not isinstance(meta, dict) or meta.get("status") not in READY_STATES:
+        return None
+    return TaskOutcome(meta["status"], meta.get("result"), meta.get("traceback"))
 
 
 class Publisher(ABC):

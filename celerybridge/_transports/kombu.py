@@ -21,13 +21,12 @@ from .._constants import (
     POLL_INITIAL,
     POLL_MAX,
     PUBLISH_ATTEMPTS,
-    READY_STATES,
     SERIALIZER,
 )
 from .._exceptions import ConfigurationError, DelegationError, ResultBackendError
 from ._errors import translate
 from ._threads import ThreadCalls
-from .base import OutgoingMessage, Publisher, ResultSource, TaskOutcome
+from .base import OutgoingMessage, Publisher, ResultSource, TaskOutcome, outcome_from_meta
 
 _AMQP_SCHEMES = frozenset({"amqp", "amqps", "pyamqp"})
 
@@ -80,9 +79,37 @@ def close_celery_app(app: Celery, *backends: Any) -> None:
         consumer = getattr(backend, "result_consumer", None)
         if consumer is not None and hasattr(consumer, "stop"):
             consumer.stop()
+            # An AsyncResult collected later unsubscribes from its channel in __del__,
+            # which would reconnect the closed pub/sub and leak that socket.
+            subscribed = getattr(consumer, "subscribed_to", None)
+            if isinstance(subscribed, set):
+                subscribed.clear()
         client = vars(backend).get("client")  # a cached property: only if it was created
         if client is not None:
             client.connection_pool.disconnect()
+
+
+def key_value_backend(
+    backend_url: str, *, io_timeout: float | None = None
+) -> tuple[Celery, BaseKeyValueStoreBackend]:
+    """Celery's result backend for ``backend_url``, JSON only; creating it connects nothing.
+
+    Both result sources use it to name a task's key and to decode what a worker stored,
+    so they read results exactly as Celery writes them. ``io_timeout`` bounds a Redis
+    backend's connects and reads (Celery's defaults: none and 120 s).
+    """
+    app = Celery("celerybridge-results", backend=backend_url, set_as_current=False)
+    app.conf.update(result_serializer=SERIALIZER, result_accept_content=[SERIALIZER])
+    if io_timeout is not None:
+        app.conf.update(redis_socket_connect_timeout=io_timeout, redis_socket_timeout=io_timeout)
+    with translate(ConfigurationError, "setting up the result backend"):
+        backend = app.backend
+    if not isinstance(backend, BaseKeyValueStoreBackend):
+        raise ConfigurationError(
+            f"result backend {type(backend).__name__} is not a key/value store; "
+            "use redis:// or file://"
+        )
+    return app, backend
 
 
 class KombuPublisher(Publisher):
@@ -132,23 +159,7 @@ class KombuResultSource(ResultSource):
     """
 
     def __init__(self, backend_url: str, *, io_timeout: float) -> None:
-        app = Celery("celerybridge-results", backend=backend_url, set_as_current=False)
-        app.conf.update(
-            result_serializer=SERIALIZER,
-            result_accept_content=[SERIALIZER],
-            # Celery's defaults: no connect timeout, 120 s per read.
-            redis_socket_connect_timeout=io_timeout,
-            redis_socket_timeout=io_timeout,
-        )
-        with translate(ConfigurationError, "setting up the result backend"):
-            backend = app.backend
-        if not isinstance(backend, BaseKeyValueStoreBackend):
-            raise ConfigurationError(
-                f"result backend {type(backend).__name__} is not a key/value store; "
-                "use redis:// or file://"
-            )
-        self._app = app
-        self._backend = backend
+        self._app, self._backend = key_value_backend(backend_url, io_timeout=io_timeout)
         self._threads = ThreadCalls(KOMBU_THREADS, ResultBackendError, grace=io_timeout + 1)
         self._waiting = 0
 
@@ -163,9 +174,7 @@ class KombuResultSource(ResultSource):
             if not raw:  # absent, or (file://) being written right now
                 return None
             meta = self._backend.decode(raw)
-        if not isinstance(meta, dict) or meta.get("status") not in READY_STATES:
-            return None
-        return TaskOutcome(meta["status"], meta.get("result"), meta.get("traceback"))
+        return outcome_from_meta(meta)
 
     async def poll(self, task_id: str) -> TaskOutcome | None:
         return await self._threads.run(self.fetch, task_id)

@@ -1,0 +1,176 @@
+"""Celery task message protocol v2, written the way Celery and kombu write it.
+
+The native publishers build their messages here instead of going through
+``Celery.send_task``. Every field mirrors a line of Celery's ``AMQP.as_task_v2`` and
+``send_task_message`` (``celery/app/amqp.py``), ``Celery.send_task``
+(``celery/app/base.py``) and kombu's ``Producer.publish`` and virtual
+``Channel.prepare_message`` / ``basic_publish`` (``kombu/messaging.py``,
+``kombu/transport/virtual/base.py``); ``tests/test_wire.py`` compares the result
+field by field with what kombu writes for the same call.
+
+Serialisation goes through kombu's own JSON encoder, so arguments that JSON cannot
+carry natively (datetimes, UUIDs, decimals) are encoded exactly as on the kombu path.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import uuid
+from bisect import bisect
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from celery.utils.nodenames import anon_nodename
+from celery.utils.saferepr import saferepr
+from kombu.serialization import dumps as kombu_dumps
+from kombu.utils.json import dumps as json_dumps
+
+from .._constants import (
+    CELERY_PERSISTENT_DELIVERY_MODE,
+    CELERY_REPR_MAXLEVELS,
+    CELERY_REPR_MAXSIZE,
+    KOMBU_BINDING_PERMANENT_PREFIX,
+    KOMBU_BINDING_PREFIX,
+    KOMBU_PRIORITY_STEPS,
+    KOMBU_REDIS_SEP,
+    SERIALIZER,
+)
+from .base import OutgoingMessage
+
+BODY_ENCODING = "base64"
+"""kombu's virtual transports (Redis among them) base64 the serialised body."""
+
+
+@dataclass(frozen=True, slots=True)
+class TaskMessage:
+    """A task message in protocol v2 parts, before any transport frames it."""
+
+    headers: dict[str, Any]
+    properties: dict[str, Any]
+    """``correlation_id``, ``reply_to``, ``delivery_mode``, and ``expiration`` if any."""
+    body: bytes
+    """``[args, kwargs, embed]`` as kombu's JSON, UTF-8."""
+    content_type: str
+    content_encoding: str
+    priority: int
+    """The AMQP priority property: kombu's ``Producer.publish`` default is 0."""
+
+
+class Origin:
+    """Who sends: the ``origin`` header and the ``reply_to`` property of one publisher.
+
+    Celery sets ``origin`` to ``gen<pid>@<host>`` and ``reply_to`` to a per-app,
+    per-thread oid (only the ``rpc://`` backend reads it); one publisher has one of each.
+    """
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.origin = anon_nodename()
+        self.reply_to = str(uuid.uuid4())
+
+
+def task_message(
+    message: OutgoingMessage, origin: Origin, now: datetime | None = None
+) -> TaskMessage:
+    """The protocol v2 message Celery's ``send_task`` builds for ``message``."""
+    options = message.options
+    args, kwargs = message.args, message.kwargs
+    countdown: float | None = options.get("countdown")
+    expires: float | None = options.get("expires")
+    eta_iso = expires_iso = None
+    if countdown or expires is not None:
+        now = now or datetime.now(UTC)
+        if countdown:  # Celery: "if countdown: convert countdown to ETA"
+            eta_iso = (now + timedelta(seconds=countdown)).isoformat()
+        if expires is not None:
+            expires_iso = (now + timedelta(seconds=expires)).isoformat()
+    argsrepr = saferepr(args, CELERY_REPR_MAXSIZE, maxlevels=CELERY_REPR_MAXLEVELS)
+    kwargsrepr = saferepr(kwargs, CELERY_REPR_MAXSIZE, maxlevels=CELERY_REPR_MAXLEVELS)
+    headers: dict[str, Any] = {
+        "lang": "py",
+        "task": message.task_name,
+        "id": message.task_id,
+        "shadow": None,
+        "eta": eta_iso,
+        "expires": expires_iso,
+        "group": None,
+        "group_index": None,
+        "retries": 0,
+        "timelimit": [None, None],
+        "root_id": message.task_id,
+        "parent_id": None,
+        "argsrepr": argsrepr,
+        "kwargsrepr": kwargsrepr,
+        "origin": origin.origin,
+        # send_task pops ignore_result from its options: None unless a caller set it.
+        "ignore_result": None,
+        "replaced_task_nesting": 0,
+        "stamped_headers": None,
+        "stamps": {},
+    }
+    properties: dict[str, Any] = {
+        "correlation_id": message.task_id,
+        "reply_to": origin.reply_to,
+        "delivery_mode": CELERY_PERSISTENT_DELIVERY_MODE,
+    }
+    if expires is not None:
+        # send_task passes expires as the broker TTL too (Producer.publish's expiration).
+        properties["expiration"] = str(int(max(expires, 0) * 1000))
+    embed = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+    content_type, content_encoding, body = kombu_dumps([args, kwargs, embed], SERIALIZER)
+    raw = body.encode(content_encoding) if isinstance(body, str) else body
+    return TaskMessage(
+        headers=headers,
+        properties=properties,
+        body=raw,
+        content_type=content_type,
+        content_encoding=content_encoding,
+        priority=int(options.get("priority") or 0),
+    )
+
+
+def redis_payload(message: TaskMessage, queue: str) -> bytes:
+    """The JSON document kombu's Redis transport LPUSHes for ``message``.
+
+    Mirrors ``Channel.prepare_message`` and ``_inplace_augment_message``: the body is
+    base64'd, and ``delivery_info`` names the anonymous exchange (Celery publishes to a
+    direct queue with ``exchange=''``, ``routing_key=<queue>``).
+    """
+    properties = dict(message.properties)
+    properties["delivery_info"] = {"exchange": "", "routing_key": queue}
+    properties["priority"] = message.priority
+    properties["body_encoding"] = BODY_ENCODING
+    properties["delivery_tag"] = str(uuid.uuid4())
+    document = {
+        "body": base64.b64encode(message.body).decode("ascii"),
+        "content-encoding": message.content_encoding,
+        "content-type": message.content_type,
+        "headers": message.headers,
+        "properties": properties,
+    }
+    payload: str = json_dumps(document)
+    return payload.encode("utf-8")
+
+
+def redis_queue_key(queue: str, priority: int) -> str:
+    """The list a message of ``priority`` goes to (kombu ``Channel._q_for_pri``).
+
+    kombu clamps the priority to 0..9 and rounds it down to a step of ``0, 3, 6, 9``;
+    step 0 is the plain queue name, others are ``<queue>\\x06\\x16<step>``.
+    """
+    clamped = max(min(priority, 9), 0)
+    step = KOMBU_PRIORITY_STEPS[bisect(KOMBU_PRIORITY_STEPS, clamped) - 1]
+    return f"{queue}{KOMBU_REDIS_SEP}{step}" if step else queue
+
+
+def redis_binding(queue: str) -> tuple[str, str, str]:
+    """The binding-table keys and member Celery declares for ``queue`` on Redis.
+
+    Celery creates a missing queue as ``Queue(q, Exchange(q, 'direct'), routing_key=q)``;
+    kombu's ``_queue_bind`` adds ``routing_key<sep>pattern<sep>queue`` to
+    ``_kombu.binding.<exchange>`` and to ``_kombu.binding_permanent.<exchange>``.
+    """
+    member = KOMBU_REDIS_SEP.join([queue, "", queue])
+    return KOMBU_BINDING_PREFIX + queue, KOMBU_BINDING_PERMANENT_PREFIX + queue, member

@@ -1,0 +1,168 @@
+"""The fast path to a Redis broker: native asyncio publishing with redis-py.
+
+Messages are byte-for-byte what kombu's Redis transport writes for the same
+``send_task`` call (see ``_protocol``), so unmodified Celery workers consume them.
+No thread is involved: a publish is one round trip (``LPUSH``, preceded by the queue's
+binding the first time), awaited on the event loop until Redis acknowledges it;
+concurrent publishes share round trips.
+
+asyncio only: redis-py's async client does not run under trio, where the bridge
+uses the kombu path instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import suppress
+from dataclasses import dataclass
+
+import redis.asyncio
+import redis.exceptions
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+
+from .._constants import (
+    BATCH_MAX,
+    PUBLISH_RETRIES,
+    PUBLISH_SLOTS,
+    RECONNECT_INITIAL,
+    RECONNECT_MAX,
+    REDIS_CONNECTIONS,
+)
+from .._exceptions import DelegationError
+from ._errors import translate
+from ._protocol import Origin, redis_binding, redis_payload, redis_queue_key, task_message
+from .base import OutgoingMessage, Publisher
+
+logger = logging.getLogger(__name__)
+
+
+def redis_client(url: str, timeout: float) -> redis.asyncio.Redis:
+    """An asyncio client for ``url`` that reconnects after a server restart.
+
+    At most ``REDIS_CONNECTIONS`` connections: further concurrent commands wait for a
+    free one (within their caller's timeout) instead of failing. A command that fails
+    because the connection broke is retried on a fresh connection up to
+    ``PUBLISH_RETRIES`` times with growing pauses (kombu's publish retry policy does
+    the same); a command that timed out is never replayed.
+    """
+    retry = Retry(
+        ExponentialBackoff(cap=RECONNECT_MAX, base=RECONNECT_INITIAL),
+        PUBLISH_RETRIES,
+        supported_errors=(redis.exceptions.ConnectionError,),
+    )
+    pool = redis.asyncio.BlockingConnectionPool.from_url(
+        url,
+        max_connections=REDIS_CONNECTIONS,
+        timeout=None,
+        socket_connect_timeout=timeout,
+        socket_timeout=timeout,
+        socket_keepalive=True,
+        retry=retry,
+    )
+    return redis.asyncio.Redis.from_pool(pool)
+
+
+class RedisPublisher(Publisher):
+    """Publishes Celery task messages to a Redis broker with ``redis.asyncio``.
+
+    Follows kombu's Redis transport with its default transport options: the message
+    JSON (base64 body) is ``LPUSH``\\ ed onto the queue's list, or onto
+    ``<queue>\\x06\\x16<step>`` for priorities 3, 6 and 9; the queue's binding is
+    added to ``_kombu.binding.<queue>`` once per publisher, as Celery declares it
+    once per connection. Delivery is at least once, as with kombu: a publish whose
+    connection broke is sent again on a new one.
+
+    Concurrent publishes are pipelined: those made while one batch is on the wire go
+    out together in the next, in order, and each returns once Redis has answered its
+    batch.
+    """
+
+    def __init__(self, broker_url: str, *, timeout: float) -> None:
+        self._client = redis_client(broker_url, timeout)
+        self._origin = Origin()
+        self._declared: set[str] = set()
+        self._pending: list[_Push] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self._closed = False
+        # Publishes in progress at most. The rest wait here, before encoding: a thousand
+        # delegations started at once must not all encode in one loop iteration.
+        self._slots = asyncio.Semaphore(PUBLISH_SLOTS)
+
+    async def publish(self, message: OutgoingMessage) -> None:
+        if self._closed:
+            raise DelegationError("the publisher is closed")
+        async with self._slots:
+            await self._publish(message)
+
+    async def _publish(self, message: OutgoingMessage) -> None:
+        wire = task_message(message, self._origin)
+        push = _Push(
+            queue=message.queue,
+            key=redis_queue_key(message.queue, wire.priority),
+            payload=redis_payload(wire, message.queue),
+            done=asyncio.get_running_loop().create_future(),
+        )
+        self._pending.append(push)
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.get_running_loop().create_task(self._flush())
+        with translate(DelegationError, f"publishing {message.task_name!r} to {message.queue!r}"):
+            # A cancelled caller (publish timeout) leaves its push in the batch: the
+            # outcome is unknown, as PublishTimeoutError says.
+            await push.done
+
+    async def _flush(self) -> None:
+        # Every publish made while a batch is on the wire goes in the next one: one
+        # pipeline (one write, one round trip) for many LPUSHes, in their order.
+        while self._pending:
+            batch, self._pending = self._pending[:BATCH_MAX], self._pending[BATCH_MAX:]
+            try:
+                await self._execute(batch)
+            except Exception as exc:  # handed to the publishers of the batch
+                if isinstance(exc, redis.exceptions.ConnectionError):
+                    self._declared.clear()  # the server may have restarted without its data
+                for push in batch:
+                    if not push.done.done():
+                        push.done.set_exception(exc)
+            else:
+                for push in batch:
+                    if not push.done.done():
+                        push.done.set_result(None)
+
+    async def _execute(self, batch: list[_Push]) -> None:
+        declared: set[str] = set()
+        async with self._client.pipeline(transaction=False) as pipe:
+            for push in batch:
+                if push.queue not in self._declared and push.queue not in declared:
+                    binding, permanent, member = redis_binding(push.queue)
+                    pipe.sadd(binding, member)
+                    pipe.sadd(permanent, member)
+                    declared.add(push.queue)
+                pipe.lpush(push.key, push.payload)
+            await pipe.execute()
+        self._declared |= declared
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with suppress(asyncio.CancelledError):
+                await self._flusher
+        for push in self._pending:
+            if not push.done.done():
+                push.done.set_exception(DelegationError("the publisher was closed"))
+        self._pending.clear()
+        await self._client.aclose()
+
+
+@dataclass(slots=True)
+class _Push:
+    """One message waiting for its batch, and the future its publisher awaits."""
+
+    queue: str
+    key: str
+    payload: bytes
+    done: asyncio.Future[None]
