@@ -27,45 +27,45 @@ QUEUE = f"cb-lag-{uuid.uuid4().hex[:8]}"
 def echo(payload: str) -> str: ...
 
 
-async def _ticker(lags: list[float], stop: anyio.Event) -> None:
+async def _ticker(lags: list[tuple[float, float]], stop: anyio.Event) -> None:
+    """Record (when, how late) for 1 ms sleeps until ``stop``."""
     interval = 0.001
     while not stop.is_set():
         started = time.perf_counter()
         await anyio.sleep(interval)
-        lags.append(time.perf_counter() - started - interval)
+        lags.append((started, time.perf_counter() - started - interval))
 
 
 async def test_loop_lag_with_1000_delegations_in_flight(
     bridge: Bridge, broker: str, broker_url: str
 ) -> None:
     payload = "x" * 1024
-    lags: list[float] = []
+    samples: list[tuple[float, float]] = []
     stop = anyio.Event()
     async with anyio.create_task_group() as group:
-        group.start_soon(_ticker, lags, stop)
+        group.start_soon(_ticker, samples, stop)
         await anyio.sleep(0.05)
         started = time.perf_counter()
         async with anyio.create_task_group() as senders:
             for _ in range(1000):
                 senders.start_soon(bridge.send, echo, (payload,), {})
         elapsed = time.perf_counter() - started
-        # Sample over a fixed one-second window: over the run's own duration, a fast path
-        # would be judged on fewer samples, so the one spike of starting 1,000 tasks (each
-        # validating its call) would weigh more the faster the delegations complete.
-        await anyio.sleep(max(0.0, 1.0 - elapsed))
         stop.set()
     assert queue_length(broker_url, QUEUE) == 1000
     purge(broker_url, QUEUE)
-    lags.sort()
+    # Only while delegations are in flight: idle samples before or after would dilute it.
+    lags = sorted(lag for when, lag in samples if when >= started)
     p99 = lags[int(len(lags) * 0.99)]
     print(
         f"\n[{broker}] 1000 in flight: {1000 / elapsed:.0f} msg/s, loop lag p99 {p99 * 1e3:.2f} ms"
         f" (max {lags[-1] * 1e3:.2f} ms)"
     )
-    # The GIL shared with the publishing threads costs a few ms (issue #5 removes the
-    # threads); a loop stalled by a connect or a batch of blocking publishes costs far more.
-    # That no broker I/O runs on the loop thread is proven by the next test.
-    assert p99 < 0.1
+    # Measured, reported (issue 5's target is p99 <= 2 ms; not met yet: starting 1,000
+    # delegations in one tick costs tens of ms of validation and task creation on the
+    # loop, and on the fast path the whole run is short enough for that to be the p99).
+    # The bound catches gross stalls (a blocking connect, a socket timeout on the loop);
+    # that no broker I/O runs on the loop thread is proven directly by the next two tests.
+    assert lags[-1] < 0.25
 
 
 async def test_kombu_path_publishes_off_the_loop_thread(
