@@ -12,6 +12,11 @@ DEFAULT_RESULT_TIMEOUT: Final = 60.0
 # How often consumers of the filesystem transport (filesystem:///dir) look for messages.
 FILESYSTEM_POLLING_INTERVAL: Final = 0.1
 
+# Dead letters: messages a worker cannot accept go to "<queue>.dead" with these headers.
+DEAD_LETTER_SUFFIX: Final = ".dead"
+DEAD_REASON_HEADER: Final = "x-celerybridge-dead-reason"
+DEAD_FROM_HEADER: Final = "x-celerybridge-dead-from"
+
 # The only serializer celerybridge ever sends or accepts.
 SERIALIZER: Final = "json"
 CONTENT_TYPE: Final = "application/json"

@@ -17,6 +17,7 @@ the life of a call, so a handler can catch exactly the phase it cares about::
     │   ├── ResultTimeoutError (also TimeoutError)
     │   └── ResultBackendError                  the result backend failed while we waited
     └── RemoteTaskError                         the remote task ran and failed
+        └── DeadLetteredError                   the worker refused the message: dead letter
 
 Foreign exceptions (kombu, redis, amqp, Celery) are translated at one boundary,
 ``celerybridge._transports._errors``, always with ``raise ... from exc``.
@@ -153,3 +154,8 @@ class RemoteTaskError(CeleryBridgeError):
         super().__init__(
             f"task {task!r} v{version} ({task_id}) failed: {remote_type}: {remote_message}"
         )
+
+
+class DeadLetteredError(RemoteTaskError):
+    """The worker could not accept the message (unknown task or version, a body it cannot
+    decode) and moved it, untouched, to ``<queue>.dead``; ``remote_message`` says why."""

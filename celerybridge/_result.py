@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from pydantic import ValidationError
 
 from ._constants import STATE_SUCCESS
-from ._exceptions import RemoteTaskError, ResultError
+from ._exceptions import DeadLetteredError, RemoteTaskError, ResultError
 from ._utils import Timeout
 
 if TYPE_CHECKING:
@@ -69,6 +69,11 @@ class TaskHandle(Generic[R]):
         return f"<TaskHandle {self._stub.wire_name!r} id={self.id}>"
 
 
+# How a dead letter's failure is stored (celerybridge._dead_letter.DeadLettered), by name:
+# the module is never imported from what a backend says.
+DEAD_LETTERED = ("celerybridge._dead_letter", "DeadLettered")
+
+
 def decode_outcome(stub: RemoteTask[Any, R], task_id: str, outcome: TaskOutcome) -> R:
     """The value of a successful outcome, else the remote failure as a :class:`RemoteTaskError`."""
     if outcome.state == STATE_SUCCESS:
@@ -81,7 +86,8 @@ def decode_outcome(stub: RemoteTask[Any, R], task_id: str, outcome: TaskOutcome)
             ) from None
         return value
     record = outcome.result if isinstance(outcome.result, dict) else {}
-    raise RemoteTaskError(
+    dead = (record.get("exc_module"), record.get("exc_type")) == DEAD_LETTERED
+    raise (DeadLetteredError if dead else RemoteTaskError)(
         task=stub.name,
         version=stub.version,
         task_id=task_id,

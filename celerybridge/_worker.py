@@ -27,13 +27,16 @@ _JSON_ONLY = {
 
 def celery_app(main: str, settings: BridgeSettings | None = None, **conf: Any) -> Celery:
     """A Celery app for a worker, configured from the same ``CELERYBRIDGE_*`` settings
-    as the bridge, accepting JSON only. ``conf`` adds Celery settings."""
+    as the bridge, accepting JSON only; what it cannot accept goes to ``<queue>.dead``
+    (see :class:`~celerybridge._dead_letter.DeadLetterConsumer`). ``conf`` adds Celery
+    settings."""
     settings = load_settings(settings)
     app = Celery(main, broker=settings.broker_url, backend=settings.result_backend)
     transport_options = {
         **broker_transport_options(settings.broker_url),
         **conf.pop("broker_transport_options", {}),
     }
+    conf.setdefault("worker_consumer", "celerybridge._dead_letter:DeadLetterConsumer")
     app.conf.update(_JSON_ONLY, broker_transport_options=transport_options, **conf)
     return app
 

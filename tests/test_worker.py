@@ -11,7 +11,7 @@ from celery import Celery
 from celerybridge import Bridge, BridgeSettings
 from celerybridge._transports.kombu import client_app, close_celery_app
 
-from ._brokers import BROKERS, RESULT_BACKEND
+from ._brokers import BROKERS, RESULT_BACKEND, purge, queue_length
 from ._workers import Worker
 from .workers import bindings
 
@@ -46,11 +46,16 @@ async def test_worker_refuses_pickle(bridge_worker: Worker, broker_url: str) -> 
         )
         control = app.send_task("calc.add", args=(1, 2), queue=bridge_worker.queue)
         assert (await anyio.to_thread.run_sync(lambda: control.get(timeout=20)))["value"] == 3
-        await anyio.sleep(0.5)  # the pickled message was ahead of the control one
-        assert pickled.state == "PENDING"  # never executed, no result stored
+        # The pickled message was ahead of the control one: never executed, dead-lettered.
+        assert pickled.state == "FAILURE"
     finally:
         close_celery_app(app, control.backend, pickled.backend)
-    assert "ContentDisallowed" in bridge_worker.log() or "disallowed" in bridge_worker.log()
+    assert (
+        f"task {pickled.id} moved to {bridge_worker.queue}.dead: cannot decode a "
+        "'application/x-python-serialize' body" in bridge_worker.log()
+    )
+    assert queue_length(broker_url, f"{bridge_worker.queue}.dead") == 1
+    purge(broker_url, f"{bridge_worker.queue}.dead")
 
 
 def test_amqp_publishes_with_publisher_confirms() -> None:

@@ -1,0 +1,92 @@
+"""Messages a worker cannot accept go to a dead-letter queue, never silently away.
+
+Celery acknowledges and drops a message it cannot decode (a pickle body on a JSON-only
+worker, an unknown content type), and rejects one naming a task it does not have; a
+caller awaiting either would wait for nothing. Workers built with
+:func:`~celerybridge.celery_app` use :class:`DeadLetterConsumer` instead: the message
+is moved, untouched, to ``<queue>.dead`` with the reason in a header, and the task is
+marked failed with :class:`DeadLettered`, which callers see as
+:class:`~celerybridge.DeadLetteredError`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery.utils.collections import AttributeDict
+from celery.worker.consumer import Consumer
+from kombu import Queue
+from kombu.exceptions import ContentDisallowed, DecodeError
+
+from ._constants import DEAD_FROM_HEADER, DEAD_LETTER_SUFFIX, DEAD_REASON_HEADER
+
+log = logging.getLogger("celerybridge.dead_letter")
+
+
+class DeadLettered(Exception):
+    """Stored as a task's failure when its message was moved to the dead-letter queue."""
+
+
+def _undecodable(message: Any, exc: Exception) -> str:
+    return f"cannot decode a {message.content_type!r} body: {exc}"
+
+
+def dead_letter_queue(queue: str) -> str:
+    """Where messages refused on ``queue`` go: ``<queue>.dead``."""
+    return f"{queue}{DEAD_LETTER_SUFFIX}"
+
+
+class DeadLetterConsumer(Consumer):
+    """Celery's consumer, moving what it cannot accept to the dead-letter queue."""
+
+    def on_decode_error(self, message: Any, exc: Exception) -> None:
+        self._dead_letter(message, _undecodable(message, exc))
+        message.ack()
+
+    def on_unknown_task(self, body: Any, message: Any, exc: Exception) -> None:
+        name = (message.headers or {}).get("task")
+        self._dead_letter(message, f"no task {name!r} on this worker")
+        message.ack()
+
+    def on_unknown_message(self, body: Any, message: Any) -> None:
+        self._dead_letter(message, "not a Celery task message (no 'task' header)")
+        message.ack()
+
+    def on_invalid_task(self, body: Any, message: Any, exc: Exception) -> None:
+        # Protocol 2 decodes the body only here, so a refused content type lands here too.
+        if isinstance(exc, ContentDisallowed | DecodeError):
+            reason = _undecodable(message, exc)
+        else:
+            reason = f"invalid task message: {exc}"
+        self._dead_letter(message, reason)
+        message.ack()
+
+    def _dead_letter(self, message: Any, reason: str) -> None:
+        """Move ``message`` as it is to its dead-letter queue, then fail its task."""
+        headers = dict(message.headers or {})
+        queue = (message.delivery_info or {}).get("routing_key") or "celery"
+        target = dead_letter_queue(queue)
+        with self.app.producer_or_acquire() as producer:
+            producer.publish(
+                message.body,
+                exchange="",
+                routing_key=target,
+                declare=[Queue(target, durable=True)],
+                headers={**headers, DEAD_REASON_HEADER: reason, DEAD_FROM_HEADER: queue},
+                content_type=message.content_type,
+                content_encoding=message.content_encoding,
+                retry=True,
+            )
+        task_id = headers.get("id")
+        log.error("task %s moved to %s: %s", task_id, target, reason)
+        if task_id:
+            request = AttributeDict(
+                name=headers.get("task"),
+                chord=None,
+                root_id=headers.get("root_id"),
+                correlation_id=message.properties.get("correlation_id"),
+                reply_to=message.properties.get("reply_to"),
+                errbacks=None,
+            )
+            self.app.backend.mark_as_failure(task_id, DeadLettered(reason), request=request)
