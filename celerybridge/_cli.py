@@ -5,12 +5,15 @@ from __future__ import annotations
 import importlib
 import json
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import click
 from celery import Celery
 
+from . import _dlq
+from ._config import BridgeSettings
 from ._exceptions import CeleryBridgeError
 from ._registry import registry
 from ._validation import arguments_schema, result_schema
@@ -95,3 +98,86 @@ def contracts(modules: tuple[str, ...]) -> None:
                 }
             )
     click.echo(json.dumps(out, indent=2))
+
+
+@main.group()
+def dlq() -> None:
+    """Dead letters: what workers could not accept, on <queue>.dead.
+
+    The broker is CELERYBRIDGE_BROKER_URL unless --broker says otherwise.
+    """
+
+
+_broker_option = click.option("--broker", help="Broker URL (default: CELERYBRIDGE_BROKER_URL).")
+
+
+def _broker(url: str | None) -> str:
+    try:
+        return url or BridgeSettings().broker_url
+    except CeleryBridgeError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@contextmanager
+def _clean_errors() -> Iterator[None]:
+    try:
+        yield
+    except CeleryBridgeError as exc:
+        raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
+
+
+@dlq.command("list")
+@click.argument("queue")
+@_broker_option
+def dlq_list(queue: str, broker: str | None) -> None:
+    """List QUEUE's dead letters (id, task, reason), leaving them where they are."""
+    with _clean_errors():
+        letters = _dlq.list_dead_letters(_broker(broker), queue)
+    for letter in letters:
+        click.echo(f"{letter.task_id}\t{letter.task}\t{letter.reason}")
+    click.echo(f"{len(letters)} dead letter(s) on {queue}.dead", err=True)
+
+
+@dlq.command("show")
+@click.argument("queue")
+@click.argument("task_id")
+@_broker_option
+def dlq_show(queue: str, task_id: str, broker: str | None) -> None:
+    """Print one dead letter of QUEUE as JSON: reason, headers, body."""
+    with _clean_errors():
+        letters = _dlq.list_dead_letters(_broker(broker), queue)
+    found = [letter for letter in letters if letter.task_id == task_id]
+    if not found:
+        raise click.ClickException(f"no dead letter {task_id} on {queue}.dead")
+    click.echo(json.dumps(found[0].describe(), indent=2, default=str))
+
+
+@dlq.command("replay")
+@click.argument("queue")
+@click.argument("task_ids", nargs=-1)
+@click.option("--all", "everything", is_flag=True, help="Replay every dead letter of QUEUE.")
+@_broker_option
+def dlq_replay(queue: str, task_ids: tuple[str, ...], everything: bool, broker: str | None) -> None:
+    """Send dead letters (TASK_IDS, or --all) back to the queue they came from, as they were."""
+    if bool(task_ids) == everything:
+        raise click.UsageError("give task ids or --all (not both)")
+    with _clean_errors():
+        replayed = _dlq.replay(_broker(broker), queue, None if everything else task_ids)
+    for letter in replayed:
+        click.echo(f"replayed {letter.task_id} ({letter.task}) to {letter.source}")
+    missing = set(task_ids) - {letter.task_id for letter in replayed}
+    if missing:
+        raise click.ClickException(f"not on {queue}.dead: {', '.join(sorted(missing))}")
+
+
+@dlq.command("purge")
+@click.argument("queue")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@_broker_option
+def dlq_purge(queue: str, yes: bool, broker: str | None) -> None:
+    """Drop every dead letter of QUEUE."""
+    if not yes:
+        click.confirm(f"Drop every message on {queue}.dead?", abort=True)
+    with _clean_errors():
+        dropped = _dlq.purge(_broker(broker), queue)
+    click.echo(f"purged {dropped} dead letter(s) from {queue}.dead")

@@ -6,20 +6,24 @@ caller awaiting either would wait for nothing. Workers built with
 :func:`~celerybridge.celery_app` use :class:`DeadLetterConsumer` instead: the message
 is moved, untouched, to ``<queue>.dead`` with the reason in a header, and the task is
 marked failed with :class:`DeadLettered`, which callers see as
-:class:`~celerybridge.DeadLetteredError`.
+:class:`~celerybridge.DeadLetteredError`. Implementations (:class:`DeadLetterTask`)
+also copy there the calls that fail the contract on receipt or exhaust their retries.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
+from celery import Task
 from celery.utils.collections import AttributeDict
 from celery.worker.consumer import Consumer
 from kombu import Queue
 from kombu.exceptions import ContentDisallowed, DecodeError
 
-from ._constants import DEAD_FROM_HEADER, DEAD_LETTER_SUFFIX, DEAD_REASON_HEADER
+from ._constants import CONTENT_TYPE, DEAD_FROM_HEADER, DEAD_LETTER_SUFFIX, DEAD_REASON_HEADER
+from ._exceptions import ArgumentError
 
 log = logging.getLogger("celerybridge.dead_letter")
 
@@ -66,20 +70,16 @@ class DeadLetterConsumer(Consumer):
         """Move ``message`` as it is to its dead-letter queue, then fail its task."""
         headers = dict(message.headers or {})
         queue = (message.delivery_info or {}).get("routing_key") or "celery"
-        target = dead_letter_queue(queue)
-        with self.app.producer_or_acquire() as producer:
-            producer.publish(
-                message.body,
-                exchange="",
-                routing_key=target,
-                declare=[Queue(target, durable=True)],
-                headers={**headers, DEAD_REASON_HEADER: reason, DEAD_FROM_HEADER: queue},
-                content_type=message.content_type,
-                content_encoding=message.content_encoding,
-                retry=True,
-            )
+        move_to_dead_letters(
+            self.app,
+            message.body,
+            message.content_type,
+            message.content_encoding,
+            headers,
+            queue,
+            reason,
+        )
         task_id = headers.get("id")
-        log.error("task %s moved to %s: %s", task_id, target, reason)
         if task_id:
             request = AttributeDict(
                 name=headers.get("task"),
@@ -90,3 +90,56 @@ class DeadLetterConsumer(Consumer):
                 errbacks=None,
             )
             self.app.backend.mark_as_failure(task_id, DeadLettered(reason), request=request)
+
+
+class DeadLetterTask(Task):  # type: ignore[type-arg]
+    """The base of every ``@stub.implement`` task: a call whose arguments fail the contract
+    on receipt, or that fails after its automatic retries (``autoretry_for``), is also
+    copied to the dead-letter queue, with its arguments as received, to be replayed once
+    fixed. Its failure stays stored as it is (``ArgumentError``, the upload error...)."""
+
+    def on_failure(self, exc: Exception, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        retried_out = isinstance(exc, tuple(getattr(self, "autoretry_for", ()) or ()))
+        if not (isinstance(exc, ArgumentError) or retried_out):
+            return
+        request = self.request
+        queue = (request.delivery_info or {}).get("routing_key") or "celery"
+        headers = {
+            "lang": "py",
+            "task": self.name,
+            "id": task_id,
+            "root_id": request.root_id or task_id,
+            "parent_id": request.parent_id,
+            "retries": request.retries,
+        }
+        embed = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+        body = json.dumps([list(args or ()), dict(kwargs or {}), embed])
+        reason = f"{type(exc).__name__}: {exc}"
+        if retried_out:
+            reason = f"failed after {request.retries} retries: {reason}"
+        move_to_dead_letters(self.app, body.encode(), CONTENT_TYPE, "utf-8", headers, queue, reason)
+
+
+def move_to_dead_letters(
+    app: Any,
+    body: bytes,
+    content_type: str,
+    content_encoding: str,
+    headers: dict[str, Any],
+    queue: str,
+    reason: str,
+) -> None:
+    """Publish a message, as it is, to ``queue``'s dead-letter queue with the reason."""
+    target = dead_letter_queue(queue)
+    with app.producer_or_acquire() as producer:
+        producer.publish(
+            body,
+            exchange="",
+            routing_key=target,
+            declare=[Queue(target, durable=True)],
+            headers={**headers, DEAD_REASON_HEADER: reason, DEAD_FROM_HEADER: queue},
+            content_type=content_type,
+            content_encoding=content_encoding,
+            retry=True,
+        )
+    log.error("task %s moved to %s: %s", headers.get("id"), target, reason)

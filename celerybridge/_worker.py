@@ -10,6 +10,7 @@ from celery import Celery, shared_task
 
 from ._config import BridgeSettings, broker_transport_options, load_settings
 from ._constants import SERIALIZER
+from ._dead_letter import DeadLetterTask
 from ._exceptions import ContractError, SignatureMismatchError
 from ._registry import registry
 from ._worker_loop import worker_loop
@@ -118,7 +119,7 @@ def register_implementation(
     run.__qualname__ = fn.__qualname__
     run.__module__ = fn.__module__
     run.__doc__ = fn.__doc__
-    options: dict[str, Any] = {"serializer": SERIALIZER, **task_options}
+    options: dict[str, Any] = {"serializer": SERIALIZER, "base": DeadLetterTask, **task_options}
     if app is None:
         shared_task(name=stub.wire_name, **options)(run)  # type: ignore[no-untyped-call]
     else:

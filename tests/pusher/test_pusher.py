@@ -191,6 +191,28 @@ async def test_throttled_uploads_are_retried_until_they_land(
     assert receipt.key == key
 
 
+async def test_an_upload_that_exhausts_its_retries_goes_to_the_dead_letters(
+    start_pusher: Callable[..., Worker], broker: str, moto_server: MotoServer
+) -> None:
+    proxy = DelayProxy(moto_server.port)
+    proxy.slow_downs = 10_000  # S3 throttles for good
+    queue = f"cb-pusher-exhausted-{uuid.uuid4().hex[:6]}"
+    env = {"AWS_ENDPOINT_URL_S3": proxy.url, "PUSHER_MAX_RETRIES": "1"}
+    start_pusher(broker, queue=queue, PUSHER_S3_MAX_ATTEMPTS="2", **env)
+    key = _key("throttled-for-good")
+    try:
+        async with Bridge(broker_url=BROKERS[broker], result_backend=RESULT_BACKEND) as bridge:
+            stub = send_to_s3.with_options(queue=queue)
+            handle = await bridge.send(stub, (key, "{}"), {})
+            with pytest.raises(RemoteTaskError) as caught:
+                await handle.result(timeout=60)
+    finally:
+        proxy.close()
+    assert caught.value.remote_type == "TransientUploadError"
+    assert queue_length(BROKERS[broker], f"{queue}.dead") == 1
+    purge(BROKERS[broker], f"{queue}.dead")
+
+
 @pytest.mark.parametrize(
     ("env", "message"),
     [
