@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import time
 from contextlib import suppress
+from typing import Any
 
 import kombu
 from amqp.exceptions import NotFound
@@ -28,3 +30,20 @@ def queue_length(broker_url: str, queue: str) -> int:
 def purge(broker_url: str, queue: str) -> None:
     with kombu.Connection(broker_url) as connection, suppress(ChannelError, NotFound):
         connection.default_channel.queue_purge(queue)
+
+
+def dead_letters(broker_url: str, queue: str) -> list[dict[str, Any]]:
+    """Headers and raw body of each message on ``queue``'s dead-letter queue (consumed)."""
+    found = []
+    with kombu.Connection(broker_url) as connection:
+        channel = connection.default_channel
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            message = channel.basic_get(f"{queue}.dead", no_ack=True)
+            if message is not None:
+                found.append({**message.headers, "body": message.body})
+            elif found:
+                break
+            else:
+                time.sleep(0.1)
+    return found

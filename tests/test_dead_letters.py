@@ -7,10 +7,8 @@ import json
 import pickle
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
-from typing import Any
 
 import anyio
 import kombu
@@ -20,7 +18,7 @@ from celery import Celery
 from celerybridge import Bridge, DeadLetteredError, RemoteTaskError
 from celerybridge._dead_letter import move_to_dead_letters
 
-from ._brokers import purge, queue_length
+from ._brokers import dead_letters, purge, queue_length
 from ._workers import Worker
 from .workers import bindings
 
@@ -45,23 +43,6 @@ def publish_raw(broker_url: str, queue: str, body: bytes, content_type: str, tas
             content_encoding="binary",
         )
     return task_id
-
-
-def dead_letters(broker_url: str, queue: str) -> list[dict[str, Any]]:
-    """Headers and raw body of each message on ``queue``'s dead-letter queue (consumed)."""
-    found = []
-    with kombu.Connection(broker_url) as connection:
-        channel = connection.default_channel
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            message = channel.basic_get(f"{queue}.dead", no_ack=True)
-            if message is not None:
-                found.append({**message.headers, "body": message.body})
-            elif found:
-                break
-            else:
-                time.sleep(0.1)
-    return found
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,7 @@ from celerybridge import (
 )
 from celerybridge._transports.kombu import close_celery_app
 
+from ._brokers import dead_letters
 from ._workers import Worker
 from .workers import bindings
 
@@ -164,6 +165,9 @@ async def test_plain_celery_send_task_reaches_celerybridge_worker(
         "task 'calc.add' v1, parameter 'x': Input should be a valid integer, "
         "unable to parse string as an integer (got 'three')"
     )
+    # ...and copied the call to the dead letters, to be fixed and replayed.
+    dead = dead_letters(settings.broker_url, bridge_worker.queue)
+    assert [letter["id"] for letter in dead] == [bad.id]
 
 
 async def test_delegate_reaches_a_plain_celery_worker(bridge: Bridge, plain_worker: Worker) -> None:
