@@ -15,7 +15,7 @@ from celerybridge import ArgumentError, Bridge, RemoteTaskError
 from celerybridge._transports.kombu import close_celery_app
 from pusher.bindings import MAX_CONTENT_BYTES, Receipt, send_to_s3, send_to_s3_v2, send_to_s3_v3
 
-from .._brokers import BROKERS, RESULT_BACKEND, purge, queue_length
+from .._brokers import BROKERS, RESULT_BACKEND, dead_letters, purge, queue_length
 from .._imports import loaded_by
 from .._workers import Worker
 from ._s3server import DelayProxy, MotoServer
@@ -209,8 +209,12 @@ async def test_an_upload_that_exhausts_its_retries_goes_to_the_dead_letters(
     finally:
         proxy.close()
     assert caught.value.remote_type == "TransientUploadError"
-    assert queue_length(BROKERS[broker], f"{queue}.dead") == 1
-    purge(BROKERS[broker], f"{queue}.dead")
+    # Copied after Celery stored the failure, so it may arrive just after the caller knew.
+    [dead] = await anyio.to_thread.run_sync(dead_letters, BROKERS[broker], queue)
+    assert dead["id"] == handle.id
+    assert dead["x-celerybridge-dead-reason"].startswith(
+        "failed after 1 retries: TransientUploadError: "
+    )
 
 
 @pytest.mark.parametrize(
