@@ -57,10 +57,7 @@ def start_pusher(
     log_dir: Path = tmp_path_factory.mktemp("pushers")
 
     def start(broker: str, *, queue: str | None = None, wait: bool = True, **env: str) -> Worker:
-        """A pusher on ``broker``; one per (broker, queue, env), reused while it runs.
-
-        Workers are named after their queue, so two alive on one queue would clash.
-        """
+        """A pusher on ``broker``; one per (broker, queue, env), reused while it runs."""
         key = (broker, queue, tuple(sorted(env.items())))
         if wait and key in shared and shared[key].running:
             return shared[key]

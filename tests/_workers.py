@@ -40,7 +40,9 @@ class Worker:
         }
         command = [
             sys.executable, "-m", "celery", "-A", self.module, "worker",
-            "-Q", self.queue, "-n", f"{self.queue}@%h",
+            # A node name of its own: two workers on one queue (or a leftover of an
+            # interrupted run) must not clash on RabbitMQ's exclusive pidbox queue.
+            "-Q", self.queue, "-n", f"{self.queue}-{uuid.uuid4().hex[:6]}@%h",
             "--without-gossip", "--without-mingle", "--without-heartbeat",
             "--loglevel=info",
         ]  # fmt: skip
