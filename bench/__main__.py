@@ -155,8 +155,10 @@ def main() -> None:
     print_tables(results, args.n)
     print("\nTargets (issue 5):")
     print("\n".join(target_lines(results, brokers)))
-    from ._plot import plot  # matplotlib only once everything is measured
-
+    try:
+        from ._plot import plot  # matplotlib only once everything is measured
+    except ImportError as exc:
+        raise SystemExit(f"no plot: {exc}; install the dev extra: pip install -e '.[dev]'") from exc
     plot(results.rows, results.sizes, brokers, args.plot)
     print(f"\nplot: {args.plot}; logs: {log_dir()}; took {time.monotonic() - started:.0f} s")
 
