@@ -1,241 +1,166 @@
-"""Side-by-side publish benchmark: ``python -m bench [--n 2000] [--brokers redis,amqp]``.
+"""Side-by-side benchmark of celerybridge: ``python -m bench`` (or ``make bench``).
 
-Measures, in one run and against the same brokers, how fast one process can hand
-tasks to the broker:
+Measures, in one run, on Redis and on RabbitMQ, with a 1 KiB payload:
 
-- celerybridge ``delegate`` on the fast path (native asyncio Redis client) and on the
-  kombu path (Celery's client in threads), one at a time and 50 in flight;
-- Celery's own ``send_task`` (sync), the reference;
-- the raw ceiling on Redis: redis-py asyncio ``LPUSH`` of the same bytes;
-- event-loop lag p99 while 1,000 delegations are in flight;
-- round trips against a real Celery worker (``tests.workers.bridge_worker``): p50/p99 one
-  at a time, and throughput with 50 in flight, vs ``send_task().get()``.
+- fire-and-forget publish rate from one asyncio process, one at a time and 50
+  concurrent: celerybridge (the default path for the broker: native asyncio on Redis,
+  kombu in threads on AMQP) vs Celery's ``send_task`` (sync) vs ``send_task`` through
+  ``anyio.to_thread`` vs an httpx POST to a FastAPI endpoint that only accepts the
+  JSON (uvicorn in a subprocess) vs the raw ceiling (redis-py asyncio ``LPUSH`` of the
+  same bytes; aio-pika publish with confirms on AMQP, when aio-pika is installed);
+- event-loop lag p99 while 1,000 delegations are in flight (``bench._common.loop_lag_p99``);
+- publish rate and peak memory for 1 KiB, 64 KiB, 1 MiB and 16 MiB payloads;
+- round trips (delegate, then await the result) against a real Celery worker
+  (``bench.echo_worker``): how fast it drains a pre-filled queue (the ceiling), p50/p99
+  one at a time and throughput with 50 in flight, vs ``send_task().get()`` and the same
+  in 50 threads.
 
-Absolute numbers depend on the machine; compare the rows of one run.
+It prints markdown tables and each target of issue 5 as MET or NOT MET, and writes a
+plot (``--plot``, default ``docs/img/bench.png``). Brokers come from
+``CELERYBRIDGE_TEST_REDIS_URL``, ``CELERYBRIDGE_TEST_AMQP_URL`` and
+``CELERYBRIDGE_TEST_RESULT_BACKEND`` (Redis) as for the integration tests. Absolute
+numbers depend on the machine; compare the rows of one run.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import statistics
-import tempfile
 import time
-import uuid
-from contextlib import suppress
+from dataclasses import dataclass
 from pathlib import Path
 
-import anyio
-import kombu
-from celery import Celery
+from ._common import BROKERS, ROOT, WIDTH, Row, log_dir
+from ._publish import (
+    HTTP,
+    RAW,
+    SEND_TASK,
+    SizeRow,
+    http_rates,
+    loop_lag_rows,
+    path_label,
+    publish_rows,
+    size_rows,
+)
+from ._roundtrip import DRAIN, GET, GET_THREADS, round_trip_rows
 
-from celerybridge import Bridge, BridgeSettings, remote_task
-from celerybridge._transports._protocol import Origin, redis_payload, task_message
-from celerybridge._transports.base import OutgoingMessage
-from celerybridge._transports.kombu import close_celery_app
-from tests._workers import Worker
-from tests.workers import bindings
-
-BROKERS = {
-    "redis": os.environ.get("CELERYBRIDGE_TEST_REDIS_URL", "redis://127.0.0.1:6379/2"),
-    "amqp": os.environ.get("CELERYBRIDGE_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//"),
-}
-RESULT_BACKEND = os.environ.get("CELERYBRIDGE_TEST_RESULT_BACKEND", "redis://127.0.0.1:6379/3")
-QUEUE = f"cb-bench-{uuid.uuid4().hex[:8]}"
-PAYLOAD = "x" * 1024
+SECTIONS = ("publish", "loop lag", "round trip")
 
 
-@remote_task(name="bench.echo", queue=QUEUE)
-def echo(payload: str) -> str: ...
+@dataclass
+class Results:
+    rows: list[Row]
+    sizes: list[SizeRow]
+
+    def value(self, broker: str, client: str) -> float | None:
+        found = [r.value for r in self.rows if r.broker == broker and r.client == client]
+        return found[0] if found else None
 
 
-async def delegate_sequential(bridge: Bridge, n: int) -> float:
-    started = time.perf_counter()
-    for _ in range(n):
-        await bridge.send(echo, (PAYLOAD,), {})
-    return n / (time.perf_counter() - started)
+async def run(brokers: list[str], n: int, rt: int, in_flight: int) -> Results:
+    results = Results([], [])
+    print(f"HTTP baseline ({HTTP}) ...", flush=True)
+    http = await http_rates(n)
+    for broker in brokers:
+        url = BROKERS[broker]
+        print(f"{broker}: publish rates ...", flush=True)
+        results.rows += await publish_rows(broker, url, n, http)
+        print(f"{broker}: loop lag ...", flush=True)
+        results.rows += await loop_lag_rows(broker, url)
+        print(f"{broker}: payload sizes ...", flush=True)
+        results.sizes += await size_rows(broker, url, n)
+        print(f"{broker}: round trips ...", flush=True)
+        results.rows += await round_trip_rows(broker, url, rt, in_flight)
+    return results
 
 
-async def delegate_concurrent(bridge: Bridge, n: int, width: int = 50) -> float:
-    limiter = anyio.Semaphore(width)
-
-    async def one() -> None:
-        async with limiter:
-            await bridge.send(echo, (PAYLOAD,), {})
-
-    started = time.perf_counter()
-    async with anyio.create_task_group() as group:
-        for _ in range(n):
-            group.start_soon(one)
-    return n / (time.perf_counter() - started)
-
-
-def celery_send_task(broker_url: str, n: int) -> float:
-    app = Celery("bench", broker=broker_url, set_as_current=False)
-    if broker_url.startswith("amqp"):
-        app.conf.broker_transport_options = {"confirm_publish": True}
-    app.send_task("bench.echo", args=(PAYLOAD,), queue=QUEUE)  # connect first
-    started = time.perf_counter()
-    for _ in range(n):
-        app.send_task("bench.echo", args=(PAYLOAD,), queue=QUEUE, serializer="json")
-    rate = n / (time.perf_counter() - started)
-    app.close()
-    return rate
+def print_tables(results: Results, n: int) -> None:
+    print(f"\n| broker | measurement (1 KiB payload, {n} messages per rate) | result | note |")
+    print("|---|---|---:|---|")
+    section = ""
+    for r in sorted(results.rows, key=lambda r: SECTIONS.index(r.section)):
+        if r.section != section:
+            section = r.section
+            print(f"| | **{section}** | | |")
+        print(f"| {r.broker} | {r.client} | {r.shown()} | {r.note} |")
+    print("\n| broker | client | payload | messages | msg/s | MiB/s | peak memory | x payload |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for s in results.sizes:
+        mib = s.size / 1024**2
+        print(
+            f"| {s.broker} | {s.client} | {size_label(s.size)} | {s.count} | {s.rate:,.0f} "
+            f"| {s.rate * mib:,.1f} | {s.peak_mib:,.1f} MiB | {s.peak_mib / mib:.1f} |"
+        )
 
 
-async def loop_lag_p99(bridge: Bridge, in_flight: int = 1000) -> float:
-    lags: list[float] = []
-    done = anyio.Event()
-
-    async def ticker() -> None:
-        while not done.is_set():
-            started = time.perf_counter()
-            await anyio.sleep(0.001)
-            lags.append(time.perf_counter() - started - 0.001)
-
-    async with anyio.create_task_group() as group:
-        group.start_soon(ticker)
-        async with anyio.create_task_group() as senders:
-            for _ in range(in_flight):
-                senders.start_soon(bridge.send, echo, (PAYLOAD,), {})
-        done.set()
-    return statistics.quantiles(lags, n=100)[98] * 1e3
+def size_label(size: int) -> str:
+    return f"{size // 1024**2} MiB" if size >= 1024**2 else f"{size // 1024} KiB"
 
 
-def delete_queue(broker_url: str, queue: str) -> None:
-    """Remove the run's queue and exchange. Declared first: kombu's Redis transport only
-    unbinds what this connection has declared (same as ``bench.pusher.delete_queue``)."""
-    with suppress(Exception), kombu.Connection(broker_url) as connection:
-        exchange = kombu.Exchange(queue, "direct")
-        bound = kombu.Queue(queue, exchange, routing_key=queue)(connection.default_channel)
-        bound.declare()
-        bound.delete()
-        bound.exchange.delete()
+def verdict(ok: bool | None) -> str:
+    return "cannot be judged" if ok is None else ("MET" if ok else "NOT MET")
 
 
-async def raw_lpush(broker_url: str, n: int) -> float:
-    """The ceiling: redis-py asyncio LPUSH of a ready-made message of the same size."""
-    import redis.asyncio
-
-    message = OutgoingMessage(str(uuid.uuid4()), "bench.echo", QUEUE, (PAYLOAD,), {})
-    payload = redis_payload(task_message(message, Origin()), QUEUE)
-    client = redis.asyncio.Redis.from_url(broker_url)
-    try:
-        await client.lpush(QUEUE, payload)
-        started = time.perf_counter()
-        for _ in range(n):
-            await client.lpush(QUEUE, payload)
-        return n / (time.perf_counter() - started)
-    finally:
-        await client.aclose()
-
-
-def percentiles(samples: list[float]) -> str:
-    cuts = statistics.quantiles(samples, n=100)
-    return f"p50 {cuts[49] * 1e3:.2f} ms, p99 {cuts[98] * 1e3:.2f} ms"
-
-
-async def round_trips(bridge: Bridge, queue: str, n: int) -> list[float]:
-    add = bindings.add.with_options(queue=queue)
-    samples = []
-    for i in range(n):
-        started = time.perf_counter()
-        await (await bridge.send(add, (i, 1), {})).result(timeout=30)
-        samples.append(time.perf_counter() - started)
-    return samples
-
-
-async def round_trips_concurrent(bridge: Bridge, queue: str, n: int, width: int = 50) -> float:
-    add = bindings.add.with_options(queue=queue)
-    limiter = anyio.Semaphore(width)
-
-    async def one(i: int) -> None:
-        async with limiter:
-            await (await bridge.send(add, (i, 1), {})).result(timeout=60)
-
-    started = time.perf_counter()
-    async with anyio.create_task_group() as group:
-        for i in range(n):
-            group.start_soon(one, i)
-    return n / (time.perf_counter() - started)
-
-
-def celery_round_trips(broker_url: str, queue: str, n: int) -> list[float]:
-    app = Celery("bench-rt", broker=broker_url, backend=RESULT_BACKEND, set_as_current=False)
-    if broker_url.startswith("amqp"):
-        app.conf.broker_transport_options = {"confirm_publish": True}
-    samples, backends = [], []
-    for i in range(n + 1):
-        started = time.perf_counter()
-        result = app.send_task("calc.add", args=(i, 1), queue=queue, serializer="json")
-        result.get(timeout=30)
-        backends.append(result.backend)
-        if i:  # the first one connects
-            samples.append(time.perf_counter() - started)
-    close_celery_app(app, *backends)
-    return samples
-
-
-async def run(brokers: list[str], n: int, rt: int) -> list[tuple[str, str, str]]:
-    rows = []
-    log_dir = Path(tempfile.mkdtemp(prefix="cb-bench-"))
-    for name in brokers:
-        url = BROKERS[name]
-        paths = [("fast path", True), ("kombu path", False)] if name == "redis" else []
-        paths = paths or [("kombu path", False)]
-        for label, fast in paths:
-            settings = BridgeSettings(broker_url=url, result_backend=RESULT_BACKEND, fast_path=fast)
-            async with Bridge(settings) as bridge:
-                await bridge.send(echo, (PAYLOAD,), {})  # connect first
-                seq = await delegate_sequential(bridge, n)
-                conc = await delegate_concurrent(bridge, n)
-                lag = await loop_lag_p99(bridge)
-            rows += [
-                (name, f"celerybridge delegate ({label}), sequential", f"{seq:,.0f} msg/s"),
-                (name, f"celerybridge delegate ({label}), 50 in flight", f"{conc:,.0f} msg/s"),
-                (name, f"loop lag p99, 1,000 in flight ({label})", f"{lag:.2f} ms"),
-            ]
-        ref = await anyio.to_thread.run_sync(celery_send_task, url, n)
-        rows.append((name, "Celery send_task (sync), sequential", f"{ref:,.0f} msg/s"))
-        if name == "redis":
-            raw = await raw_lpush(url, n)
-            rows.append((name, "raw ceiling: redis.asyncio LPUSH, sequential", f"{raw:,.0f} msg/s"))
-        delete_queue(url, QUEUE)
-        worker = Worker("tests.workers.bridge_worker", url, RESULT_BACKEND, "threads", 8)
-        worker.start(log_dir)
-        try:
-            for label, fast in paths:
-                settings = BridgeSettings(
-                    broker_url=url, result_backend=RESULT_BACKEND, fast_path=fast
-                )
-                async with Bridge(settings) as bridge:
-                    await round_trips(bridge, worker.queue, 5)  # connect, warm up
-                    samples = await round_trips(bridge, worker.queue, rt)
-                    rate = await round_trips_concurrent(bridge, worker.queue, rt)
-                rows += [
-                    (name, f"round trip ({label}), sequential", percentiles(samples)),
-                    (name, f"round trips ({label}), 50 in flight", f"{rate:,.0f} tasks/s"),
-                ]
-            samples = await anyio.to_thread.run_sync(celery_round_trips, url, worker.queue, rt)
-            rows.append((name, "round trip send_task().get(), sequential", percentiles(samples)))
-        finally:
-            worker.stop()
-        delete_queue(url, worker.queue)
-    return rows
+def target_lines(results: Results, brokers: list[str]) -> list[str]:
+    """Issue 5's targets, per broker, from this run's numbers."""
+    lines = []
+    for b in brokers:
+        ours = path_label(b)
+        seq = results.value(b, f"{ours}, sequential") or 0.0
+        raw = results.value(b, f"{RAW[b]}, sequential")
+        sync = results.value(b, f"{SEND_TASK}, sequential") or 0.0
+        p50 = results.value(b, f"{ours}, p50") or 0.0
+        get_p50 = results.value(b, f"{GET}, p50") or 0.0
+        rate = results.value(b, f"{ours}, {WIDTH} in flight") or 0.0
+        drain = results.value(b, DRAIN) or 0.0
+        threads = results.value(b, GET_THREADS) or 0.0
+        lag = next(
+            (r.value or 0.0) for r in results.rows if r.section == "loop lag" and r.broker == b
+        )
+        raw_text = f"{seq:,.0f} vs {raw:,.0f} msg/s = {seq / raw:.0%}" if raw else "raw ceiling n/a"
+        lines += [
+            f"- {b}: publish sequential >= 60% of raw: "
+            f"{verdict(seq >= 0.6 * raw if raw else None)} ({raw_text})",
+            f"- {b}: publish sequential >= 3x send_task: {verdict(seq >= 3 * sync)} "
+            f"({seq:,.0f} vs {sync:,.0f} msg/s = {seq / sync:.2f}x)",
+            f"- {b}: round trip p50 <= send_task().get() p50: {verdict(p50 <= get_p50)} "
+            f"({p50:.2f} vs {get_p50:.2f} ms)",
+            f"- {b}: {WIDTH} in flight >= 90% of the worker's drain rate: "
+            f"{verdict(rate >= 0.9 * drain)} ({rate:,.0f} vs {drain:,.0f} tasks/s = "
+            f"{rate / drain:.0%})",
+            f"- {b}: {WIDTH} in flight above the thread workaround: {verdict(rate > threads)} "
+            f"({rate:,.0f} vs {threads:,.0f} tasks/s = {rate / threads:.2f}x)",
+            f"- {b}: loop lag p99 <= 2 ms with 1,000 in flight: {verdict(lag <= 2.0)} "
+            f"({lag:.2f} ms)",
+        ]
+    return lines
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=2000, help="messages per measurement")
-    parser.add_argument("--rt", type=int, default=300, help="round trips per measurement")
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--n", type=int, default=2000, help="messages per publish rate")
+    parser.add_argument("--rt", type=int, default=300, help="round trips one at a time")
+    parser.add_argument(
+        "--in-flight", type=int, default=1000, help=f"round trips with {WIDTH} in flight"
+    )
     parser.add_argument("--brokers", default="redis,amqp")
+    parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "img" / "bench.png")
     args = parser.parse_args()
-    rows = asyncio.run(run(args.brokers.split(","), args.n, args.rt))
-    print(f"| broker | measurement ({args.n} x 1 KiB) | result |")
-    print("|---|---|---|")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+    brokers = args.brokers.split(",")
+    unknown = set(brokers) - set(BROKERS)
+    if unknown:
+        parser.error(f"unknown broker(s) {', '.join(sorted(unknown))}; known: redis, amqp")
+    started = time.monotonic()
+    results = asyncio.run(run(brokers, args.n, args.rt, args.in_flight))
+    print_tables(results, args.n)
+    print("\nTargets (issue 5):")
+    print("\n".join(target_lines(results, brokers)))
+    try:
+        from ._plot import plot  # matplotlib only once everything is measured
+    except ImportError as exc:
+        raise SystemExit(f"no plot: {exc}; install the dev extra: pip install -e '.[dev]'") from exc
+    plot(results.rows, results.sizes, brokers, args.plot)
+    print(f"\nplot: {args.plot}; logs: {log_dir()}; took {time.monotonic() - started:.0f} s")
 
 
 if __name__ == "__main__":
