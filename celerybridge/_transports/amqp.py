@@ -22,6 +22,7 @@ import aio_pika
 import aiormq
 import aiormq.abc
 import aiormq.exceptions
+import anyio
 from amqp.serialization import dumps as amqp_dumps
 from yarl import URL
 
@@ -163,27 +164,31 @@ class AmqpPublisher(Publisher):
             if self._lock is None:
                 self._lock = asyncio.Lock()
             async with self._lock:
+                if self._closed:
+                    raise DelegationError("the publisher was closed")
                 if self._channel is None:
                     await self._connect()
         assert self._channel is not None
         return await self._channel.get_underlay_channel()
 
     async def _connect(self) -> None:
-        connection = await aio_pika.connect_robust(
-            self._url,
-            timeout=self._timeout,
-            reconnect_interval=RECONNECT_MAX,
+        # Not connect_robust(): a connect cancelled by the publish timeout would leave
+        # its reconnection loop running. The connection is ours before it connects, so
+        # a failed or cancelled connect, and aclose, always close it.
+        connection = aio_pika.RobustConnection(
+            URL(self._url),
             client_properties={"connection_name": self.connection_name},
+            reconnect_interval=RECONNECT_MAX,
         )
+        self._connection = connection
         try:
+            await connection.connect(timeout=self._timeout)
             channel = await connection.channel(publisher_confirms=True)
         except BaseException:
-            await connection.close()
+            self._connection = None
+            with anyio.CancelScope(shield=True), anyio.move_on_after(self._timeout):
+                await connection.close()
             raise
-        if self._closed:  # closed while connecting
-            await connection.close()
-            raise DelegationError("the publisher was closed")
-        self._connection = connection
         self._channel = channel
 
     async def _declare(self, channel: aiormq.abc.AbstractChannel, queue: str) -> None:
