@@ -29,6 +29,7 @@ from yarl import URL
 from .._constants import (
     AMQP_EXCHANGE_TYPE,
     PUBLISH_RETRIES,
+    PUBLISH_SLOTS,
     RECONNECT_INITIAL,
     RECONNECT_MAX,
 )
@@ -130,12 +131,20 @@ class AmqpPublisher(Publisher):
         # Queues declared on the current underlying channel: a new one after a
         # reconnection declares again, as kombu does once per connection.
         self._declared: set[str] = set()
+        self._declaring: dict[str, asyncio.Future[None]] = {}
         self._declared_on: aiormq.abc.AbstractChannel | None = None
         self._closed = False
+        # Publishes in progress at most. The rest wait here, before encoding: a thousand
+        # delegations started at once must not all encode in one loop iteration.
+        self._slots = asyncio.Semaphore(PUBLISH_SLOTS)
 
     async def publish(self, message: OutgoingMessage) -> None:
         if self._closed:
             raise DelegationError("the publisher is closed")
+        async with self._slots:
+            await self._publish(message)
+
+    async def _publish(self, message: OutgoingMessage) -> None:
         wire = task_message(message, self._origin)
         properties = properties_for(wire)
         doing = f"publishing {message.task_name!r} to {message.queue!r}"
@@ -192,26 +201,39 @@ class AmqpPublisher(Publisher):
         self._channel = channel
 
     async def _declare(self, channel: aiormq.abc.AbstractChannel, queue: str) -> None:
-        """Declare ``queue`` as Celery does for ``send_task(queue=...)``, once per channel.
+        """Declare ``queue`` once per channel; concurrent first publishes share one declaration."""
+        if channel is not self._declared_on:
+            self._declared, self._declaring, self._declared_on = set(), {}, channel
+        if queue in self._declared:
+            return
+        pending = self._declaring.get(queue)
+        if pending is None:
+            pending = asyncio.ensure_future(self._declare_now(channel, queue))
+            self._declaring[queue] = pending
+        # One cancelled caller (its publish timed out) must not cancel it for the others.
+        await asyncio.shield(pending)
+
+    async def _declare_now(self, channel: aiormq.abc.AbstractChannel, queue: str) -> None:
+        """Declare ``queue`` as Celery does for ``send_task(queue=...)``.
 
         ``Queues.new_missing``: a durable classic queue (``queue_arguments`` ``{}``)
         bound with routing key ``queue`` to a durable direct exchange of the same name.
         """
-        if channel is not self._declared_on:
-            self._declared, self._declared_on = set(), channel
-        if queue in self._declared:
-            return
-        await channel.exchange_declare(
-            exchange=queue,
-            exchange_type=AMQP_EXCHANGE_TYPE,
-            durable=True,
-            auto_delete=False,
-            arguments={},
-        )
-        await channel.queue_declare(
-            queue=queue, durable=True, exclusive=False, auto_delete=False, arguments={}
-        )
-        await channel.queue_bind(queue=queue, exchange=queue, routing_key=queue, arguments={})
+        try:
+            await channel.exchange_declare(
+                exchange=queue,
+                exchange_type=AMQP_EXCHANGE_TYPE,
+                durable=True,
+                auto_delete=False,
+                arguments={},
+            )
+            await channel.queue_declare(
+                queue=queue, durable=True, exclusive=False, auto_delete=False, arguments={}
+            )
+            await channel.queue_bind(queue=queue, exchange=queue, routing_key=queue, arguments={})
+        finally:
+            if channel is self._declared_on:
+                self._declaring.pop(queue, None)
         if channel is self._declared_on:
             self._declared.add(queue)
 
@@ -221,4 +243,6 @@ class AmqpPublisher(Publisher):
         self._closed = True
         connection, self._connection, self._channel = self._connection, None, None
         if connection is not None:
-            await connection.close()
+            await connection.close()  # fails any declaration still waiting for the broker
+        if self._declaring:
+            await asyncio.gather(*self._declaring.values(), return_exceptions=True)
