@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import uuid
 from collections.abc import Iterator
+from urllib.parse import unquote, urlsplit
 
 import anyio
 import kombu
@@ -169,3 +170,31 @@ async def test_closed_publisher_refuses_to_publish() -> None:
     await publisher.aclose()  # idempotent
     with pytest.raises(DelegationError, match=r"^the publisher is closed$"):
         await publisher.publish(_message("unused"))
+
+
+@needs_rabbitmqctl
+async def test_a_nacked_publish_is_a_delegation_error_not_retried(
+    queue: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A policy on this one queue (the vhost is the tests' own): full at 0 messages, and
+    # RabbitMQ nacks what it cannot take. The queue's declared arguments stay Celery's.
+    vhost = unquote(urlsplit(AMQP_URL).path[1:]) or "/"
+    policy = f"cb-test-{queue}"
+    definition = json.dumps({"max-length": 0, "overflow": "reject-publish"})
+    await anyio.to_thread.run_sync(
+        _rabbitmqctl, "-q", "set_policy", "-p", vhost, "--apply-to", "queues",
+        policy, f"^{queue}$", definition,
+    )  # fmt: skip
+    publisher = AmqpPublisher(AMQP_URL, timeout=5)
+    try:
+        with caplog.at_level("INFO", "celerybridge"), pytest.raises(DelegationError) as caught:
+            await publisher.publish(_message(queue))
+    finally:
+        await publisher.aclose()
+        await anyio.to_thread.run_sync(_rabbitmqctl, "-q", "clear_policy", "-p", vhost, policy)
+    assert str(caught.value).startswith(  # multiple=: RabbitMQ may nack several at once
+        f"publishing 'amqp.task' to '{queue}': DeliveryError: "
+        "Message delivery failed: Basic.Nack(delivery_tag=1, multiple="
+    )
+    assert not [r for r in caplog.records if "sending it again" in r.message]
+    assert queue_length(AMQP_URL, queue) == 0
