@@ -10,7 +10,13 @@ from typing import TYPE_CHECKING, Any, Self, TypeVar, overload
 import anyio
 import sniffio
 
-from ._config import FAST_PATH_SCHEMES, BridgeSettings, load_settings, scheme_of
+from ._config import (
+    FAST_PATH_BROKER_SCHEMES,
+    FAST_PATH_RESULT_SCHEMES,
+    BridgeSettings,
+    load_settings,
+    scheme_of,
+)
 from ._exceptions import (
     ConfigurationError,
     DelegationError,
@@ -169,31 +175,35 @@ class Bridge:
                 "after a fork; create a bridge in each process (e.g. in the app's lifespan)"
             )
 
-    def _fast_path(self, url: str) -> bool:
+    def _fast_path(self, url: str, schemes: frozenset[str]) -> bool:
         """Whether ``url`` gets a native asyncio client rather than kombu in threads.
 
-        Only Redis has one, and only under asyncio: redis-py's async client does not
-        run under trio, where the portable kombu path is taken automatically.
+        ``schemes`` are those with a native client (Redis and RabbitMQ brokers, Redis
+        result backends), and only under asyncio: redis-py's async client and aio-pika
+        do not run under trio, where the portable kombu path is taken automatically.
         """
         return (
             self.settings.fast_path
-            and scheme_of(url) in FAST_PATH_SCHEMES
+            and scheme_of(url) in schemes
             and sniffio.current_async_library() == "asyncio"
         )
 
     def _get_publisher(self) -> Publisher:
         self._check_usable()
         if self._publisher is None:
-            if self._fast_path(self.settings.broker_url):
-                from ._transports.redis import RedisPublisher
-
-                self._publisher = RedisPublisher(
-                    self.settings.broker_url, timeout=self.settings.publish_timeout
-                )
-            else:
+            url, timeout = self.settings.broker_url, self.settings.publish_timeout
+            if not self._fast_path(url, FAST_PATH_BROKER_SCHEMES):
                 from ._transports.kombu import KombuPublisher
 
                 self._publisher = KombuPublisher(self.settings)
+            elif scheme_of(url) in ("redis", "rediss"):
+                from ._transports.redis import RedisPublisher
+
+                self._publisher = RedisPublisher(url, timeout=timeout)
+            else:
+                from ._transports.amqp import AmqpPublisher
+
+                self._publisher = AmqpPublisher(url, timeout=timeout)
         return self._publisher
 
     def _get_results(self) -> ResultSource:
@@ -205,7 +215,7 @@ class Bridge:
                     "(e.g. redis://127.0.0.1:6379/1) to await results"
                 )
             backend = self.settings.result_backend
-            if self._fast_path(backend):
+            if self._fast_path(backend, FAST_PATH_RESULT_SCHEMES):
                 from ._transports.redis_results import RedisResultSource
 
                 self._results = RedisResultSource(backend, timeout=self.settings.publish_timeout)

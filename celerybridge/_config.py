@@ -24,8 +24,10 @@ BROKER_SCHEMES = frozenset(
     {"amqp", "amqps", "pyamqp", "redis", "rediss", "sentinel", "memory", "filesystem"}
 )
 RESULT_SCHEMES = frozenset({"redis", "rediss", "sentinel", "file"})
-# Schemes with a native asyncio client (the fast path, see _transports/redis.py).
-FAST_PATH_SCHEMES = frozenset({"redis", "rediss"})
+# Schemes with a native asyncio client (the fast path): brokers (_transports/redis.py,
+# _transports/amqp.py) and result backends (_transports/redis_results.py).
+FAST_PATH_BROKER_SCHEMES = frozenset({"redis", "rediss", "amqp", "amqps", "pyamqp"})
+FAST_PATH_RESULT_SCHEMES = frozenset({"redis", "rediss"})
 
 
 class BridgeSettings(BaseSettings):
@@ -52,8 +54,9 @@ class BridgeSettings(BaseSettings):
     """Default seconds ``handle.result()`` waits when no timeout is given."""
 
     fast_path: bool = True
-    """Use the native asyncio clients where there is one (Redis broker and result
-    backend, under asyncio); ``False`` always uses Celery's own client (kombu) in threads."""
+    """Use the native asyncio clients where there is one (Redis and RabbitMQ brokers,
+    Redis result backend, under asyncio); ``False`` always uses Celery's own client
+    (kombu) in threads."""
 
     def __init__(self, **values: Any) -> None:
         try:

@@ -52,6 +52,10 @@ KOMBU_PRIORITY_STEPS: Final = (0, 3, 6, 9)
 KOMBU_BINDING_PREFIX: Final = "_kombu.binding."
 KOMBU_BINDING_PERMANENT_PREFIX: Final = "_kombu.binding_permanent."
 
+# Celery's queue for ``send_task(queue=q)`` on AMQP (celery/app/amqp.py ``Queues.new_missing``):
+# ``Queue(q, Exchange(q, "direct"), routing_key=q)``, both durable.
+AMQP_EXCHANGE_TYPE: Final = "direct"
+
 # Celery's Redis result backend: the key holding a task's meta, also the pub/sub channel
 # its ``set`` PUBLISHes the meta on (celery/backends/base.py, backends/redis.py).
 RESULT_KEY_PREFIX: Final = "celery-task-meta-"

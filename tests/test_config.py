@@ -158,5 +158,9 @@ async def test_fast_path_setting_picks_the_transport(
         assert type(bridge._get_publisher()).__name__ == expected
         results = "RedisResultSource" if expected == "RedisPublisher" else "KombuResultSource"
         assert type(bridge._get_results()).__name__ == results
-    async with Bridge(settings, broker_url="amqp://guest:guest@127.0.0.1:1//") as amqp:
-        assert type(amqp._get_publisher()).__name__ == "KombuPublisher"  # no native AMQP yet
+    native = expected == "RedisPublisher"
+    for scheme in ("amqp", "amqps", "pyamqp"):
+        url = f"{scheme}://guest:guest@127.0.0.1:1//"
+        async with Bridge(settings, broker_url=url) as amqp:
+            publisher = type(amqp._get_publisher()).__name__
+            assert publisher == ("AmqpPublisher" if native else "KombuPublisher")

@@ -13,11 +13,12 @@ import pytest
 import redis
 
 from celerybridge import Bridge, BridgeSettings, remote_task
+from celerybridge._transports.amqp import AmqpPublisher
 from celerybridge._transports.kombu import KombuPublisher, KombuResultSource
 from celerybridge._transports.redis import RedisPublisher
 from celerybridge._transports.redis_results import RedisResultSource
 
-from ._brokers import BROKERS, RESULT_BACKEND, purge, queue_length
+from ._brokers import RESULT_BACKEND, purge, queue_length
 
 pytestmark = pytest.mark.integration
 QUEUE = f"cb-lag-{uuid.uuid4().hex[:8]}"
@@ -88,9 +89,10 @@ async def test_kombu_path_publishes_off_the_loop_thread(
 
 
 async def test_fast_path_publishes_and_awaits_without_threads(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, broker: str, broker_url: str
 ) -> None:
-    broker_url = BROKERS["redis"]  # the native fast path exists for Redis only
+    # Both brokers have a native publisher; results come from Redis in both cases.
+    native = {"redis": RedisPublisher, "amqp": AmqpPublisher}[broker]
     settings = BridgeSettings(broker_url=broker_url, result_backend=RESULT_BACKEND)
 
     def no_threads(*args: object, **kwargs: object) -> NoReturn:
@@ -99,7 +101,7 @@ async def test_fast_path_publishes_and_awaits_without_threads(
     monkeypatch.setattr(anyio.to_thread, "run_sync", no_threads)
     async with Bridge(settings) as bridge:
         handle = await bridge.send(echo, ("x",), {})
-        assert isinstance(bridge._publisher, RedisPublisher)
+        assert isinstance(bridge._publisher, native)
         with redis.Redis.from_url(RESULT_BACKEND) as client:
             client.set(f"celery-task-meta-{handle.id}", json.dumps({"status": "SUCCESS"}))
         assert await handle.done()
@@ -131,7 +133,8 @@ def test_delegation_and_results_work_under_trio(broker_url: str) -> None:
             with redis.Redis.from_url(RESULT_BACKEND) as client:
                 client.set(f"celery-task-meta-{handle.id}", json.dumps(record))
             value = await handle.result(timeout=5)
-            # redis.asyncio cannot run under trio: the fast path (on by default) falls back.
+            # redis.asyncio and aio-pika cannot run under trio: the fast path (on by
+            # default) falls back.
             assert settings.fast_path
             assert isinstance(bridge._publisher, KombuPublisher)
             assert isinstance(bridge._results, KombuResultSource)

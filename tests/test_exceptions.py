@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 
+import aio_pika.exceptions
+import aiormq.abc
+import aiormq.exceptions
 import amqp.exceptions
 import celery.exceptions
 import kombu.exceptions
+import pamqp.exceptions
 import pytest
 import redis.asyncio.client
 import redis.asyncio.connection
 import redis.asyncio.sentinel
 import redis.exceptions
+from aiormq import spec
+from pamqp.header import ContentHeader
 
 import celerybridge
 from celerybridge import CeleryBridgeError, DelegationError, ResultBackendError
@@ -26,6 +33,10 @@ FOREIGN_MODULES = [
     redis.asyncio.client,
     redis.asyncio.connection,
     redis.asyncio.sentinel,
+    # The AMQP fast path: aio-pika's own errors, aiormq's, and its codec pamqp's.
+    aio_pika.exceptions,
+    aiormq.exceptions,
+    pamqp.exceptions,
 ]
 
 
@@ -45,7 +56,28 @@ def _foreign_classes() -> list[type[BaseException]]:
     return classes
 
 
+def _returned() -> aiormq.abc.DeliveredMessage:
+    frame = spec.Basic.Return(reply_code=312, reply_text="NO_ROUTE", routing_key="q")
+    return aiormq.abc.DeliveredMessage(frame, ContentHeader(), b"", None)  # type: ignore[arg-type]
+
+
+# Classes whose str() needs their real constructor arguments, as the library raises them.
+REAL_INSTANCES: dict[type[BaseException], Callable[[], BaseException]] = {
+    aiormq.exceptions.DeliveryError: lambda: aiormq.exceptions.DeliveryError(
+        None, spec.Basic.Nack(delivery_tag=1)
+    ),
+    aiormq.exceptions.PublishError: lambda: aiormq.exceptions.PublishError(
+        _returned(), _returned().delivery
+    ),
+    pamqp.exceptions.UnmarshalingException: lambda: pamqp.exceptions.UnmarshalingException(
+        "ContentHeader", b"\x00"
+    ),
+}
+
+
 def _instance(cls: type[BaseException]) -> BaseException:
+    if cls in REAL_INSTANCES:
+        return REAL_INSTANCES[cls]()
     try:
         return cls("boom")
     except (TypeError, ValueError):  # some take several constructor arguments

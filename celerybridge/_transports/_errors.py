@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import aiormq.exceptions
 import amqp.exceptions
 import celery.exceptions
 import kombu.exceptions
+import pamqp.exceptions
 import redis.exceptions
 
 from .._exceptions import CeleryBridgeError
@@ -17,6 +19,9 @@ FOREIGN_ERRORS: tuple[type[BaseException], ...] = (
     kombu.exceptions.HttpError,  # HTTP-based transports (SQS)
     amqp.exceptions.AMQPError,  # channel and connection errors from py-amqp
     amqp.exceptions.MessageNacked,  # RabbitMQ refused a confirmed publish
+    aiormq.exceptions.AMQPError,  # aio-pika/aiormq: connection, channel, delivery (nack)
+    aiormq.exceptions.ChannelInvalidStateError,  # aiormq: a closed channel (a RuntimeError)
+    pamqp.exceptions.PAMQPException,  # aiormq's frame codec: unmarshalling, broker replies
     redis.exceptions.RedisError,  # connection, timeout and response errors from redis-py
     redis.exceptions.RedisClusterException,  # cluster routing (slots, cross-slot)
     redis.exceptions.ChildDeadlockedError,  # a pool used across fork

@@ -1,0 +1,248 @@
+"""The fast path to RabbitMQ: native asyncio publishing with aio-pika, publisher confirms on.
+
+Messages are what kombu's py-amqp transport writes for the same ``send_task`` call
+(see ``_protocol``): the same body bytes and the same content header, byte for byte,
+because the headers table is encoded by py-amqp's own encoder (below). Celery sends a
+task for ``queue=<q>`` to the default exchange with routing key ``<q>``, after
+declaring ``Queue(q, Exchange(q, 'direct'), routing_key=q)``; so does this publisher,
+once per queue and connection, with the same arguments, so a worker's or kombu's later
+declaration of the queue agrees with it.
+
+asyncio only: aio-pika does not run under trio, where the bridge uses the kombu path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from typing import Any
+
+import aio_pika
+import aiormq
+import aiormq.abc
+import aiormq.exceptions
+import anyio
+from amqp.serialization import dumps as amqp_dumps
+from yarl import URL
+
+from .._constants import (
+    AMQP_EXCHANGE_TYPE,
+    PUBLISH_RETRIES,
+    PUBLISH_SLOTS,
+    RECONNECT_INITIAL,
+    RECONNECT_MAX,
+)
+from .._exceptions import DelegationError
+from ._errors import translate
+from ._protocol import Origin, TaskMessage, task_message
+from .base import OutgoingMessage, Publisher
+
+logger = logging.getLogger(__name__)
+
+CONNECTION_LOST: tuple[type[BaseException], ...] = (
+    aiormq.exceptions.AMQPConnectionError,  # the broker closed the connection, or it broke
+    aiormq.exceptions.ChannelInvalidStateError,  # the channel went with the connection
+    ConnectionError,  # reset, refused while reconnecting
+)
+"""Errors after which a publish is sent again on the restored connection."""
+
+
+class CeleryProperties(aiormq.spec.Basic.Properties):
+    """Basic properties whose headers table is encoded as py-amqp encodes it.
+
+    pamqp (under aio-pika) writes integers in the smallest type (``b`` for 0), floats
+    as single precision, and table keys sorted; py-amqp, which Celery's own client and
+    workers use, writes ``I``/``L`` integers, doubles and keys in insertion order. The
+    worker decodes either, but only py-amqp's encoding makes the content header
+    identical to kombu's (``tests/test_amqp_wire.py`` compares the raw bytes). Every
+    other property has a single encoding.
+
+    ``message_id`` stays unset, as kombu leaves it: aiormq fills in a random one to match
+    returned (``mandatory``) messages to their publish, which never happens with
+    ``mandatory`` off.
+    """
+
+    @property
+    def message_id(self) -> None:
+        return None
+
+    @message_id.setter
+    def message_id(self, value: object) -> None:
+        pass  # aiormq's random id: see above
+
+    def encode_property(self, name: str, value: Any) -> bytes:
+        if name == "headers":
+            encoded: bytes = amqp_dumps("F", (value,))
+            return encoded
+        return super().encode_property(name, value)
+
+
+def amqp_url(broker_url: str) -> str:
+    """``broker_url`` as aio-pika reads it: kombu's ``pyamqp://`` is plain ``amqp://``.
+
+    kombu (like aiormq) reads the path after the first slash as the virtual host, so
+    ``amqp://host//`` is vhost ``/``; a URL without a path is vhost ``/`` in both.
+    """
+    url = URL(broker_url)
+    if url.scheme == "pyamqp":
+        url = url.with_scheme("amqp")
+    return str(url)
+
+
+def properties_for(wire: TaskMessage) -> CeleryProperties:
+    """The basic properties kombu's ``Producer.publish`` gives ``wire`` on py-amqp."""
+    props = wire.properties
+    return CeleryProperties(
+        content_type=wire.content_type,
+        content_encoding=wire.content_encoding,
+        headers=wire.headers,
+        delivery_mode=props["delivery_mode"],
+        priority=wire.priority,
+        correlation_id=props["correlation_id"],
+        reply_to=props["reply_to"],
+        expiration=props.get("expiration"),
+    )
+
+
+class AmqpPublisher(Publisher):
+    """Publishes Celery task messages to RabbitMQ with aio-pika, one confirm per message.
+
+    One robust connection and one channel in confirm mode per publisher, opened on the
+    first publish. ``publish`` returns once RabbitMQ has confirmed the message (``ack``);
+    a ``nack`` is a :class:`DelegationError`. As on kombu's path, ``mandatory`` is off:
+    the queue is declared before the first publish to it, so the message is routable.
+
+    Delivery is at least once, as with kombu's publish retry policy: a publish whose
+    connection broke before its confirm arrived is sent again, up to
+    ``PUBLISH_RETRIES`` times, once aio-pika has reconnected; a confirmed publish is
+    never repeated. The caller's publish timeout bounds the wait for a reconnection.
+    """
+
+    def __init__(self, broker_url: str, *, timeout: float) -> None:
+        self._url = amqp_url(broker_url)
+        self._timeout = timeout
+        self._origin = Origin()
+        self.connection_name = f"celerybridge-publisher {self._origin.origin} {uuid.uuid4()}"
+        """How RabbitMQ lists this publisher's connection (``rabbitmqctl list_connections``)."""
+        self._connection: aio_pika.abc.AbstractRobustConnection | None = None
+        self._channel: aio_pika.abc.AbstractRobustChannel | None = None
+        self._lock: asyncio.Lock | None = None  # created on the caller's loop
+        # Queues declared on the current underlying channel: a new one after a
+        # reconnection declares again, as kombu does once per connection.
+        self._declared: set[str] = set()
+        self._declaring: dict[str, asyncio.Future[None]] = {}
+        self._declared_on: aiormq.abc.AbstractChannel | None = None
+        self._closed = False
+        # Publishes in progress at most. The rest wait here, before encoding: a thousand
+        # delegations started at once must not all encode in one loop iteration.
+        self._slots = asyncio.Semaphore(PUBLISH_SLOTS)
+
+    async def publish(self, message: OutgoingMessage) -> None:
+        if self._closed:
+            raise DelegationError("the publisher is closed")
+        async with self._slots:
+            await self._publish(message)
+
+    async def _publish(self, message: OutgoingMessage) -> None:
+        wire = task_message(message, self._origin)
+        properties = properties_for(wire)
+        doing = f"publishing {message.task_name!r} to {message.queue!r}"
+        with translate(DelegationError, doing):
+            for attempt in range(PUBLISH_RETRIES + 1):
+                try:
+                    channel = await self._underlay()
+                    await self._declare(channel, message.queue)
+                    await channel.basic_publish(
+                        wire.body,
+                        exchange="",  # Celery: the default exchange, routing key = queue
+                        routing_key=message.queue,
+                        properties=properties,
+                        mandatory=False,
+                    )
+                    return
+                except CONNECTION_LOST as exc:
+                    if self._closed or attempt == PUBLISH_RETRIES:
+                        raise
+                    logger.info("%s: %r; sending it again once reconnected", doing, exc)
+                    await asyncio.sleep(min(RECONNECT_INITIAL * 2**attempt, RECONNECT_MAX))
+
+    async def _underlay(self) -> aiormq.abc.AbstractChannel:
+        """The current aiormq channel, connecting first if needed; waits out a reconnection."""
+        if self._channel is None:
+            if self._lock is None:
+                self._lock = asyncio.Lock()
+            async with self._lock:
+                if self._closed:
+                    raise DelegationError("the publisher was closed")
+                if self._channel is None:
+                    await self._connect()
+        assert self._channel is not None
+        return await self._channel.get_underlay_channel()
+
+    async def _connect(self) -> None:
+        # Not connect_robust(): a connect cancelled by the publish timeout would leave
+        # its reconnection loop running. The connection is ours before it connects, so
+        # a failed or cancelled connect, and aclose, always close it.
+        connection = aio_pika.RobustConnection(
+            URL(self._url),
+            client_properties={"connection_name": self.connection_name},
+            reconnect_interval=RECONNECT_MAX,
+        )
+        self._connection = connection
+        try:
+            await connection.connect(timeout=self._timeout)
+            channel = await connection.channel(publisher_confirms=True)
+        except BaseException:
+            self._connection = None
+            with anyio.CancelScope(shield=True), anyio.move_on_after(self._timeout):
+                await connection.close()
+            raise
+        self._channel = channel
+
+    async def _declare(self, channel: aiormq.abc.AbstractChannel, queue: str) -> None:
+        """Declare ``queue`` once per channel; concurrent first publishes share one declaration."""
+        if channel is not self._declared_on:
+            self._declared, self._declaring, self._declared_on = set(), {}, channel
+        if queue in self._declared:
+            return
+        pending = self._declaring.get(queue)
+        if pending is None:
+            pending = asyncio.ensure_future(self._declare_now(channel, queue))
+            self._declaring[queue] = pending
+        # One cancelled caller (its publish timed out) must not cancel it for the others.
+        await asyncio.shield(pending)
+
+    async def _declare_now(self, channel: aiormq.abc.AbstractChannel, queue: str) -> None:
+        """Declare ``queue`` as Celery does for ``send_task(queue=...)``.
+
+        ``Queues.new_missing``: a durable classic queue (``queue_arguments`` ``{}``)
+        bound with routing key ``queue`` to a durable direct exchange of the same name.
+        """
+        try:
+            await channel.exchange_declare(
+                exchange=queue,
+                exchange_type=AMQP_EXCHANGE_TYPE,
+                durable=True,
+                auto_delete=False,
+                arguments={},
+            )
+            await channel.queue_declare(
+                queue=queue, durable=True, exclusive=False, auto_delete=False, arguments={}
+            )
+            await channel.queue_bind(queue=queue, exchange=queue, routing_key=queue, arguments={})
+        finally:
+            if channel is self._declared_on:
+                self._declaring.pop(queue, None)
+        if channel is self._declared_on:
+            self._declared.add(queue)
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        connection, self._connection, self._channel = self._connection, None, None
+        if connection is not None:
+            await connection.close()  # fails any declaration still waiting for the broker
+        if self._declaring:
+            await asyncio.gather(*self._declaring.values(), return_exceptions=True)
