@@ -62,8 +62,8 @@ LAG_BURSTS = 5
 
 def path_label(broker: str, fast_path: bool = True) -> str:
     """The client column for celerybridge on ``broker``: which path its default takes."""
-    fast = fast_path and broker == "redis"
-    return f"{CELERYBRIDGE} ({'fast path' if fast else 'kombu path'})"
+    # Both brokers have a native asyncio publisher (the fast path, on by default).
+    return f"{CELERYBRIDGE} ({'fast path' if fast_path else 'kombu path'})"
 
 
 def celery_client(broker_url: str) -> Celery:
