@@ -29,14 +29,13 @@ from yarl import URL
 from .._constants import (
     AMQP_EXCHANGE_TYPE,
     PUBLISH_RETRIES,
-    PUBLISH_SLOTS,
     RECONNECT_INITIAL,
     RECONNECT_MAX,
 )
 from .._exceptions import DelegationError
 from ._errors import translate
 from ._protocol import Origin, TaskMessage, task_message
-from .base import OutgoingMessage, Publisher
+from .base import NativePublisher, OutgoingMessage
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +104,7 @@ def properties_for(wire: TaskMessage) -> CeleryProperties:
     )
 
 
-class AmqpPublisher(Publisher):
+class AmqpPublisher(NativePublisher):
     """Publishes Celery task messages to RabbitMQ with aio-pika, one confirm per message.
 
     One robust connection and one channel in confirm mode per publisher, opened on the
@@ -120,6 +119,7 @@ class AmqpPublisher(Publisher):
     """
 
     def __init__(self, broker_url: str, *, timeout: float) -> None:
+        super().__init__()
         self._url = amqp_url(broker_url)
         self._timeout = timeout
         self._origin = Origin()
@@ -133,16 +133,6 @@ class AmqpPublisher(Publisher):
         self._declared: set[str] = set()
         self._declaring: dict[str, asyncio.Future[None]] = {}
         self._declared_on: aiormq.abc.AbstractChannel | None = None
-        self._closed = False
-        # Publishes in progress at most. The rest wait here, before encoding: a thousand
-        # delegations started at once must not all encode in one loop iteration.
-        self._slots = asyncio.Semaphore(PUBLISH_SLOTS)
-
-    async def publish(self, message: OutgoingMessage) -> None:
-        if self._closed:
-            raise DelegationError("the publisher is closed")
-        async with self._slots:
-            await self._publish(message)
 
     async def _publish(self, message: OutgoingMessage) -> None:
         wire = task_message(message, self._origin)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .._constants import READY_STATES
+from .._constants import PUBLISH_SLOTS, READY_STATES
+from .._exceptions import DelegationError
 
 if TYPE_CHECKING:
     from .._contracts import SendOptions
@@ -74,6 +76,26 @@ class Publisher(ABC):
     @abstractmethod
     async def aclose(self) -> None:
         """Release connections. Idempotent."""
+
+
+class NativePublisher(Publisher):
+    """A publisher on the event loop (the fast path): refuses once closed, and lets at
+    most ``PUBLISH_SLOTS`` publishes in; the rest wait before encoding, so a thousand
+    delegations started at once do not all encode in one loop iteration."""
+
+    def __init__(self) -> None:
+        self._closed = False
+        self._slots = asyncio.Semaphore(PUBLISH_SLOTS)
+
+    async def publish(self, message: OutgoingMessage) -> None:
+        if self._closed:
+            raise DelegationError("the publisher is closed")
+        async with self._slots:
+            await self._publish(message)
+
+    @abstractmethod
+    async def _publish(self, message: OutgoingMessage) -> None:
+        """Encode and send ``message``; return once the broker has accepted it."""
 
 
 class ResultSource(ABC):

@@ -25,7 +25,6 @@ from redis.backoff import ExponentialBackoff
 from .._constants import (
     BATCH_MAX,
     PUBLISH_RETRIES,
-    PUBLISH_SLOTS,
     RECONNECT_INITIAL,
     RECONNECT_MAX,
     REDIS_CONNECTIONS,
@@ -33,7 +32,7 @@ from .._constants import (
 from .._exceptions import DelegationError
 from ._errors import translate
 from ._protocol import Origin, redis_binding, redis_payload, redis_queue_key, task_message
-from .base import OutgoingMessage, Publisher
+from .base import NativePublisher, OutgoingMessage
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +63,7 @@ def redis_client(url: str, timeout: float) -> redis.asyncio.Redis:
     return redis.asyncio.Redis.from_pool(pool)
 
 
-class RedisPublisher(Publisher):
+class RedisPublisher(NativePublisher):
     """Publishes Celery task messages to a Redis broker with ``redis.asyncio``.
 
     Follows kombu's Redis transport with its default transport options: the message
@@ -80,21 +79,12 @@ class RedisPublisher(Publisher):
     """
 
     def __init__(self, broker_url: str, *, timeout: float) -> None:
+        super().__init__()
         self._client = redis_client(broker_url, timeout)
         self._origin = Origin()
         self._declared: set[str] = set()
         self._pending: list[_Push] = []
         self._flusher: asyncio.Task[None] | None = None
-        self._closed = False
-        # Publishes in progress at most. The rest wait here, before encoding: a thousand
-        # delegations started at once must not all encode in one loop iteration.
-        self._slots = asyncio.Semaphore(PUBLISH_SLOTS)
-
-    async def publish(self, message: OutgoingMessage) -> None:
-        if self._closed:
-            raise DelegationError("the publisher is closed")
-        async with self._slots:
-            await self._publish(message)
 
     async def _publish(self, message: OutgoingMessage) -> None:
         wire = task_message(message, self._origin)
