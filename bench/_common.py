@@ -62,7 +62,7 @@ def free_port() -> int:
 
 def delete_queue(broker_url: str, queue: str) -> None:
     """Remove a queue and its exchange. Declared first: kombu's Redis transport only
-    unbinds what this connection has declared (same as ``bench.pusher.delete_queue``)."""
+    unbinds what this connection has declared."""
     with suppress(Exception), kombu.Connection(broker_url) as connection:
         exchange = kombu.Exchange(queue, "direct")
         bound = kombu.Queue(queue, exchange, routing_key=queue)(connection.default_channel)

@@ -47,7 +47,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -55,25 +54,17 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
-from functools import cache
-from pathlib import Path
 from typing import Any
 
 import boto3
-import kombu
 from aiobotocore.session import get_session
 from botocore.config import Config
 
 from celerybridge import Bridge
 from pusher.bindings import send_to_s3
 
-ROOT = Path(__file__).resolve().parent.parent
-BROKERS = {
-    "redis": os.environ.get("CELERYBRIDGE_TEST_REDIS_URL", "redis://127.0.0.1:6379/2"),
-    "amqp": os.environ.get("CELERYBRIDGE_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//"),
-}
-RESULT_BACKEND = os.environ.get("CELERYBRIDGE_TEST_RESULT_BACKEND", "redis://127.0.0.1:6379/3")
-RUN = uuid.uuid4().hex[:8]
+from ._common import BROKERS, RESULT_BACKEND, ROOT, RUN, delete_queue, free_port, log_dir
+
 BUCKET = f"cb-bench-{RUN}"
 AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -85,18 +76,6 @@ RAW = "raw aiobotocore put_object"
 PUSHER = "pusher worker (threads, aiobotocore)"
 PLAIN_PREFORK = "plain Celery worker, boto3 (default prefork)"
 PLAIN_THREADS = "plain Celery worker, boto3 (threads)"
-
-
-@cache
-def log_dir() -> Path:
-    """Where this run's worker and moto logs go (kept after the run, for a look)."""
-    return Path(tempfile.mkdtemp(prefix=f"cb-bench-pusher-{RUN}-"))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def stop_process(process: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
@@ -251,17 +230,6 @@ class Worker:
         finally:
             stop_process(process)
             delete_queue(self.broker_url, self.queue)
-
-
-def delete_queue(broker_url: str, queue: str) -> None:
-    """Remove the run's queue and exchange. Declared first: kombu's Redis transport only
-    unbinds what this connection has declared."""
-    with suppress(Exception), kombu.Connection(broker_url) as connection:
-        exchange = kombu.Exchange(queue, "direct")
-        bound = kombu.Queue(queue, exchange, routing_key=queue)(connection.default_channel)
-        bound.declare()
-        bound.delete()
-        bound.exchange.delete()
 
 
 def checksum_of(body: bytes) -> str:
