@@ -25,6 +25,7 @@ from celerybridge import (
     Bridge,
     CallError,
     DelegationError,
+    RemoteTask,
     RemoteTaskError,
     ResultBackendError,
     ResultError,
@@ -45,8 +46,6 @@ RESULT_READ_TIMEOUT = 5.0
 
 Backup = Callable[[Bridge, str, str, ItemRecord], Awaitable[TaskHandle[Receipt]]]
 """Sends one item's backup: ``(bridge, key, content, item) -> handle``."""
-Rebuild = Callable[[Bridge, str], TaskHandle[Receipt]]
-"""The handle of a backup sent earlier, from its task id."""
 
 
 @dataclass(frozen=True)
@@ -55,10 +54,19 @@ class Service:
 
     name: str
     """Also the S3 key prefix: ``<name>/items/<id>.json``."""
-    contract: str
-    """How the pusher is called, for people reading the page."""
+    stub: RemoteTask[Any, Receipt]
+    """The pusher contract version it calls."""
     backup: Backup
-    rebuild: Rebuild
+
+    @property
+    def contract(self) -> str:
+        """How the pusher is called, for people reading the page."""
+        parameters = ", ".join(self.stub.binder.signature.parameters)
+        return f"{self.stub.name} v{self.stub.version} ({parameters})"
+
+    def rebuild(self, bridge: Bridge, task_id: str) -> TaskHandle[Receipt]:
+        """The handle of a backup sent earlier, from its task id."""
+        return bridge.handle(self.stub, task_id)
 
 
 class ServiceSettings(BaseSettings):

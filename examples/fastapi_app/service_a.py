@@ -18,9 +18,8 @@ async def backup(bridge: Bridge, key: str, content: str, item: ItemRecord) -> Ta
 
 SERVICE = Service(
     name="service-a",
-    contract="pusher.send_to_s3 v1 (key, content)",
+    stub=send_to_s3,
     backup=backup,
-    rebuild=lambda bridge, task_id: bridge.handle(send_to_s3, task_id),
 )
 
 app = create_app(SERVICE, ServiceSettings(_env_prefix="SERVICE_A_"))

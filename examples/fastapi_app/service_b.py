@@ -20,9 +20,8 @@ async def backup(bridge: Bridge, key: str, content: str, item: ItemRecord) -> Ta
 
 SERVICE = Service(
     name="service-b",
-    contract="pusher.send_to_s3 v2 (key, content, meta)",
+    stub=send_to_s3_v2,
     backup=backup,
-    rebuild=lambda bridge, task_id: bridge.handle(send_to_s3_v2, task_id),
 )
 
 app = create_app(SERVICE, ServiceSettings(_env_prefix="SERVICE_B_"))
