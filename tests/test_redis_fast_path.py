@@ -254,3 +254,30 @@ async def test_priorities_and_countdown_reach_a_real_worker(
         ]
         values = [(await handle.result(timeout=20)).value for handle in handles]
     assert values == [1, 2, 3, 4]
+
+
+async def test_closing_with_an_abandoned_read_in_flight_leaves_no_connection_open() -> None:
+    # A GET abandoned by its cancelled caller went on after aclose and reconnected the
+    # closed pool, leaving a socket for the garbage collector (seen as a ResourceWarning).
+    source = RedisResultSource(RESULT_BACKEND, timeout=5)
+    real_get, started, done = source._client.get, asyncio.Event(), asyncio.Event()
+
+    async def slow_get(key: Any) -> Any:
+        started.set()
+        await asyncio.sleep(0.3)  # a slow backend; the caller gives up meanwhile
+        try:
+            return await real_get(key)
+        finally:
+            done.set()
+
+    source._client.get = slow_get  # type: ignore[method-assign]
+    reader = asyncio.ensure_future(source.poll("never-stored"))
+    await started.wait()
+    reader.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await reader
+    await source.aclose()
+    await asyncio.wait_for(done.wait(), 5)  # the abandoned read has ended, one way or another
+    pool = source._client.connection_pool
+    connections = [*pool._get_free_connections(), *pool._get_in_use_connections()]
+    assert [c for c in connections if c.is_connected] == []

@@ -20,6 +20,7 @@ import math
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
+import anyio
 import redis.asyncio
 from redis.asyncio.connection import AbstractConnection
 
@@ -34,22 +35,6 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _CLOSED = "the result source was closed while the result was awaited"
-
-
-async def _apart(call: Awaitable[T]) -> T:
-    """Await ``call`` in a task of its own, so that cancelling the caller cancels only it.
-
-    Some of redis-py's connection checks wait with a zero timeout; on Python 3.11 a
-    cancellation arriving at that moment is turned into a timeout and lost, and a
-    cancelled ``wait`` would go on waiting. In its own task the command completes (the
-    connection stays consistent) and its outcome is dropped if nobody waits for it.
-    """
-    task = asyncio.ensure_future(call)
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-        task.add_done_callback(_drop_outcome)
-        raise
 
 
 def _drop_outcome(task: asyncio.Future[Any]) -> None:
@@ -90,6 +75,8 @@ class RedisResultSource(ResultSource):
         self._lock = asyncio.Lock()  # one writer, and (re)connects, on the subscriber
         self._channels: dict[bytes, set[_Waiter]] = {}
         self._unsubscribe: set[bytes] = set()
+        self._apart_tasks: set[asyncio.Task[Any]] = set()
+        self._timeout = timeout
         self._waiting = 0
         self._closed = False
 
@@ -131,6 +118,25 @@ class RedisResultSource(ResultSource):
             self._waiting -= 1
             self._leave(channel, waiter)
 
+    async def _apart(self, call: Awaitable[T]) -> T:
+        """Await ``call`` in a task of its own, so that cancelling the caller cancels only it.
+
+        Some of redis-py's connection checks wait with a zero timeout; on Python 3.11 a
+        cancellation arriving at that moment is turned into a timeout and lost, and a
+        cancelled ``wait`` would go on waiting. In its own task the command completes
+        (the connection stays consistent) and its outcome is dropped if nobody waits for
+        it; ``aclose`` waits for such commands before closing the connections they use,
+        or one would reconnect a closed pool and leave its socket behind.
+        """
+        task = asyncio.ensure_future(call)
+        self._apart_tasks.add(task)
+        task.add_done_callback(self._apart_tasks.discard)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(_drop_outcome)
+            raise
+
     async def aclose(self) -> None:
         if self._closed:
             return
@@ -146,6 +152,10 @@ class RedisResultSource(ResultSource):
                 await asyncio.wait({task}, timeout=0.1)
             if task is not None and not task.cancelled():
                 task.exception()  # retrieved: the task ended as intended
+        if self._apart_tasks:  # commands abandoned by cancelled callers: let them end
+            _, late = await asyncio.wait(set(self._apart_tasks), timeout=self._timeout + 1)
+            for task in late:
+                task.cancel()
         if self._conn is not None:
             await self._conn.disconnect()
         await self._pool.disconnect()
@@ -161,7 +171,7 @@ class RedisResultSource(ResultSource):
     async def _get(self, task_id: str) -> TaskOutcome | None:
         key = self._key(task_id)
         with translate(ResultBackendError, f"reading the result of task {task_id}"):
-            raw = await _apart(self._client.get(key))
+            raw = await self._apart(self._client.get(key))
         if raw is None:
             return None
         return self._decode(task_id, raw.encode() if isinstance(raw, str) else raw)
@@ -180,10 +190,18 @@ class RedisResultSource(ResultSource):
         async with self._lock:
             if self._reader is not None:
                 return
+            # Ours before it connects: a failed or cancelled connect closes it, and
+            # otherwise aclose does.
             conn = self._pool.make_connection()  # type: ignore[no-untyped-call]
-            with translate(ResultBackendError, f"subscribing to the result of task {task_id}"):
-                await conn.connect()
             self._conn = conn
+            try:
+                with translate(ResultBackendError, f"subscribing to the result of task {task_id}"):
+                    await conn.connect()
+            except BaseException:
+                self._conn = None
+                with anyio.CancelScope(shield=True):
+                    await conn.disconnect()
+                raise
             self._reader = asyncio.get_running_loop().create_task(self._read())
 
     async def _join(self, channel: bytes, waiter: _Waiter) -> None:
@@ -227,7 +245,7 @@ class RedisResultSource(ResultSource):
             if conn is None:
                 return
             try:
-                await _apart(conn.send_command(*command, check_health=False))
+                await self._apart(conn.send_command(*command, check_health=False))
             except FOREIGN_ERRORS as exc:
                 # The reader sees the broken connection too; it reconnects and subscribes
                 # again to every channel someone waits on.
