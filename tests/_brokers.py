@@ -37,6 +37,9 @@ def dead_letters(broker_url: str, queue: str) -> list[dict[str, Any]]:
     found = []
     with kombu.Connection(broker_url) as connection:
         channel = connection.default_channel
+        # Declared as the worker declares it: on RabbitMQ, reading a queue the worker has
+        # not created yet (its first dead letter is still on the way) is an error.
+        kombu.Queue(f"{queue}.dead", durable=True)(channel).declare()
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
             message = channel.basic_get(f"{queue}.dead", no_ack=True)
