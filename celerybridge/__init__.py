@@ -42,7 +42,7 @@ from ._exceptions import (
 from ._result import TaskHandle
 from ._transports.base import OutgoingMessage, Publisher, ResultSource, TaskOutcome
 from ._transports.memory import MemoryTransport
-from ._worker import celery_app
+from ._worker import caller_service, celery_app
 from ._worker_loop import WorkerResource, run_on_worker_loop, worker_resource
 
 __version__ = _version("celerybridge")
@@ -74,6 +74,7 @@ __all__ = [
     "UnknownVersionError",
     "WorkerResource",
     "__version__",
+    "caller_service",
     "celery_app",
     "close_default_bridge",
     "configure",

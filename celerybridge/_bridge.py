@@ -26,6 +26,7 @@ from ._exceptions import (
 )
 from ._registry import registry
 from ._result import TaskHandle
+from ._signing import Signer
 from ._utils import Timeout, to_seconds
 
 if TYPE_CHECKING:
@@ -98,7 +99,7 @@ class Bridge:
         ``stacklevel`` is the frame a deprecation warning names: 1 is the caller.
         """
         call = stub.bind(args, kwargs, stacklevel=stacklevel + 1)
-        message = stub.message(call)
+        message = stub.message(call).from_service(self.settings.service)
         publisher = self._get_publisher()
         timeout = self.settings.publish_timeout
         try:
@@ -199,11 +200,15 @@ class Bridge:
             elif scheme_of(url) in ("redis", "rediss"):
                 from ._transports.redis import RedisPublisher
 
-                self._publisher = RedisPublisher(url, timeout=timeout)
+                self._publisher = RedisPublisher(
+                    url, timeout=timeout, signer=Signer.from_settings(self.settings)
+                )
             else:
                 from ._transports.amqp import AmqpPublisher
 
-                self._publisher = AmqpPublisher(url, timeout=timeout)
+                self._publisher = AmqpPublisher(
+                    url, timeout=timeout, signer=Signer.from_settings(self.settings)
+                )
         return self._publisher
 
     def _get_results(self) -> ResultSource:

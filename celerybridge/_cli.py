@@ -16,6 +16,7 @@ from . import _dlq
 from ._config import BridgeSettings
 from ._exceptions import CeleryBridgeError
 from ._registry import registry
+from ._signing import Signer
 from ._validation import arguments_schema, result_schema
 from ._worker import check_signature
 
@@ -156,13 +157,27 @@ def dlq_show(queue: str, task_id: str, broker: str | None) -> None:
 @click.argument("queue")
 @click.argument("task_ids", nargs=-1)
 @click.option("--all", "everything", is_flag=True, help="Replay every dead letter of QUEUE.")
+@click.option(
+    "--sign",
+    is_flag=True,
+    help="Sign them afresh with CELERYBRIDGE_SIGNING_KEY (you vouch for their content).",
+)
 @_broker_option
-def dlq_replay(queue: str, task_ids: tuple[str, ...], everything: bool, broker: str | None) -> None:
-    """Send dead letters (TASK_IDS, or --all) back to the queue they came from, as they were."""
+def dlq_replay(
+    queue: str, task_ids: tuple[str, ...], everything: bool, sign: bool, broker: str | None
+) -> None:
+    """Send dead letters (TASK_IDS, or --all) back to the queue they came from, as they were
+    (or, with --sign, signed now: a worker with the key refuses expired signatures)."""
     if bool(task_ids) == everything:
         raise click.UsageError("give task ids or --all (not both)")
+    signer = None
+    if sign:
+        with _clean_errors():
+            signer = Signer.from_settings(BridgeSettings())
+        if signer is None:
+            raise click.UsageError("--sign needs the key in CELERYBRIDGE_SIGNING_KEY")
     with _clean_errors():
-        replayed = _dlq.replay(_broker(broker), queue, None if everything else task_ids)
+        replayed = _dlq.replay(_broker(broker), queue, None if everything else task_ids, signer)
     for letter in replayed:
         click.echo(f"replayed {letter.task_id} ({letter.task}) to {letter.source}")
     missing = set(task_ids) - {letter.task_id for letter in replayed}

@@ -6,15 +6,17 @@ from pathlib import Path
 from typing import Any
 
 from kombu.utils.url import maybe_sanitize_url
-from pydantic import Field, PositiveFloat, ValidationError, field_validator
+from pydantic import Field, PositiveFloat, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ._constants import (
     DEFAULT_BROKER_URL,
     DEFAULT_PUBLISH_TIMEOUT,
     DEFAULT_RESULT_TIMEOUT,
+    DEFAULT_SIGNING_MAX_AGE,
     ENV_PREFIX,
     FILESYSTEM_POLLING_INTERVAL,
+    SIGNING_KEY_MIN_LENGTH,
 )
 from ._exceptions import ConfigurationError
 
@@ -35,11 +37,17 @@ class BridgeSettings(BaseSettings):
 
     Every field can come from the environment: ``CELERYBRIDGE_BROKER_URL``,
     ``CELERYBRIDGE_RESULT_BACKEND``, ``CELERYBRIDGE_PUBLISH_TIMEOUT``,
-    ``CELERYBRIDGE_RESULT_TIMEOUT``, ``CELERYBRIDGE_FAST_PATH``. Values are checked when
-    the settings are built. URLs are masked in ``repr``.
+    ``CELERYBRIDGE_RESULT_TIMEOUT``, ``CELERYBRIDGE_FAST_PATH``,
+    ``CELERYBRIDGE_SIGNING_KEY``, ``CELERYBRIDGE_SIGNING_MAX_AGE``. Values are checked
+    when the settings are built. URLs are masked in ``repr``; the signing key never
+    appears in ``repr`` or in an error message.
     """
 
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid")
+    # hide_input_in_errors: a rejected value (a short signing key, a URL with its
+    # password) must not reach the ValidationError chained to our ConfigurationError.
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, frozen=True, extra="forbid", hide_input_in_errors=True
+    )
 
     broker_url: str = Field(default=DEFAULT_BROKER_URL, repr=False)
     """The Celery broker, e.g. ``redis://127.0.0.1:6379/0`` or ``amqp://guest:guest@host//``."""
@@ -57,6 +65,20 @@ class BridgeSettings(BaseSettings):
     """Use the native asyncio clients where there is one (Redis and RabbitMQ brokers,
     Redis result backend, under asyncio); ``False`` always uses Celery's own client
     (kombu) in threads."""
+
+    signing_key: SecretStr | None = None
+    """Sign every published message (HMAC-SHA256 over task name, id, arguments and time),
+    and, on a worker built with :func:`~celerybridge.celery_app`, refuse messages not
+    signed with it. At least 32 characters; ``None`` (the default) signs nothing and
+    accepts everything. See docs/security.md."""
+
+    signing_max_age: PositiveFloat = DEFAULT_SIGNING_MAX_AGE
+    """Seconds after signing a worker with a key still accepts a message."""
+
+    service: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    """This service's name, sent with every message (``x-celerybridge-service``, covered
+    by the signature when signing is on); task bodies read it with
+    :func:`~celerybridge.caller_service`, e.g. to enforce per-service policies."""
 
     def __init__(self, **values: Any) -> None:
         try:
@@ -85,6 +107,16 @@ class BridgeSettings(BaseSettings):
         if url is not None:
             _check_scheme(url, RESULT_SCHEMES, "result_backend")
         return url
+
+    @field_validator("signing_key")
+    @classmethod
+    def _check_signing_key(cls, key: SecretStr | None) -> SecretStr | None:
+        if key is not None and len(key.get_secret_value()) < SIGNING_KEY_MIN_LENGTH:
+            raise ValueError(
+                f"a signing key needs at least {SIGNING_KEY_MIN_LENGTH} characters; "
+                'make one with: python -c "import secrets; print(secrets.token_urlsafe(32))"'
+            )
+        return key
 
     def __repr_args__(self) -> Any:
         yield "broker_url", maybe_sanitize_url(self.broker_url)

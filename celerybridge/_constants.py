@@ -17,6 +17,17 @@ DEAD_LETTER_SUFFIX: Final = ".dead"
 DEAD_REASON_HEADER: Final = "x-celerybridge-dead-reason"
 DEAD_FROM_HEADER: Final = "x-celerybridge-dead-from"
 
+# Signed messages (CELERYBRIDGE_SIGNING_KEY): the headers a signing caller adds, what the
+# HMAC-SHA256 covers (see _signing.py), and the limits a verifying worker applies.
+SIGNATURE_HEADER: Final = "x-celerybridge-signature"
+TIMESTAMP_HEADER: Final = "x-celerybridge-timestamp"
+SIGNATURE_SCHEME: Final = "celerybridge-hmac-sha256-v1"
+# The calling service's name (CELERYBRIDGE_SERVICE), on every message it sends; signed.
+SERVICE_HEADER: Final = "x-celerybridge-service"
+SIGNING_KEY_MIN_LENGTH: Final = 32  # characters: HMAC-SHA256 wants at least 32 bytes
+DEFAULT_SIGNING_MAX_AGE: Final = 300.0  # seconds a signed message stays acceptable
+SIGNING_CLOCK_SKEW: Final = 30  # seconds a signature may be ahead of the worker's clock
+
 # The only serializer celerybridge ever sends or accepts.
 SERIALIZER: Final = "json"
 CONTENT_TYPE: Final = "application/json"

@@ -218,7 +218,8 @@ class RemoteTask(Generic[P, R]):
         call = stub.bind(tuple(args or ()), dict(kwargs or {}), stacklevel=stacklevel + 1)
         from ._default import sync_publisher
 
-        return sync_publisher().send(stub.message(call))
+        publisher = sync_publisher()
+        return publisher.send(stub.message(call).from_service(publisher.settings.service))
 
     def implement(self, app: Celery | None = None, **task_options: Any) -> Callable[[F], F]:
         """Register the decorated function as this contract's implementation on ``app``.

@@ -8,6 +8,8 @@ is moved, untouched, to ``<queue>.dead`` with the reason in a header, and the ta
 marked failed with :class:`DeadLettered`, which callers see as
 :class:`~celerybridge.DeadLetteredError`. Implementations (:class:`DeadLetterTask`)
 also copy there the calls that fail the contract on receipt or exhaust their retries.
+A worker with a signing key sends there, the same way, every message whose signature
+is missing, wrong or out of its time window (``_signing.py``), before Celery reads it.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from kombu.exceptions import ContentDisallowed, DecodeError
 
 from ._constants import CONTENT_TYPE, DEAD_FROM_HEADER, DEAD_LETTER_SUFFIX, DEAD_REASON_HEADER
 from ._exceptions import ArgumentError
+from ._signing import signer_of
 
 log = logging.getLogger("celerybridge.dead_letter")
 
@@ -43,6 +46,23 @@ def dead_letter_queue(queue: str) -> str:
 
 class DeadLetterConsumer(Consumer):
     """Celery's consumer, moving what it cannot accept to the dead-letter queue."""
+
+    def create_task_handler(self, *args: Any, **kwargs: Any) -> Any:
+        handle = super().create_task_handler(*args, **kwargs)
+        signer = signer_of(self.app)
+        if signer is None:
+            return handle
+
+        def on_task_received(message: Any) -> None:
+            # Before Celery reads anything: no strategy, no decoding, no "Received" log.
+            reason = signer.refusal(message.headers, message.body)
+            if reason is not None:
+                self._dead_letter(message, reason)
+                message.ack()
+                return
+            handle(message)
+
+        return on_task_received
 
     def on_decode_error(self, message: Any, exc: Exception) -> None:
         self._dead_letter(message, _undecodable(message, exc))

@@ -9,6 +9,7 @@ them all back (RabbitMQ in their order; Redis may change the order).
 from __future__ import annotations
 
 import base64
+import json
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -16,9 +17,16 @@ from typing import Any
 
 import kombu
 
-from ._constants import CONTENT_TYPE, DEAD_FROM_HEADER, DEAD_REASON_HEADER
+from ._constants import (
+    CONTENT_TYPE,
+    DEAD_FROM_HEADER,
+    DEAD_REASON_HEADER,
+    SIGNATURE_HEADER,
+    TIMESTAMP_HEADER,
+)
 from ._dead_letter import dead_letter_queue
-from ._exceptions import DelegationError
+from ._exceptions import CallError, DelegationError
+from ._signing import Signer
 from ._transports._errors import translate
 
 
@@ -104,10 +112,40 @@ def list_dead_letters(broker_url: str, queue: str) -> list[DeadLetter]:
         return [letter for letter, _ in taken]
 
 
-def replay(broker_url: str, queue: str, task_ids: Iterable[str] | None) -> list[DeadLetter]:
+def signed_headers(letter: DeadLetter, signer: Signer) -> dict[str, Any]:
+    """``letter``'s headers with a fresh signature of its task, id and body, signed now.
+
+    Whoever replays with the key vouches for the letter: a message refused as forged
+    becomes genuine. Only JSON ``[args, kwargs, ...]`` bodies can be signed.
+    """
+    try:
+        document = json.loads(letter.body) if letter.content_type == CONTENT_TYPE else None
+    except ValueError:
+        document = None
+    if not (
+        isinstance(document, list)
+        and len(document) >= 2
+        and isinstance(document[0], list)
+        and isinstance(document[1], dict)
+    ):
+        raise CallError(
+            f"cannot sign dead letter {letter.task_id}: its body is not a JSON "
+            "[args, kwargs, ...] list"
+        )
+    headers = {
+        k: v for k, v in letter.headers.items() if k not in (SIGNATURE_HEADER, TIMESTAMP_HEADER)
+    }
+    return {**headers, **signer.headers(letter.task, letter.task_id, document[0], document[1])}
+
+
+def replay(
+    broker_url: str, queue: str, task_ids: Iterable[str] | None, signer: Signer | None = None
+) -> list[DeadLetter]:
     """Send dead letters back to their queue as they were (``None``: all of them).
 
     Each is acknowledged on the dead-letter queue only once it has been republished.
+    With a ``signer`` each is signed afresh (:func:`signed_headers`), so a worker with
+    the key runs a letter refused for an expired or missing signature.
     """
     wanted = None if task_ids is None else set(task_ids)
     replayed = []
@@ -119,13 +157,14 @@ def replay(broker_url: str, queue: str, task_ids: Iterable[str] | None) -> list[
             source = kombu.Queue(
                 letter.source, kombu.Exchange(letter.source, "direct"), routing_key=letter.source
             )
+            headers = letter.headers if signer is None else signed_headers(letter, signer)
             with translate(DelegationError, f"replaying task {letter.task_id}"):
                 producer.publish(
                     letter.body,
                     exchange=source.exchange,
                     routing_key=letter.source,
                     declare=[source],
-                    headers=letter.headers,
+                    headers=headers,
                     content_type=letter.content_type,
                     content_encoding=letter.content_encoding,
                     retry=True,

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Coroutine
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from celery import Celery, shared_task
+from celery import Celery, current_task, shared_task
 
 from ._config import BridgeSettings, broker_transport_options, load_settings
-from ._constants import SERIALIZER
+from ._constants import SERIALIZER, SERVICE_HEADER
 from ._dead_letter import DeadLetterTask
 from ._exceptions import ContractError, SignatureMismatchError
 from ._registry import registry
+from ._signing import Signer, SigningAMQP, attach
 from ._worker_loop import worker_loop
 
 if TYPE_CHECKING:
@@ -26,13 +28,53 @@ _JSON_ONLY = {
 }
 
 
+T = TypeVar("T")
+
+_caller_service: ContextVar[str | None] = ContextVar("celerybridge_caller_service", default=None)
+
+
+def caller_service() -> str | None:
+    """The name of the service that sent the task being run (its bridge's
+    ``CELERYBRIDGE_SERVICE``), or ``None`` if it did not say (or outside a task).
+
+    Inside an implementation's body only. The name is whatever the sender put in the
+    message: trust it as far as you trust your senders, or sign messages
+    (``CELERYBRIDGE_SIGNING_KEY``), which covers it.
+    """
+    return _caller_service.get()
+
+
+def _header(name: str) -> str | None:
+    """A custom header of the message the current Celery task came in."""
+    task = current_task
+    value = task.request.get(name) if task is not None else None
+    return None if value is None else str(value)
+
+
+async def _as_service(service: str | None, body: Coroutine[Any, Any, T]) -> T:
+    # Runs as the task on the worker loop: the variable is set in that task's context.
+    _caller_service.set(service)
+    return await body
+
+
 def celery_app(main: str, settings: BridgeSettings | None = None, **conf: Any) -> Celery:
     """A Celery app for a worker, configured from the same ``CELERYBRIDGE_*`` settings
     as the bridge, accepting JSON only; what it cannot accept goes to ``<queue>.dead``
     (see :class:`~celerybridge._dead_letter.DeadLetterConsumer`). ``conf`` adds Celery
-    settings."""
+    settings.
+
+    With ``CELERYBRIDGE_SIGNING_KEY`` set, the worker runs only messages signed with
+    that key within ``CELERYBRIDGE_SIGNING_MAX_AGE`` seconds; the rest go to
+    ``<queue>.dead`` too. What the app sends itself (retries) is signed."""
     settings = load_settings(settings)
-    app = Celery(main, broker=settings.broker_url, backend=settings.result_backend)
+    signer = Signer.from_settings(settings)
+    app = Celery(
+        main,
+        broker=settings.broker_url,
+        backend=settings.result_backend,
+        amqp=SigningAMQP if signer is not None else None,
+    )
+    attach(app, signer)
     transport_options = {
         **broker_transport_options(settings.broker_url),
         **conf.pop("broker_transport_options", {}),
@@ -109,10 +151,15 @@ def register_implementation(
         # the task with a clear message before the body runs.
         call = binder.receive(args, kwargs)
         call_args, call_kwargs = binder.call_arguments(call)
+        service = _header(SERVICE_HEADER)
         if is_async:
-            value = worker_loop.run(fn(*call_args, **call_kwargs))
+            value = worker_loop.run(_as_service(service, fn(*call_args, **call_kwargs)))
         else:
-            value = fn(*call_args, **call_kwargs)
+            token = _caller_service.set(service)
+            try:
+                value = fn(*call_args, **call_kwargs)
+            finally:
+                _caller_service.reset(token)
         return binder.dump_result(value)
 
     run.__name__ = fn.__name__

@@ -20,7 +20,7 @@ import uuid
 from bisect import bisect
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celery.utils.nodenames import anon_nodename
 from celery.utils.saferepr import saferepr
@@ -36,8 +36,12 @@ from .._constants import (
     KOMBU_PRIORITY_STEPS,
     KOMBU_REDIS_SEP,
     SERIALIZER,
+    SERVICE_HEADER,
 )
 from .base import OutgoingMessage
+
+if TYPE_CHECKING:
+    from .._signing import Signer
 
 BODY_ENCODING = "base64"
 """kombu's virtual transports (Redis among them) base64 the serialised body."""
@@ -72,9 +76,16 @@ class Origin:
 
 
 def task_message(
-    message: OutgoingMessage, origin: Origin, now: datetime | None = None
+    message: OutgoingMessage,
+    origin: Origin,
+    now: datetime | None = None,
+    signer: Signer | None = None,
 ) -> TaskMessage:
-    """The protocol v2 message Celery's ``send_task`` builds for ``message``."""
+    """The protocol v2 message Celery's ``send_task`` builds for ``message``.
+
+    With a ``signer`` the signature headers follow Celery's own, as the kombu path
+    adds them (``_signing.SigningAMQP``); without one nothing differs from Celery's.
+    """
     options = message.options
     args, kwargs = message.args, message.kwargs
     countdown: float | None = options.get("countdown")
@@ -110,6 +121,13 @@ def task_message(
         "stamped_headers": None,
         "stamps": {},
     }
+    custom: dict[str, Any] = options.get("headers") or {}
+    if signer is not None:
+        service = custom.get(SERVICE_HEADER)
+        headers.update(
+            signer.headers(message.task_name, message.task_id, args, kwargs, service=service)
+        )
+    headers.update(custom)  # send_task merges custom headers in last
     properties: dict[str, Any] = {
         "correlation_id": message.task_id,
         "reply_to": origin.reply_to,

@@ -33,6 +33,7 @@ from .._constants import (
     RECONNECT_MAX,
 )
 from .._exceptions import DelegationError
+from .._signing import Signer
 from ._errors import translate
 from ._protocol import Origin, TaskMessage, task_message
 from .base import NativePublisher, OutgoingMessage
@@ -116,10 +117,12 @@ class AmqpPublisher(NativePublisher):
     connection broke before its confirm arrived is sent again, up to
     ``PUBLISH_RETRIES`` times, once aio-pika has reconnected; a confirmed publish is
     never repeated. The caller's publish timeout bounds the wait for a reconnection.
+    With a ``signer`` every message carries its signature headers (``_signing``).
     """
 
-    def __init__(self, broker_url: str, *, timeout: float) -> None:
+    def __init__(self, broker_url: str, *, timeout: float, signer: Signer | None = None) -> None:
         super().__init__()
+        self._signer = signer
         self._url = amqp_url(broker_url)
         self._timeout = timeout
         self._origin = Origin()
@@ -135,7 +138,7 @@ class AmqpPublisher(NativePublisher):
         self._declared_on: aiormq.abc.AbstractChannel | None = None
 
     async def _publish(self, message: OutgoingMessage) -> None:
-        wire = task_message(message, self._origin)
+        wire = task_message(message, self._origin, signer=self._signer)
         properties = properties_for(wire)
         doing = f"publishing {message.task_name!r} to {message.queue!r}"
         with translate(DelegationError, doing):

@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import uuid
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from .._constants import PUBLISH_SLOTS, READY_STATES
+from .._constants import PUBLISH_SLOTS, READY_STATES, SERVICE_HEADER
 from .._exceptions import DelegationError
 
 if TYPE_CHECKING:
@@ -28,6 +28,13 @@ class OutgoingMessage:
     kwargs: dict[str, Any]
     options: dict[str, Any] = field(default_factory=dict)
     """``Celery.send_task`` keywords: ``countdown``, ``expires``, ``priority``."""
+
+    def from_service(self, service: str | None) -> OutgoingMessage:
+        """This message, naming the sending ``service`` in its headers (if any)."""
+        if service is None:
+            return self
+        headers = {**self.options.get("headers", {}), SERVICE_HEADER: service}
+        return replace(self, options={**self.options, "headers": headers})
 
     @classmethod
     def new(

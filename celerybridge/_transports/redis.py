@@ -30,6 +30,7 @@ from .._constants import (
     REDIS_CONNECTIONS,
 )
 from .._exceptions import DelegationError
+from .._signing import Signer
 from ._errors import translate
 from ._protocol import Origin, redis_binding, redis_payload, redis_queue_key, task_message
 from .base import NativePublisher, OutgoingMessage
@@ -75,11 +76,12 @@ class RedisPublisher(NativePublisher):
 
     Concurrent publishes are pipelined: those made while one batch is on the wire go
     out together in the next, in order, and each returns once Redis has answered its
-    batch.
+    batch. With a ``signer`` every message carries its signature headers (``_signing``).
     """
 
-    def __init__(self, broker_url: str, *, timeout: float) -> None:
+    def __init__(self, broker_url: str, *, timeout: float, signer: Signer | None = None) -> None:
         super().__init__()
+        self._signer = signer
         self._client = redis_client(broker_url, timeout)
         self._origin = Origin()
         self._declared: set[str] = set()
@@ -87,7 +89,7 @@ class RedisPublisher(NativePublisher):
         self._flusher: asyncio.Task[None] | None = None
 
     async def _publish(self, message: OutgoingMessage) -> None:
-        wire = task_message(message, self._origin)
+        wire = task_message(message, self._origin, signer=self._signer)
         push = _Push(
             queue=message.queue,
             key=redis_queue_key(message.queue, wire.priority),

@@ -37,6 +37,12 @@ T = TypeVar("T")
 _CLOSED = "the result source was closed while the result was awaited"
 
 
+# What a subscribe or unsubscribe may raise on a broken connection. AttributeError:
+# redis-py writes in a task of its own (socket_timeout), and the reader's failing read may
+# tear the connection down in between ('NoneType' object has no attribute 'writelines').
+_SEND_ERRORS: tuple[type[BaseException], ...] = (*FOREIGN_ERRORS, AttributeError)
+
+
 def _drop_outcome(task: asyncio.Future[Any]) -> None:
     if not task.cancelled():
         task.exception()
@@ -246,7 +252,7 @@ class RedisResultSource(ResultSource):
                 return
             try:
                 await self._apart(conn.send_command(*command, check_health=False))
-            except FOREIGN_ERRORS as exc:
+            except _SEND_ERRORS as exc:
                 # The reader sees the broken connection too; it reconnects and subscribes
                 # again to every channel someone waits on.
                 logger.debug("%s failed on the result subscriber: %r", command[0], exc)
