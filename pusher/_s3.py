@@ -24,7 +24,7 @@ from botocore.exceptions import (
 )
 
 from ._settings import PusherSettings
-from .bindings import Receipt
+from .bindings import REVISION_META, Receipt
 from .errors import PermanentUploadError, TransientUploadError, UploadError
 
 # Error codes that retrying cannot fix. Other 4xx are permanent too, except these
@@ -50,10 +50,10 @@ def client_config(settings: PusherSettings) -> Config:
     """botocore config: the ``standard`` retry mode (set explicitly, botocore still
     defaults to ``legacy``), and a connection pool as large as the concurrency."""
     return Config(
-        retries={"mode": "standard", "max_attempts": settings.s3_max_attempts},
+        retries={"mode": "standard", "total_max_attempts": settings.s3_max_attempts},
         max_pool_connections=settings.concurrency,
-        connect_timeout=10,
-        read_timeout=60,
+        connect_timeout=settings.s3_connect_timeout,
+        read_timeout=settings.s3_read_timeout,
     )
 
 
@@ -80,6 +80,29 @@ async def translate(bucket: str, key: str) -> AsyncIterator[None]:
         raise TransientUploadError(f"{where}: {type(exc).__name__}: {exc}") from exc
 
 
+def check_key(settings: PusherSettings, key: str, service: str | None) -> None:
+    """Refuse a key outside ``PUSHER_ALLOWED_PREFIXES`` or the calling service's prefixes."""
+    where = f"s3://{settings.bucket}/{key}"
+    prefixes = settings.prefixes
+    if prefixes and not key.startswith(prefixes):
+        raise PermanentUploadError(
+            f"{where}: key outside the allowed prefixes {', '.join(prefixes)}"
+        )
+    if not settings.service_prefixes:
+        return
+    mine = settings.service_prefixes.get(service or "")
+    if mine is None:
+        who = f"service {service!r}" if service else "a caller that does not name its service"
+        raise PermanentUploadError(
+            f"{where}: {who} may not write here (PUSHER_SERVICE_PREFIXES lists "
+            f"{', '.join(sorted(settings.service_prefixes))})"
+        )
+    if not key.startswith(mine):
+        raise PermanentUploadError(
+            f"{where}: service {service!r} may write only under {', '.join(mine)}"
+        )
+
+
 def sha256_b64(data: bytes) -> str:
     return base64.b64encode(hashlib.sha256(data).digest()).decode()
 
@@ -92,18 +115,17 @@ async def upload(
     metadata: Mapping[str, str],
     *,
     content_type: str = "",
+    revision: int | None = None,
+    service: str | None = None,
 ) -> Receipt:
     """Store ``body`` under ``key`` and return what landed.
 
     S3 verifies a SHA-256 checksum of every request body (each part, for multipart),
-    and we check the checksum it reports back.
+    and we check the checksum it reports back. With ``revision``, see :func:`_ordered`.
+    ``service`` is the calling service, checked against ``PUSHER_SERVICE_PREFIXES``.
     """
     bucket = settings.bucket
-    prefixes = settings.prefixes
-    if prefixes and not key.startswith(prefixes):
-        raise PermanentUploadError(
-            f"s3://{bucket}/{key}: key outside the allowed prefixes {', '.join(prefixes)}"
-        )
+    check_key(settings, key, service)
     checksum = sha256_b64(body)
     common: dict[str, Any] = {
         "Bucket": bucket,
@@ -112,15 +134,14 @@ async def upload(
         "Metadata": dict(metadata),
     }
     async with translate(bucket, key), asyncio.timeout(settings.task_time_limit):
-        if len(body) >= settings.multipart_threshold:
-            response = await _multipart(client, settings, common, body)
+        if revision is None:
+            response = await _put(client, settings, common, body, checksum, {})
         else:
-            response = await client.put_object(Body=body, ChecksumSHA256=checksum, **common)
-            echoed = response.get("ChecksumSHA256")
-            if echoed is not None and echoed != checksum:
-                raise TransientUploadError(
-                    f"s3://{bucket}/{key}: S3 stored checksum {echoed}, we sent {checksum}"
-                )
+            common["Metadata"][REVISION_META] = str(revision)
+            ordered = await _ordered(client, settings, common, body, checksum, revision)
+            if isinstance(ordered, Receipt):
+                return ordered  # S3 holds this revision or a newer one
+            response = ordered
     return Receipt(
         bucket=bucket,
         key=key,
@@ -131,8 +152,100 @@ async def upload(
     )
 
 
+async def _put(
+    client: Any,
+    settings: PusherSettings,
+    common: dict[str, Any],
+    body: bytes,
+    checksum: str,
+    condition: dict[str, str],
+) -> dict[str, Any]:
+    if len(body) >= settings.multipart_threshold:
+        return await _multipart(client, settings, common, body, condition)
+    response: dict[str, Any] = await client.put_object(
+        Body=body, ChecksumSHA256=checksum, **common, **condition
+    )
+    echoed = response.get("ChecksumSHA256")
+    if echoed is not None and echoed != checksum:
+        raise TransientUploadError(
+            f"s3://{common['Bucket']}/{common['Key']}: S3 stored checksum {echoed}, "
+            f"we sent {checksum}"
+        )
+    return response
+
+
+# What a conditional write meets when another writer got there between our read and
+# our write (or deleted the object): read again and decide again.
+_LOST_RACE = frozenset({"PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey"})
+ORDERED_ATTEMPTS = 5
+
+
+async def _ordered(
+    client: Any,
+    settings: PusherSettings,
+    common: dict[str, Any],
+    body: bytes,
+    checksum: str,
+    revision: int,
+) -> dict[str, Any] | Receipt:
+    """Write only if S3 holds an older revision of the key, or none.
+
+    Reads the stored object's revision (user metadata), then writes on condition that
+    the object is still the one read (``If-Match`` its ETag, or ``If-None-Match: *``
+    when there was none): a concurrent writer makes S3 refuse, and we decide again.
+    Returns the stored object's :class:`Receipt` (``written=False``) when it is as new
+    as ``revision`` or newer. The write of a revision equal to the stored one is
+    skipped too: it is a redelivery of the same save.
+    """
+    where = f"s3://{common['Bucket']}/{common['Key']}"
+    for _ in range(ORDERED_ATTEMPTS):
+        stored = await _head(client, common["Bucket"], common["Key"])
+        if stored is not None and _revision_of(stored) >= revision:
+            return Receipt(
+                bucket=common["Bucket"],
+                key=common["Key"],
+                etag=str(stored["ETag"]).strip('"'),
+                size=int(stored["ContentLength"]),
+                version_id=stored.get("VersionId"),
+                checksum_sha256=str(stored.get("ChecksumSHA256", "")),
+                written=False,
+            )
+        condition = {"IfMatch": stored["ETag"]} if stored else {"IfNoneMatch": "*"}
+        try:
+            return await _put(client, settings, common, body, checksum, condition)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") not in _LOST_RACE:
+                raise
+    raise TransientUploadError(
+        f"{where}: other writers replaced the object {ORDERED_ATTEMPTS} times while we "
+        f"wrote revision {revision}"
+    )
+
+
+async def _head(client: Any, bucket: str, key: str) -> dict[str, Any] | None:
+    try:
+        stored: dict[str, Any] = await client.head_object(
+            Bucket=bucket, Key=key, ChecksumMode="ENABLED"
+        )
+    except ClientError as exc:
+        if int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0) == 404:
+            return None
+        raise
+    return stored
+
+
+def _revision_of(stored: Mapping[str, Any]) -> int:
+    """The revision an object was written with; -1 for objects written without one."""
+    value = stored.get("Metadata", {}).get(REVISION_META, "")
+    return int(value) if value.isdigit() else -1
+
+
 async def _multipart(
-    client: Any, settings: PusherSettings, common: dict[str, Any], body: bytes
+    client: Any,
+    settings: PusherSettings,
+    common: dict[str, Any],
+    body: bytes,
+    condition: dict[str, str],
 ) -> dict[str, Any]:
     created = await client.create_multipart_upload(ChecksumAlgorithm="SHA256", **common)
     ids = {"Bucket": common["Bucket"], "Key": common["Key"], "UploadId": created["UploadId"]}
@@ -146,7 +259,7 @@ async def _multipart(
             )
             parts.append({"ETag": part["ETag"], "PartNumber": number, "ChecksumSHA256": checksum})
         result: dict[str, Any] = await client.complete_multipart_upload(
-            MultipartUpload={"Parts": parts}, **ids
+            MultipartUpload={"Parts": parts}, **ids, **condition
         )
         return result
     except BaseException:

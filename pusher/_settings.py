@@ -28,6 +28,10 @@ class PusherSettings(BaseSettings):
     """Multipart part size; S3 requires at least 5 MiB."""
     s3_max_attempts: PositiveInt = 5
     """Attempts per S3 call by botocore's ``standard`` retry mode (backoff with jitter)."""
+    s3_connect_timeout: PositiveFloat = 10
+    """Seconds to open a connection to S3 before botocore retries."""
+    s3_read_timeout: PositiveFloat = 60
+    """Seconds S3 may stay silent on an open request before botocore retries."""
     max_retries: int = Field(default=5, ge=0)
     """Task-level retries after botocore gives up on a transient error."""
     task_time_limit: PositiveFloat = 300
@@ -36,6 +40,12 @@ class PusherSettings(BaseSettings):
     """Redis only: seconds before an unacknowledged task is redelivered."""
     allowed_prefixes: str = ""
     """Comma-separated key prefixes the pusher accepts (empty: any key)."""
+
+    service_prefixes: dict[str, tuple[str, ...]] = {}
+    """Per calling service, the key prefixes it may write under, as JSON:
+    ``PUSHER_SERVICE_PREFIXES='{"svc-a": ["items/a/"], "svc-b": ["items/b/"]}'``. When
+    set, calls from services not listed (or that do not say who they are,
+    ``CELERYBRIDGE_SERVICE``) are refused. Sign messages to make the names trustworthy."""
 
     @property
     def prefixes(self) -> tuple[str, ...]:

@@ -13,12 +13,14 @@ import re
 import unicodedata
 from typing import Annotated, Final
 
-from pydantic import AfterValidator, BaseModel
+from pydantic import AfterValidator, BaseModel, NonNegativeInt
 
 from celerybridge import remote_task
 
 QUEUE: Final = "pusher"
 MAX_KEY_BYTES: Final = 1024
+REVISION_META: Final = "pusher-revision"
+"""The user-metadata entry holding an object's revision (reserved: callers cannot set it)."""
 MAX_CONTENT_BYTES: Final = 64 * 1024 * 1024
 """Largest content accepted, checked by the caller before anything is sent."""
 # RFC 9110: type "/" subtype *( OWS ";" OWS name "=" ( token / quoted-string ) ), OWS being
@@ -68,6 +70,8 @@ def _check_content_type(value: str) -> str:
 def _check_meta(meta: dict[str, str]) -> dict[str, str]:
     # S3 sends user metadata as HTTP headers: keep it printable ASCII, small.
     for name, value in meta.items():
+        if name.lower() == REVISION_META:
+            raise ValueError(f"metadata {name!r} is reserved: pass revision= instead")
         if not name.isascii() or not value.isascii() or not name.replace("-", "").isalnum():
             raise ValueError(f"metadata {name!r} must be ASCII, its name letters, digits and '-'")
     if sum(len(k) + len(v) for k, v in meta.items()) > 2048:
@@ -95,6 +99,9 @@ class Receipt(BaseModel):
     """The object version, when the bucket has versioning on."""
     checksum_sha256: str
     """Base64 SHA-256 of the stored bytes, verified by S3 on upload."""
+    written: bool = True
+    """``False`` when the call carried a ``revision`` and S3 already held that revision or
+    a newer one: nothing was written, and the other fields describe the stored object."""
 
 
 # --8<-- [start:contracts]
@@ -114,8 +121,15 @@ def send_to_s3_v3(
     content: BinaryContent,
     meta: Metadata | None = None,
     content_type: MediaType = "application/octet-stream",
+    revision: NonNegativeInt | None = None,
 ) -> Receipt:
-    """Store any bytes (base64 on the wire) with a content type and optional metadata."""
+    """Store any bytes (base64 on the wire) with a content type and optional metadata.
+
+    With ``revision`` (a number that grows with every save of ``key``, e.g. the saved
+    record's version), writes are ordered: content older than what S3 holds is never
+    written, so a late or redelivered call cannot replace newer content. The receipt
+    then says ``written=False``.
+    """
 
 
 # --8<-- [end:contracts]

@@ -17,7 +17,7 @@ from aiobotocore.session import get_session
 from celery import signals
 from pydantic import ValidationError
 
-from celerybridge import ConfigurationError, celery_app, worker_resource
+from celerybridge import ConfigurationError, caller_service, celery_app, worker_resource
 from celerybridge._config import load_settings, scheme_of
 
 from . import _s3
@@ -68,10 +68,18 @@ app = celery_app(
     task_acks_late=True,
     task_reject_on_worker_lost=True,
     worker_prefetch_multiplier=1,
+    # After a broker reconnection Celery would lower the prefetch count by the tasks
+    # still running and raise it back as they end; on RabbitMQ the worker then stopped
+    # taking tasks until the broker dropped it for missed heartbeats, some 3 minutes
+    # later (tests/faults/test_broker_restart.py). With one task per thread prefetched
+    # there is nothing to save.
+    worker_enable_prefetch_count_reduction=False,
     broker_transport_options=_redis_delivery(settings) if _redis else {},
     broker_connection_retry_on_startup=True,
+    # A receipt the backend cannot take yet is retried until it can (10 s apart at
+    # most): giving up would report a failure for an object that landed.
     result_backend_always_retry=True,
-    result_backend_max_retries=10,
+    result_backend_max_retries=float("inf"),
 )
 
 _RETRY: dict[str, Any] = {
@@ -93,13 +101,17 @@ async def s3() -> AsyncIterator[Any]:
 @send_to_s3.implement(app, **_RETRY)
 async def store(key: str, content: str) -> Receipt:
     """v1: store the content as it is."""
-    return await _s3.upload(await s3(), settings, key, content.encode(), {})
+    return await _s3.upload(
+        await s3(), settings, key, content.encode(), {}, service=caller_service()
+    )
 
 
 @send_to_s3_v2.implement(app, **_RETRY)
 async def store_v2(key: str, content: str, meta: dict[str, str]) -> Receipt:
     """v2: store the content with ``meta`` as S3 user metadata."""
-    return await _s3.upload(await s3(), settings, key, content.encode(), meta)
+    return await _s3.upload(
+        await s3(), settings, key, content.encode(), meta, service=caller_service()
+    )
 
 
 @send_to_s3_v3.implement(app, **_RETRY)
@@ -108,10 +120,20 @@ async def store_v3(
     content: bytes,
     meta: dict[str, str] | None = None,
     content_type: str = "application/octet-stream",
+    revision: int | None = None,
 ) -> Receipt:
-    """v3: store bytes as they are, with their content type."""
+    """v3: store bytes as they are, with their content type; ordered by ``revision``."""
     client = await s3()
-    return await _s3.upload(client, settings, key, content, meta or {}, content_type=content_type)
+    return await _s3.upload(
+        client,
+        settings,
+        key,
+        content,
+        meta or {},
+        content_type=content_type,
+        revision=revision,
+        service=caller_service(),
+    )
 
 
 async def _check() -> None:

@@ -20,6 +20,7 @@ RECEIPT = {
     "size": 61,
     "version_id": None,
     "checksum_sha256": "x" * 44,
+    "written": True,
 }
 
 
