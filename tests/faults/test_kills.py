@@ -1,0 +1,142 @@
+"""SIGKILL of pusher workers and of pool children at random moments: nothing lost.
+
+Redelivery comes from the broker: RabbitMQ requeues a dead consumer's unacknowledged
+messages as its connection drops; Redis restores them once the visibility timeout
+(small here) has passed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from .._workers import Worker
+from ._ledger import Ledger, Tally
+from ._s3_proxy import FaultProxy
+from .conftest import Progress, Scale, drive, report
+
+pytestmark = pytest.mark.integration
+
+# A task runs for some 20 ms here: 5 s is plenty, and Redis redelivers the tasks of a
+# killed worker about 6 s (+ a sweep of 1.5 s) after they were taken.
+DELIVERY = {"PUSHER_TASK_TIME_LIMIT": "5", "PUSHER_VISIBILITY_TIMEOUT": "6"}
+
+
+@pytest.fixture
+def env(slow_s3: FaultProxy) -> dict[str, str]:
+    return {"AWS_ENDPOINT_URL_S3": slow_s3.url, **DELIVERY}
+
+
+def _kill_moments(scale: Scale, seed: int) -> list[int]:
+    """After how many finished calls to strike: spread over the run, jittered."""
+    rng = random.Random(seed)
+    step = scale.uploads / (scale.kills + 1)
+    jitter = step / 3
+    return sorted(int(step * (i + 1) + rng.uniform(-jitter, jitter)) for i in range(scale.kills))
+
+
+def _assert_all_ran_but_what_kombu_drops(
+    tally: Tally, broker: str, scale: Scale, seed: int
+) -> None:
+    """Every call ran and landed, except on Redis those a kill caught in kombu's window.
+
+    kombu's Redis transport takes a message off the queue (``BRPOP``) and only then
+    records it as unacknowledged: a worker killed in between loses the message, at most
+    one per kill (known upstream, celery/celery#7950; see docs/reliability.md). Such a
+    call is counted as vanished (its caller waited in vain, never told ``ok``). RabbitMQ
+    has no such window: nothing may vanish there.
+    """
+    allowed = scale.kills if broker == "redis" else 0
+    assert tally.vanished <= allowed, (seed, tally.examples[:5])
+    assert tally.ok == tally.landed == scale.uploads - tally.vanished, (seed, tally)
+
+
+def _children(pid: int) -> list[int]:
+    """Processes whose parent is ``pid`` (read from /proc, as ``pgrep -P`` does)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+async def test_killing_whole_workers_loses_nothing(
+    start_ledger_pusher: Callable[..., Worker],
+    broker: str,
+    env: dict[str, str],
+    ledger: Ledger,
+    scale: Scale,
+    s3: Any,
+    bucket: str,
+) -> None:
+    queue = f"cb-faults-kill-{uuid.uuid4().hex[:6]}"
+    workers = [start_ledger_pusher(broker, queue, **env) for _ in range(2)]
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
+
+    async def strike(progress: Progress) -> None:
+        for moment in _kill_moments(scale, seed):
+            await progress.reached(moment)
+            victim = workers.pop(rng.randrange(len(workers)))
+            assert victim.process is not None
+            ledger.fault("worker SIGKILL", victim.process.pid)
+            victim.kill()
+            workers.append(
+                await anyio.to_thread.run_sync(lambda: start_ledger_pusher(broker, queue, **env))
+            )
+
+    await drive(broker, queue, ledger, scale.uploads, prefix=f"{queue}/", during=strike)
+    tally = await anyio.to_thread.run_sync(ledger.tally, "SIGKILL worker", broker, s3, bucket)
+    report(tally)
+    assert (tally.lost, tally.unexpected) == (0, 0), (seed, tally.examples[:5])
+    assert tally.faults == {"worker SIGKILL": scale.kills}
+    _assert_all_ran_but_what_kombu_drops(tally, broker, scale, seed)
+
+
+async def test_killing_pool_children_loses_nothing(
+    start_ledger_pusher: Callable[..., Worker],
+    broker: str,
+    env: dict[str, str],
+    ledger: Ledger,
+    scale: Scale,
+    s3: Any,
+    bucket: str,
+) -> None:
+    queue = f"cb-faults-child-{uuid.uuid4().hex[:6]}"
+    worker = start_ledger_pusher(broker, queue, pool="prefork", **env)
+    assert worker.process is not None
+    parent = worker.process.pid
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
+
+    async def strike(progress: Progress) -> None:
+        for moment in _kill_moments(scale, seed):
+            await progress.reached(moment)
+            with anyio.fail_after(30):  # the pool may be replacing the previous victim
+                # Nothing to wait on but /proc: poll.
+                while not (children := _children(parent)):  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
+            victim = rng.choice(children)
+            ledger.fault("pool child SIGKILL", victim)
+            os.kill(victim, signal.SIGKILL)
+
+    await drive(broker, queue, ledger, scale.uploads, prefix=f"{queue}/", during=strike)
+    tally = await anyio.to_thread.run_sync(ledger.tally, "SIGKILL pool child", broker, s3, bucket)
+    report(tally)
+    assert (tally.lost, tally.unexpected) == (0, 0), (seed, tally.examples[:5])
+    assert tally.faults == {"pool child SIGKILL": scale.kills}
+    assert (tally.ok, tally.landed) == (scale.uploads, scale.uploads), (seed, tally)
+    assert "WorkerLostError" in worker.log()  # the pool saw its child die
