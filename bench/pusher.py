@@ -52,7 +52,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,6 +64,7 @@ from celerybridge import Bridge
 from pusher.bindings import send_to_s3
 
 from ._common import BROKERS, RESULT_BACKEND, ROOT, RUN, delete_queue, free_port, log_dir
+from ._cpu import CpuMeter, CpuUse
 
 BUCKET = f"cb-bench-{RUN}"
 AWS_ENV = {
@@ -194,6 +195,9 @@ class Worker:
     pool_args: tuple[str, ...] = ()
     """Empty: the app's own pool settings (the pusher's threads, Celery's prefork)."""
 
+    pid: int = 0
+    """The worker's process id while it runs."""
+
     def __post_init__(self) -> None:
         self.queue = f"cb-bench-{self.app.replace('.', '-')}-{uuid.uuid4().hex[:8]}"
         self.log_path = log_dir() / f"{self.queue}.log"
@@ -226,6 +230,7 @@ class Worker:
                 if process.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"{self.app} worker did not start:\n{self.log()}")
                 time.sleep(0.05)
+            self.pid = process.pid
             yield self
         finally:
             stop_process(process)
@@ -237,21 +242,30 @@ def checksum_of(body: bytes) -> str:
 
 
 async def keep_in_flight(
-    one: Callable[[str], Awaitable[None]], prefix: str, n: int, width: int
+    one: Callable[[str], Awaitable[None]],
+    prefix: str,
+    n: int,
+    width: int,
+    meter: CpuMeter | None = None,
 ) -> float:
-    """Run ``one(key)`` for ``n`` keys under ``prefix``, ``width`` at a time; uploads/s."""
+    """Run ``one(key)`` for ``n`` keys under ``prefix``, ``width`` at a time; uploads/s.
+    ``meter`` measures the CPU used meanwhile."""
     keys = iter(range(n))
 
     async def lane() -> None:
         for i in keys:
             await one(f"{prefix}{i:06d}.json")
 
-    started = time.perf_counter()
-    await asyncio.gather(*(lane() for _ in range(width)))
-    return n / (time.perf_counter() - started)
+    with meter or nullcontext():
+        started = time.perf_counter()
+        await asyncio.gather(*(lane() for _ in range(width)))
+        elapsed = time.perf_counter() - started
+    return n / elapsed
 
 
-async def raw_aiobotocore(endpoint: str, prefix: str, n: int, width: int, size: int) -> float:
+async def raw_aiobotocore(
+    endpoint: str, prefix: str, n: int, width: int, size: int, meter: CpuMeter
+) -> float:
     config = Config(max_pool_connections=width, retries={"mode": "standard"})
     async with get_session().create_client(
         "s3", endpoint_url=endpoint, config=config, **aws_credentials()
@@ -269,11 +283,11 @@ async def raw_aiobotocore(endpoint: str, prefix: str, n: int, width: int, size: 
             )
 
         await keep_in_flight(put, f"{prefix}warm-up/", width, width)
-        return await keep_in_flight(put, prefix, n, width)
+        return await keep_in_flight(put, prefix, n, width, meter)
 
 
 async def end_to_end(
-    broker_url: str, queue: str, prefix: str, n: int, width: int, size: int
+    broker_url: str, queue: str, prefix: str, n: int, width: int, size: int, meter: CpuMeter
 ) -> float:
     stub = send_to_s3.with_options(queue=queue)
     content = "x" * size
@@ -286,7 +300,7 @@ async def end_to_end(
                 raise RuntimeError(f"unexpected receipt for {key}: {receipt!r}")
 
         await keep_in_flight(upload, f"{prefix}warm-up/", width, width)
-        return await keep_in_flight(upload, prefix, n, width)
+        return await keep_in_flight(upload, prefix, n, width, meter)
 
 
 def aws_credentials() -> dict[str, str]:
@@ -316,7 +330,23 @@ class Row:
     measurement: str
     broker: str
     rate: float
+    n: int
     landed: str = ""
+    cpu: CpuUse | None = None
+
+    def cpu_columns(self) -> str:
+        """Machine busy, and the caller's and worker's CPU milliseconds per upload."""
+        if self.cpu is None:
+            return "- | - | -"
+        busy = self.cpu.machine_busy
+        worker = self.cpu.worker_s
+        return " | ".join(
+            (
+                f"{busy:.0%}" if busy is not None else "-",
+                f"{self.cpu.caller_s * 1000 / self.n:.2f}",
+                f"{worker * 1000 / self.n:.2f}" if worker is not None else "-",
+            )
+        )
 
 
 def run(brokers: list[str], n: int, width: int, size: int, latency_ms: int) -> list[Row]:
@@ -332,9 +362,11 @@ def run(brokers: list[str], n: int, width: int, size: int, latency_ms: int) -> l
             "PUSHER_CONCURRENCY": str(width),
         }
 
-        def record(measurement: str, broker: str, prefix: str, rate: float) -> None:
+        def record(
+            measurement: str, broker: str, prefix: str, rate: float, meter: CpuMeter
+        ) -> None:
             landed = count_objects(s3, prefix)
-            rows.append(Row(measurement, broker, rate, f"{landed}/{n}"))
+            rows.append(Row(measurement, broker, rate, n, f"{landed}/{n}", meter.use))
             status = "ok" if landed == n else "MISSING OBJECTS"
             print(
                 f"  {measurement} [{broker}]: {rate:,.0f} uploads/s; "
@@ -343,7 +375,9 @@ def run(brokers: list[str], n: int, width: int, size: int, latency_ms: int) -> l
             )
 
         prefix = "raw/"
-        record(RAW, "-", prefix, asyncio.run(raw_aiobotocore(endpoint, prefix, n, width, size)))
+        meter = CpuMeter()
+        rate = asyncio.run(raw_aiobotocore(endpoint, prefix, n, width, size, meter))
+        record(RAW, "-", prefix, rate, meter)
 
         for broker in brokers:
             url = BROKERS[broker]
@@ -362,9 +396,10 @@ def run(brokers: list[str], n: int, width: int, size: int, latency_ms: int) -> l
             ]
             for measurement, worker in workers:
                 prefix = f"{broker}/{worker.queue}/"
-                with worker.running():
-                    rate = asyncio.run(end_to_end(url, worker.queue, prefix, n, width, size))
-                record(measurement, broker, prefix, rate)
+                with worker.running() as running:
+                    meter = CpuMeter(running.pid)
+                    rate = asyncio.run(end_to_end(url, worker.queue, prefix, n, width, size, meter))
+                record(measurement, broker, prefix, rate, meter)
                 problems = log_problems(worker.log())
                 if problems:
                     print(f"    {len(problems)} log lines to look at in {worker.log_path}:")
@@ -386,14 +421,15 @@ def report(rows: list[Row], n: int, width: int, size: int, latency_ms: int) -> N
     print()
     print(
         f"| measurement | broker | uploads/s ({latency}) | vs raw aiobotocore "
-        "| vs plain prefork | landed |"
+        "| vs plain prefork | landed | machine CPU busy | caller CPU ms/upload "
+        "| worker CPU ms/upload |"
     )
-    print("|---|---|---:|---:|---:|---:|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         vs_plain = f"{r.rate / prefork[r.broker]:.2f}x" if r.broker in prefork else "-"
         print(
             f"| {r.measurement} | {r.broker} | {r.rate:,.0f} | {r.rate / raw:.0%} "
-            f"| {vs_plain} | {r.landed} |"
+            f"| {vs_plain} | {r.landed} | {r.cpu_columns()} |"
         )
     print()
     for r in rows:
@@ -407,6 +443,11 @@ def report(rows: list[Row], n: int, width: int, size: int, latency_ms: int) -> N
             f">= 2x plain prefork boto3 worker: {'MET' if factor >= 2 else 'NOT MET'} "
             f"({r.rate:,.0f} vs {prefork[r.broker]:,.0f} uploads/s = {factor:.2f}x)"
         )
+    print(
+        "\nCPU columns: share of the machine's CPUs busy (any process: moto, the delay proxy, "
+        "brokers included), and CPU time per upload of the calling process and of the worker "
+        "process tree. When the machine is near 100%, rates measure CPU cost, not waiting."
+    )
     print(f"\nworker and moto logs: {log_dir()}")
 
 
