@@ -32,6 +32,28 @@ def purge(broker_url: str, queue: str) -> None:
         connection.default_channel.queue_purge(queue)
 
 
+def publish_message(
+    broker_url: str,
+    queue: str,
+    body: bytes,
+    headers: dict[str, Any],
+    content_type: str = "application/json",
+    content_encoding: str = "utf-8",
+) -> None:
+    """A message with exactly these headers and body on ``queue``, sent with kombu as a
+    careless (or hostile) sender would."""
+    with kombu.Connection(broker_url) as connection:
+        connection.Producer().publish(
+            body,
+            routing_key=queue,
+            exchange=queue,
+            declare=[kombu.Queue(queue, kombu.Exchange(queue, "direct"), routing_key=queue)],
+            headers=headers,
+            content_type=content_type,
+            content_encoding=content_encoding,
+        )
+
+
 def dead_letters(broker_url: str, queue: str) -> list[dict[str, Any]]:
     """Headers and raw body of each message on ``queue``'s dead-letter queue (consumed)."""
     found = []

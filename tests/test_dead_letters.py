@@ -11,14 +11,13 @@ import uuid
 from pathlib import Path
 
 import anyio
-import kombu
 import pytest
 from celery import Celery
 
 from celerybridge import Bridge, DeadLetteredError, RemoteTaskError
 from celerybridge._dead_letter import move_to_dead_letters
 
-from ._brokers import dead_letters, purge, queue_length
+from ._brokers import dead_letters, publish_message, purge, queue_length
 from ._workers import Worker
 from .workers import bindings
 
@@ -32,16 +31,7 @@ def publish_raw(broker_url: str, queue: str, body: bytes, content_type: str, tas
     """A protocol-v2 task message with any body, as a careless sender would send it."""
     task_id = str(uuid.uuid4())
     headers = {"lang": "py", "task": task, "id": task_id, "root_id": task_id}
-    with kombu.Connection(broker_url) as connection:
-        connection.Producer().publish(
-            body,
-            routing_key=queue,
-            exchange=queue,
-            declare=[kombu.Queue(queue, kombu.Exchange(queue, "direct"), routing_key=queue)],
-            headers=headers,
-            content_type=content_type,
-            content_encoding="binary",
-        )
+    publish_message(broker_url, queue, body, headers, content_type, "binary")
     return task_id
 
 
