@@ -9,7 +9,6 @@ them all back (RabbitMQ in their order; Redis may change the order).
 from __future__ import annotations
 
 import base64
-import json
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,13 +16,7 @@ from typing import Any
 
 import kombu
 
-from ._constants import (
-    CONTENT_TYPE,
-    DEAD_FROM_HEADER,
-    DEAD_REASON_HEADER,
-    SIGNATURE_HEADER,
-    TIMESTAMP_HEADER,
-)
+from ._constants import CONTENT_TYPE, DEAD_FROM_HEADER, DEAD_REASON_HEADER
 from ._dead_letter import dead_letter_queue
 from ._exceptions import CallError, DelegationError
 from ._signing import Signer
@@ -113,29 +106,23 @@ def list_dead_letters(broker_url: str, queue: str) -> list[DeadLetter]:
 
 
 def signed_headers(letter: DeadLetter, signer: Signer) -> dict[str, Any]:
-    """``letter``'s headers with a fresh signature of its task, id and body, signed now.
+    """``letter``'s headers with a fresh signature of its task, id, service and body,
+    signed now.
 
     Whoever replays with the key vouches for the letter: a message refused as forged
     becomes genuine. Only JSON ``[args, kwargs, ...]`` bodies can be signed.
     """
-    try:
-        document = json.loads(letter.body) if letter.content_type == CONTENT_TYPE else None
-    except ValueError:
-        document = None
-    if not (
-        isinstance(document, list)
-        and len(document) >= 2
-        and isinstance(document[0], list)
-        and isinstance(document[1], dict)
-    ):
+    headers = (
+        signer.resigned(letter.headers, letter.body)
+        if letter.content_type == CONTENT_TYPE
+        else None
+    )
+    if headers is None:
         raise CallError(
             f"cannot sign dead letter {letter.task_id}: its body is not a JSON "
             "[args, kwargs, ...] list"
         )
-    headers = {
-        k: v for k, v in letter.headers.items() if k not in (SIGNATURE_HEADER, TIMESTAMP_HEADER)
-    }
-    return {**headers, **signer.headers(letter.task, letter.task_id, document[0], document[1])}
+    return headers
 
 
 def replay(

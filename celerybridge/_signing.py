@@ -71,6 +71,23 @@ BAD_SIGNATURE = (
 UNREADABLE_BODY = "cannot check the signature: the body is not a JSON [args, kwargs, ...] list"
 
 
+def body_call(body: bytes | str) -> tuple[list[Any], dict[str, Any]] | None:
+    """The ``args`` and ``kwargs`` of a JSON task body (``[args, kwargs, embed]``), or
+    ``None`` when the body is not one."""
+    try:
+        document = json.loads(body)
+    except (ValueError, TypeError):
+        return None
+    if (
+        isinstance(document, list)
+        and len(document) >= 2
+        and isinstance(document[0], list)
+        and isinstance(document[1], dict)
+    ):
+        return document[0], document[1]
+    return None
+
+
 class Signer:
     """Signs outgoing task messages and checks incoming ones with one key.
 
@@ -137,16 +154,8 @@ class Signer:
             or isinstance(timestamp, bool)
         ):
             return MALFORMED
-        try:
-            document = json.loads(body)
-        except (ValueError, TypeError):
-            return UNREADABLE_BODY
-        if (
-            not isinstance(document, list)
-            or len(document) < 2
-            or not isinstance(document[0], list)
-            or not isinstance(document[1], dict)
-        ):
+        call = body_call(body)
+        if call is None:
             return UNREADABLE_BODY
         service = headers.get(SERVICE_HEADER)
         expected = self._sign(
@@ -154,8 +163,7 @@ class Signer:
             str(headers.get("id")),
             timestamp,
             None if service is None else str(service),
-            document[0],
-            document[1],
+            *call,
         )
         if not hmac.compare_digest(expected.encode("ascii"), signature.encode("utf-8")):
             return BAD_SIGNATURE
@@ -173,6 +181,24 @@ class Signer:
                 f"{SIGNING_CLOCK_SKEW} s ahead of this worker's clock"
             )
         return None
+
+    def resigned(self, headers: Mapping[str, Any], body: bytes | str) -> dict[str, Any] | None:
+        """``headers`` of a received message with a fresh signature over it, signed now
+        (``None`` if its body is not a JSON task body). Whoever does this vouches for it."""
+        call = body_call(body)
+        if call is None:
+            return None
+        kept = {k: v for k, v in headers.items() if k not in _SIGNATURE_HEADERS}
+        service = kept.get(SERVICE_HEADER)
+        return {
+            **kept,
+            **self.headers(
+                str(kept.get("task")),
+                str(kept.get("id")),
+                *call,
+                service=None if service is None else str(service),
+            ),
+        }
 
     def _sign(
         self,

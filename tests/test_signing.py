@@ -43,7 +43,7 @@ from celerybridge._transports._protocol import Origin, task_message
 from celerybridge._transports.base import OutgoingMessage
 from celerybridge._transports.kombu import client_app
 
-from ._brokers import BROKERS, RESULT_BACKEND, dead_letters, purge, queue_length
+from ._brokers import BROKERS, RESULT_BACKEND, dead_letters, publish_message, purge, queue_length
 from ._workers import Worker
 from .workers import bindings
 
@@ -336,20 +336,6 @@ async def assert_refused(
     assert f"Task calc.add[{task_id}] received" not in worker.log()
 
 
-def publish(broker_url: str, queue: str, body: bytes, headers: dict[str, Any]) -> None:
-    """A task message with exactly these headers and body, sent with kombu."""
-    with kombu.Connection(broker_url) as connection:
-        connection.Producer().publish(
-            body,
-            routing_key=queue,
-            exchange=queue,
-            declare=[kombu.Queue(queue, kombu.Exchange(queue, "direct"), routing_key=queue)],
-            headers=headers,
-            content_type="application/json",
-            content_encoding="utf-8",
-        )
-
-
 def take_one(broker_url: str, queue: str) -> tuple[dict[str, Any], bytes]:
     """Headers and body of the message waiting on ``queue`` (consumed), as a worker gets it."""
     with kombu.Connection(broker_url) as connection:
@@ -426,7 +412,9 @@ async def test_a_tampered_copy_of_a_signed_message_is_refused(
         assert body.startswith(b"[[1, 2], {}, ")
         if change != "none":
             headers, body = TAMPERINGS[change](headers, body)
-        await anyio.to_thread.run_sync(publish, broker_url, keyed_worker.queue, body, headers)
+        await anyio.to_thread.run_sync(
+            publish_message, broker_url, keyed_worker.queue, body, headers
+        )
         if change == "none":  # the copy itself is good: a replay inside the window runs
             assert (await handle.result(timeout=20)).value == 3
         else:
@@ -448,7 +436,7 @@ async def test_a_signature_outside_the_window_is_refused(
         **Signer(KEY, 300).headers("calc.add", task_id, (1, 2), {}, now=signed_at),
     }
     await anyio.to_thread.run_sync(
-        publish, broker_url, keyed_worker.queue, body_of((1, 2), {}), headers
+        publish_message, broker_url, keyed_worker.queue, body_of((1, 2), {}), headers
     )
     stamp = datetime.fromtimestamp(int(signed_at), UTC).isoformat()
     reason = (
@@ -519,9 +507,12 @@ async def test_a_dead_letter_replayed_with_sign_runs_and_without_is_refused_agai
         "task": "calc.add",
         "id": task_id,
         "root_id": task_id,
-        **Signer(KEY, 300).headers("calc.add", task_id, (2, 3), {}, now=time.time() - 3600),
+        SERVICE_HEADER: "svc-a",  # re-signing must cover it, as the worker checks it
+        **Signer(KEY, 300).headers(
+            "calc.add", task_id, (2, 3), {}, now=time.time() - 3600, service="svc-a"
+        ),
     }
-    await anyio.to_thread.run_sync(publish, broker_url, queue, body_of((2, 3), {}), headers)
+    await anyio.to_thread.run_sync(publish_message, broker_url, queue, body_of((2, 3), {}), headers)
     with pytest.raises(DeadLetteredError) as caught:
         await bridge.handle(bindings.add, task_id).result(timeout=20)
     expired = caught.value.remote_message
