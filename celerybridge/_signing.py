@@ -38,6 +38,7 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from celery import Celery
 from celery.app.amqp import AMQP, task_message
 from kombu.utils.json import dumps as kombu_json_dumps
 
@@ -50,8 +51,6 @@ from ._constants import (
 )
 
 if TYPE_CHECKING:
-    from celery import Celery
-
     from ._config import BridgeSettings
 
 _SIGNATURE_HEADERS = frozenset({SIGNATURE_HEADER, TIMESTAMP_HEADER})
@@ -223,12 +222,14 @@ class Signer:
 _app_signers: weakref.WeakKeyDictionary[Celery, Signer] = weakref.WeakKeyDictionary()
 
 
-def attach(app: Celery, signer: Signer | None) -> None:
-    """Make ``app`` sign what it sends and, as a worker, check what it receives."""
-    if signer is None:
-        _app_signers.pop(app, None)
-    else:
+def signing_app(main: str, settings: BridgeSettings, **options: Any) -> Celery:
+    """A Celery app (``Celery(main, **options)``) that, when ``settings`` have a signing
+    key, signs what it sends and, as a worker, checks what it receives."""
+    signer = Signer.from_settings(settings)
+    app = Celery(main, amqp=SigningAMQP if signer is not None else None, **options)
+    if signer is not None:
         _app_signers[app] = signer
+    return app
 
 
 def signer_of(app: Celery) -> Signer | None:

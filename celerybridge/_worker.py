@@ -14,7 +14,7 @@ from ._constants import SERIALIZER, SERVICE_HEADER
 from ._dead_letter import DeadLetterTask
 from ._exceptions import ContractError, SignatureMismatchError
 from ._registry import registry
-from ._signing import Signer, SigningAMQP, attach
+from ._signing import signing_app
 from ._worker_loop import worker_loop
 
 if TYPE_CHECKING:
@@ -67,14 +67,7 @@ def celery_app(main: str, settings: BridgeSettings | None = None, **conf: Any) -
     that key within ``CELERYBRIDGE_SIGNING_MAX_AGE`` seconds; the rest go to
     ``<queue>.dead`` too. What the app sends itself (retries) is signed."""
     settings = load_settings(settings)
-    signer = Signer.from_settings(settings)
-    app = Celery(
-        main,
-        broker=settings.broker_url,
-        backend=settings.result_backend,
-        amqp=SigningAMQP if signer is not None else None,
-    )
-    attach(app, signer)
+    app = signing_app(main, settings, broker=settings.broker_url, backend=settings.result_backend)
     transport_options = {
         **broker_transport_options(settings.broker_url),
         **conf.pop("broker_transport_options", {}),

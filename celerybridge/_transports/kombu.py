@@ -24,7 +24,7 @@ from .._constants import (
     SERIALIZER,
 )
 from .._exceptions import ConfigurationError, DelegationError, ResultBackendError
-from .._signing import Signer, SigningAMQP, attach
+from .._signing import signing_app
 from ._errors import translate
 from ._threads import ThreadCalls
 from .base import OutgoingMessage, Publisher, ResultSource, TaskOutcome, outcome_from_meta
@@ -35,15 +35,13 @@ _AMQP_SCHEMES = frozenset({"amqp", "amqps", "pyamqp"})
 def client_app(settings: BridgeSettings, *, with_backend: bool, main: str) -> Celery:
     """A Celery app used only as a client: JSON only, bounded connect and publish times,
     signing what it sends when the settings have a signing key."""
-    signer = Signer.from_settings(settings)
-    app = Celery(
+    app = signing_app(
         main,
+        settings,
         broker=settings.broker_url,
         backend=settings.result_backend if with_backend else None,
         set_as_current=False,
-        amqp=SigningAMQP if signer is not None else None,
     )
-    attach(app, signer)
     timeout = settings.publish_timeout
     transport_options: dict[str, Any] = {
         "socket_connect_timeout": timeout,
