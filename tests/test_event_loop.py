@@ -19,6 +19,7 @@ from celerybridge._transports.redis import RedisPublisher
 from celerybridge._transports.redis_results import RedisResultSource
 
 from ._brokers import RESULT_BACKEND, purge, queue_length
+from ._loop_lag import ticker
 
 pytestmark = pytest.mark.integration
 QUEUE = f"cb-lag-{uuid.uuid4().hex[:8]}"
@@ -28,15 +29,6 @@ QUEUE = f"cb-lag-{uuid.uuid4().hex[:8]}"
 def echo(payload: str) -> str: ...
 
 
-async def _ticker(lags: list[tuple[float, float]], stop: anyio.Event) -> None:
-    """Record (when, how late) for 1 ms sleeps until ``stop``."""
-    interval = 0.001
-    while not stop.is_set():
-        started = time.perf_counter()
-        await anyio.sleep(interval)
-        lags.append((started, time.perf_counter() - started - interval))
-
-
 async def test_loop_lag_with_1000_delegations_in_flight(
     bridge: Bridge, broker: str, broker_url: str
 ) -> None:
@@ -44,7 +36,7 @@ async def test_loop_lag_with_1000_delegations_in_flight(
     samples: list[tuple[float, float]] = []
     stop = anyio.Event()
     async with anyio.create_task_group() as group:
-        group.start_soon(_ticker, samples, stop)
+        group.start_soon(ticker, samples, stop)
         await anyio.sleep(0.05)
         started = time.perf_counter()
         async with anyio.create_task_group() as senders:

@@ -29,6 +29,7 @@ from celerybridge._transports.redis_results import RedisResultSource
 from pusher.bindings import Receipt, send_to_s3
 
 from .._brokers import BROKERS, RESULT_BACKEND, purge, queue_length
+from .._loop_lag import ticker
 from .._workers import Worker
 from ._ledger import Ledger, content_for
 from .conftest import Scale, report
@@ -70,15 +71,6 @@ nothing per task may stay behind (a waiter, a channel, a decoded meta)."""
 # 2-core machine, where the OS alone pauses a process for tens of ms now and then.
 LAG_P99 = 0.1
 LAG_MAX = 0.25
-
-
-async def _ticker(lags: list[tuple[float, float]], stop: anyio.Event) -> None:
-    """Record (when, how late) for 1 ms sleeps until ``stop``."""
-    interval = 0.001
-    while not stop.is_set():
-        started = time.perf_counter()
-        await anyio.sleep(interval)
-        lags.append((started, time.perf_counter() - started - interval))
 
 
 async def _in_lanes(
@@ -194,7 +186,7 @@ async def test_a_flood_published_while_the_pusher_is_stopped_is_all_executed(
             stop = anyio.Event()
             with _Collections() as collections:
                 async with anyio.create_task_group() as group:
-                    group.start_soon(_ticker, samples, stop)
+                    group.start_soon(ticker, samples, stop)
                     await anyio.sleep(0.05)
                     started = time.perf_counter()
                     await _in_lanes(width, publish, range(WARM_UP, half))
