@@ -1,4 +1,4 @@
-"""moto's standalone S3 server as a process, and a delay proxy to put in front of it."""
+"""moto's standalone S3 server as a process, and proxies to put in front of it."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import time
 from collections import Counter
 from contextlib import suppress
 from dataclasses import dataclass, field
+from typing import Literal
 
 import boto3
 
@@ -63,38 +64,47 @@ class MotoServer:
 
 
 _REQUEST_LINE = re.compile(rb"^(PUT|POST) (/[^ ?]+)")
-_SLOW_DOWN_BODY = (
-    b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
-    b"<Message>Please reduce your request rate.</Message></Error>"
-)
-_SLOW_DOWN = (
-    b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\n"
-    b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(_SLOW_DOWN_BODY)
-) + _SLOW_DOWN_BODY
+Verdict = Literal["forward", "close", "reset"]
 
 
-class DelayProxy:
-    """A TCP proxy that can hold requests back or throttle them, and counts uploads by path.
+def s3_error(status: int, reason: str, code: str, message: str) -> bytes:
+    """A whole S3 error answer that closes the connection."""
+    body = (
+        f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code>'
+        f"<Message>{message}</Message></Error>"
+    ).encode()
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/xml\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode()
+    return head + body
 
-    With ``delay`` set, each request waits that long before it is forwarded, so a test
-    can act (kill a worker) while an upload is certainly in progress.
-    """
 
-    def __init__(self, target_port: int) -> None:
+_SLOW_DOWN = s3_error(503, "Slow Down", "SlowDown", "Please reduce your request rate.")
+
+
+class TcpProxy:
+    """Plain TCP forwarding to ``127.0.0.1:target_port``, one thread per direction of
+    each connection. Each upload request (``PUT`` or ``POST``) from a client goes
+    through :meth:`on_request` first, which subclasses override."""
+
+    def __init__(self, target_port: int, backlog: int = 256) -> None:
         self.target_port = target_port
         self.port = free_port()
-        self.delay = 0.0
-        self.slow_downs = 0
-        """How many of the next uploads get S3's ``503 SlowDown`` instead of reaching S3."""
-        self.uploads: Counter[str] = Counter()
-        self.upload_seen = threading.Event()
-        self._server = socket.create_server(("127.0.0.1", self.port))
+        self._closed = threading.Event()
+        self._server = socket.create_server(("127.0.0.1", self.port), backlog=backlog)
         self._sockets: set[socket.socket] = set()
         threading.Thread(target=self._accept, daemon=True).start()
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    def on_request(self, path: str, client: socket.socket) -> Verdict:
+        """What becomes of an upload to ``path`` (``/bucket/key``): ``forward`` it, or
+        ``close`` the connection (after answering on ``client``, or not), or ``reset`` it
+        (``client`` set to send RST on close)."""
+        return "forward"
 
     def _accept(self) -> None:
         while True:
@@ -105,34 +115,66 @@ class DelayProxy:
             threading.Thread(target=self._serve, args=(client,), daemon=True).start()
 
     def _serve(self, client: socket.socket) -> None:
-        upstream = socket.create_connection(("127.0.0.1", self.target_port))
+        try:
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+        except OSError:
+            client.close()
+            return
         self._sockets |= {client, upstream}
         threading.Thread(target=self._pipe, args=(upstream, client, False), daemon=True).start()
         self._pipe(client, upstream, True)
 
-    def _pipe(self, source: socket.socket, sink: socket.socket, inspect: bool) -> None:
+    def _pipe(self, source: socket.socket, sink: socket.socket, requests: bool) -> None:
+        reset = False
         try:
             while data := source.recv(65536):
-                match = _REQUEST_LINE.match(data) if inspect else None
+                match = _REQUEST_LINE.match(data) if requests else None
                 if match:
-                    self.uploads[match.group(2).decode()] += 1
-                    self.upload_seen.set()
-                    if self.slow_downs > 0:
-                        self.slow_downs -= 1
-                        source.sendall(_SLOW_DOWN)
+                    verdict = self.on_request(match.group(2).decode(), source)
+                    if verdict != "forward":
+                        reset = verdict == "reset"
                         return
-                    time.sleep(self.delay)
                 sink.sendall(data)
         except OSError:
             pass
         finally:
             for sock in (source, sink):
-                with suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
+                if not (reset and sock is source):  # a FIN first would spoil the RST
+                    with suppress(OSError):  # wakes the other direction's recv
+                        sock.shutdown(socket.SHUT_RDWR)
                 sock.close()
                 self._sockets.discard(sock)
 
     def close(self) -> None:
+        self._closed.set()
         self._server.close()
         for sock in list(self._sockets):
+            with suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
             sock.close()
+
+
+class DelayProxy(TcpProxy):
+    """A TCP proxy that can hold requests back or throttle them, and counts uploads by path.
+
+    With ``delay`` set, each request waits that long before it is forwarded, so a test
+    can act (kill a worker) while an upload is certainly in progress.
+    """
+
+    def __init__(self, target_port: int) -> None:
+        super().__init__(target_port)
+        self.delay = 0.0
+        self.slow_downs = 0
+        """How many of the next uploads get S3's ``503 SlowDown`` instead of reaching S3."""
+        self.uploads: Counter[str] = Counter()
+        self.upload_seen = threading.Event()
+
+    def on_request(self, path: str, client: socket.socket) -> Verdict:
+        self.uploads[path] += 1
+        self.upload_seen.set()
+        if self.slow_downs > 0:
+            self.slow_downs -= 1
+            client.sendall(_SLOW_DOWN)
+            return "close"
+        time.sleep(self.delay)
+        return "forward"
