@@ -342,7 +342,7 @@ class Row:
         worker = self.cpu.worker_s
         return " | ".join(
             (
-                f"{busy:.0%}" if busy is not None else "-",
+                f"{busy:.0%}",
                 f"{self.cpu.caller_s * 1000 / self.n:.2f}",
                 f"{worker * 1000 / self.n:.2f}" if worker is not None else "-",
             )

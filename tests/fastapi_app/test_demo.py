@@ -16,6 +16,7 @@ from typing import Any
 
 import boto3
 import httpx
+import psutil
 import pytest
 
 from .._brokers import BROKERS, RESULT_BACKEND
@@ -25,28 +26,11 @@ from ..pusher._s3server import MotoServer, free_port
 pytestmark = pytest.mark.integration
 
 
-def descendants(pid: int) -> set[int]:
-    """Every process below ``pid``, read from /proc."""
-    parents: dict[int, int] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:  # gone meanwhile
-            continue
-        parents[int(stat.parent.name)] = int(fields[1])
-    found, frontier = set(), {pid}
-    while frontier:
-        frontier = {child for child, parent in parents.items() if parent in frontier}
-        found |= frontier
-    return found
-
-
-def alive(pid: int) -> bool:
+def alive(process: psutil.Process) -> bool:
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    return state != "Z"
 
 
 @dataclass
@@ -104,7 +88,7 @@ def run_demo(tmp_path: Path, **config: str) -> Iterator[Demo]:
     demo = Demo(process, log, f"http://127.0.0.1:{port_a}")
     try:
         demo.wait_for(r"(Press CTRL\+C to stop)")
-        children = descendants(process.pid)
+        children = psutil.Process(process.pid).children(recursive=True)
         assert len(children) >= 3  # the pusher, two services (and S3 when embedded)
         yield demo
         process.send_signal(signal.SIGINT)
@@ -113,7 +97,7 @@ def run_demo(tmp_path: Path, **config: str) -> Iterator[Demo]:
         if process.poll() is None:
             process.kill()
             process.wait()
-    assert [pid for pid in children if alive(pid)] == []
+    assert [child.pid for child in children if alive(child)] == []
     for name in ("service-a", "service-b", "pusher"):
         assert f"demo | {name} stopped" in demo.output()
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import time
 import tracemalloc
 import uuid
@@ -20,6 +19,7 @@ from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 import anyio
+import psutil
 import pytest
 import redis
 from pydantic import TypeAdapter
@@ -123,12 +123,6 @@ def _fill_string_cache() -> None:
     TypeAdapter(list[str]).validate_json(strings)
 
 
-def _rss() -> int:
-    """This process's resident set size, in bytes (Linux)."""
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def _subscribers(channels: list[bytes]) -> int:
     """Subscribers, on the result backend's Redis, to any of ``channels``."""
     with redis.Redis.from_url(RESULT_BACKEND) as client:
@@ -180,7 +174,7 @@ async def test_a_flood_published_while_the_pusher_is_stopped_is_all_executed(
             assert not await first.done()  # the result client, connected
             with pytest.raises(ResultTimeoutError):  # the subscriber, connected
                 await first.result(timeout=0.05)
-            rss_before = _rss()
+            rss_before = psutil.Process().memory_info().rss
 
             samples: list[tuple[float, float]] = []
             stop = anyio.Event()
@@ -192,7 +186,8 @@ async def test_a_flood_published_while_the_pusher_is_stopped_is_all_executed(
                     await _in_lanes(width, publish, range(WARM_UP, half))
                     elapsed = time.perf_counter() - started
                     stop.set()
-                rss_after = _rss()  # before tracemalloc, whose own tables would count
+                # Before tracemalloc, whose own tables would count.
+                rss_after = psutil.Process().memory_info().rss
             lags = sorted(
                 lag - collections.within(when, when + 0.001 + lag)
                 for when, lag in samples

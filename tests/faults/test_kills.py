@@ -13,10 +13,10 @@ import random
 import signal
 import uuid
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import anyio
+import psutil
 import pytest
 
 from .._workers import Worker
@@ -58,19 +58,6 @@ def _assert_all_ran_but_what_kombu_drops(
     allowed = scale.kills if broker == "redis" else 0
     assert tally.vanished <= allowed, (seed, tally.examples[:5])
     assert tally.ok == tally.landed == scale.uploads - tally.vanished, (seed, tally)
-
-
-def _children(pid: int) -> list[int]:
-    """Processes whose parent is ``pid`` (read from /proc, as ``pgrep -P`` does)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:  # gone meanwhile
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(stat.parent.name))
-    return found
 
 
 async def test_killing_whole_workers_loses_nothing(
@@ -126,10 +113,10 @@ async def test_killing_pool_children_loses_nothing(
         for moment in _kill_moments(scale, seed):
             await progress.reached(moment)
             with anyio.fail_after(30):  # the pool may be replacing the previous victim
-                # Nothing to wait on but /proc: poll.
-                while not (children := _children(parent)):  # noqa: ASYNC110
+                # Nothing to wait on: poll.
+                while not (children := psutil.Process(parent).children()):  # noqa: ASYNC110
                     await asyncio.sleep(0.05)
-            victim = rng.choice(children)
+            victim = rng.choice(children).pid
             ledger.fault("pool child SIGKILL", victim)
             os.kill(victim, signal.SIGKILL)
 
