@@ -8,7 +8,7 @@ Measures, in one run, on Redis and on RabbitMQ, with a 1 KiB payload:
   ``anyio.to_thread`` vs an httpx POST to a FastAPI endpoint that only accepts the
   JSON (uvicorn in a subprocess) vs the raw ceiling (redis-py asyncio ``LPUSH`` of the
   same bytes; aio-pika publish with confirms on AMQP, when aio-pika is installed);
-- event-loop lag p99 while 1,000 delegations are in flight (``bench._common.loop_lag_p99``);
+- event-loop lag p99 while 1,000 delegations are in flight (``bench._common.loop_lag``);
 - publish rate and peak memory for 1 KiB, 64 KiB, 1 MiB and 16 MiB payloads;
 - round trips (delegate, then await the result) against a real Celery worker
   (``bench.echo_worker``): how fast it drains a pre-filled queue (the ceiling), p50/p99
@@ -37,6 +37,7 @@ from ._publish import (
     SEND_TASK,
     SizeRow,
     http_rates,
+    lag_label,
     loop_lag_rows,
     path_label,
     publish_rows,
@@ -114,9 +115,7 @@ def target_lines(results: Results, brokers: list[str]) -> list[str]:
         rate = results.value(b, f"{ours}, {WIDTH} in flight") or 0.0
         drain = results.value(b, DRAIN) or 0.0
         threads = results.value(b, GET_THREADS) or 0.0
-        lag = next(
-            (r.value or 0.0) for r in results.rows if r.section == "loop lag" and r.broker == b
-        )
+        lag = results.value(b, lag_label(ours)) or 0.0
         raw_text = f"{seq:,.0f} vs {raw:,.0f} msg/s = {seq / raw:.0%}" if raw else "raw ceiling n/a"
         lines += [
             f"- {b}: publish sequential >= 60% of raw: "

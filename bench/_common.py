@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import math
 import os
 import socket
 import statistics
@@ -32,6 +34,8 @@ RUN = uuid.uuid4().hex[:8]
 KIB = 1024
 WIDTH = 50
 """Calls in flight in every "50 concurrent" / "50 in flight" measurement."""
+Call = Callable[[], Coroutine[Any, Any, object]]
+"""One call under test, ready to be started."""
 
 
 @remote_task(name="bench.echo", queue=f"cb-bench-{RUN}")
@@ -121,18 +125,33 @@ async def rate_concurrent(n: int, one: Callable[[], Awaitable[object]], width: i
     return n / (time.perf_counter() - started)
 
 
-async def loop_lag_p99(
-    calls: list[Callable[[], Coroutine[Any, Any, object]]], rounds: int = 5
-) -> tuple[float, int]:
-    """Event-loop lag p99 (ms) while ``calls`` all run at once, and how many samples.
+@dataclass
+class LoopLag:
+    """How late the event loop ran while a burst of calls was in flight."""
 
-    A 1 ms ticker measures how late each of its wake-ups is. Only ticks that start after
-    every call has been started and end before the last one finished count, so idle
-    time before or after cannot dilute the percentile. The burst is repeated ``rounds``
-    times and the samples pooled: a fast burst lasts only a few dozen ticks.
+    p99_ms: float
+    """p99 of how late a 1 ms ticker woke up while every call was in flight."""
+    samples: int
+    start_ms: float
+    """The longest single loop iteration in which the calls took their first step."""
+
+
+async def loop_lag(
+    calls: list[Callable[[], Coroutine[Any, Any, object]]], rounds: int = 5
+) -> LoopLag:
+    """Event-loop lag while ``calls`` are all in flight, and what starting them cost.
+
+    The calls are started at once, so they all take their first step (up to their first
+    wait) in one iteration of the loop; how long that iteration takes is reported apart,
+    as the cost of starting them. From the next iteration on every call is in flight:
+    a 1 ms ticker measures how late each of its wake-ups is, counting only ticks that
+    start after that and end before the last call finished, so neither the start nor
+    idle time before or after can dilute or inflate the p99. The burst is repeated
+    ``rounds`` times and the samples pooled: a fast burst lasts only a few dozen ticks.
     """
     interval = 0.001
     lags: list[float] = []
+    starts: list[float] = []
 
     async def ticker(ticks: list[tuple[float, float]], stop: anyio.Event) -> None:
         while not stop.is_set():
@@ -143,15 +162,31 @@ async def loop_lag_p99(
     for _ in range(rounds):
         ticks: list[tuple[float, float]] = []
         stop = anyio.Event()
+        begun = 0.0
+        flying = math.inf
+        pending = len(calls)
+
+        def all_in_flight() -> None:
+            nonlocal flying
+            flying = time.perf_counter()
+
+        async def one(call: Call) -> None:
+            nonlocal pending
+            pending -= 1
+            if not pending:  # the last first step: the next iteration sees all in flight
+                asyncio.get_running_loop().call_soon(all_in_flight)
+            await call()
+
         async with anyio.create_task_group() as outer:
             outer.start_soon(ticker, ticks, stop)
+            await anyio.sleep(0.01)
             async with anyio.create_task_group() as group:
                 for call in calls:
-                    group.start_soon(call)
+                    group.start_soon(one, call)
                 begun = time.perf_counter()
             ended = time.perf_counter()
             stop.set()
-        lags += [end - start - interval for start, end in ticks if start >= begun and end <= ended]
-    if len(lags) < 2:
-        return max(lags, default=0.0) * 1e3, len(lags)
-    return quantile(lags, 0.99) * 1e3, len(lags)
+        starts.append(flying - begun)
+        lags += [end - start - interval for start, end in ticks if start >= flying and end <= ended]
+    p99 = max(lags, default=0.0) if len(lags) < 2 else quantile(lags, 0.99)
+    return LoopLag(p99 * 1e3, len(lags), max(starts) * 1e3)

@@ -7,7 +7,6 @@ from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, TypeVar, overload
 
-import anyio
 import sniffio
 
 from ._config import (
@@ -27,11 +26,12 @@ from ._exceptions import (
 from ._registry import registry
 from ._result import TaskHandle
 from ._signing import Signer
-from ._utils import Timeout, to_seconds
+from ._transports.base import NativePublisher
+from ._utils import Timeout, fail_after, to_seconds
 
 if TYPE_CHECKING:
     from ._contracts import RemoteTask
-    from ._transports.base import Publisher, ResultSource, TaskOutcome
+    from ._transports.base import OutgoingMessage, Publisher, ResultSource, TaskOutcome
 
 R = TypeVar("R")
 
@@ -98,14 +98,21 @@ class Bridge:
 
         ``stacklevel`` is the frame a deprecation warning names: 1 is the caller.
         """
-        call = stub.bind(args, kwargs, stacklevel=stacklevel + 1)
-        message = stub.message(call).from_service(self.settings.service)
         publisher = self._get_publisher()
         timeout = self.settings.publish_timeout
+        message: OutgoingMessage | None = None
         try:
-            with anyio.fail_after(timeout):
+            native = isinstance(publisher, NativePublisher)  # asyncio only
+            async with fail_after(timeout, on_asyncio=native), publisher.admit():
+                call = stub.bind(args, kwargs, stacklevel=stacklevel + 1)
+                message = stub.message(call).from_service(self.settings.service)
                 await publisher.publish(message)
         except TimeoutError:
+            if message is None:
+                raise PublishTimeoutError(
+                    f"task {stub.name!r} v{stub.version} waited {timeout:g} s for other "
+                    "publishes to make room and was not sent"
+                ) from None
             raise PublishTimeoutError(
                 f"the broker did not accept task {stub.name!r} v{stub.version} "
                 f"({message.task_id}) within {timeout:g} s; it may or may not have been delivered"
@@ -137,7 +144,7 @@ class Bridge:
         results = self._get_results()
         timeout = self.settings.publish_timeout
         try:
-            with anyio.fail_after(timeout):
+            async with fail_after(timeout):
                 return await results.poll(task_id)
         except TimeoutError:
             raise ResultBackendError(
@@ -152,7 +159,7 @@ class Bridge:
         limit = self.settings.result_timeout if seconds is None else seconds
         results = self._get_results()
         try:
-            with anyio.fail_after(limit):
+            async with fail_after(limit):
                 return await results.wait(task_id)
         except TimeoutError:
             raise ResultTimeoutError(stub.name, stub.version, task_id, limit) from None

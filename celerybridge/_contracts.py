@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypeVar, ov
 from ._constants import DEFAULT_QUEUE, SERIALIZER, VERSION_KEYWORD
 from ._exceptions import CallError, ConfigurationError, ContractError
 from ._registry import registry
+from ._transports.base import OutgoingMessage
 from ._utils import to_seconds
 from ._validation import Binder, BoundCall
 
@@ -22,7 +23,6 @@ if TYPE_CHECKING:
 
     from ._bridge import Bridge
     from ._result import TaskHandle
-    from ._transports.base import OutgoingMessage
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -164,8 +164,6 @@ class RemoteTask(Generic[P, R]):
 
     def message(self, call: BoundCall, task_id: str | None = None) -> OutgoingMessage:
         """The message that carries a validated call to the broker."""
-        from ._transports.base import OutgoingMessage
-
         return OutgoingMessage.new(self.wire_name, call, self.options, task_id)
 
     async def delegate(self, *args: P.args, **kwargs: P.kwargs) -> TaskHandle[R]:

@@ -51,6 +51,11 @@ class Binder:
         self.signature = signature
         parameters = signature.parameters.values()
         self.positional = tuple(p.name for p in parameters if p.kind in _POSITIONAL)
+        # Every parameter can be passed by position: a call with one positional argument
+        # per parameter and no keywords binds in order, without inspect's machinery.
+        self._by_position = all(
+            p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD for p in parameters
+        )
         self._adapters: dict[str, TypeAdapter[Any]] = {}
         for param in signature.parameters.values():
             if param.kind in _VARIADIC:
@@ -76,6 +81,20 @@ class Binder:
     def _bind(
         self, args: Sequence[Any], kwargs: Mapping[str, Any], *, from_wire: bool
     ) -> BoundCall:
+        values: dict[str, Any] = {}
+        wire: dict[str, Any] = {}
+        for name, raw in self._arguments(args, kwargs).items():
+            values[name], wire[name] = self._validate(name, raw, from_wire)
+        return BoundCall(
+            values=values,
+            args=tuple(wire[name] for name in self.positional),
+            kwargs={k: v for k, v in wire.items() if k not in self.positional},
+        )
+
+    def _arguments(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Mapping[str, Any]:
+        """Each parameter's argument, defaults applied, or :class:`ArgumentError`."""
+        if self._by_position and not kwargs and len(args) == len(self.positional):
+            return dict(zip(self.positional, args, strict=True))
         try:
             bound = self.signature.bind(*args, **kwargs)
         except TypeError as exc:
@@ -85,15 +104,7 @@ class Binder:
                 self.task, self.version, match.group(1) if match else None, message
             ) from None
         bound.apply_defaults()
-        values: dict[str, Any] = {}
-        wire: dict[str, Any] = {}
-        for name, raw in bound.arguments.items():
-            values[name], wire[name] = self._validate(name, raw, from_wire)
-        return BoundCall(
-            values=values,
-            args=tuple(wire[name] for name in self.positional),
-            kwargs={k: v for k, v in wire.items() if k not in self.positional},
-        )
+        return bound.arguments
 
     def call_arguments(self, call: BoundCall) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """Split validated values into the positional and keyword arguments of a body."""

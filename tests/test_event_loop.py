@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import math
 import threading
 import time
 import uuid
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import anyio
+import anyio.lowlevel
 import pytest
 import redis
 
-from celerybridge import Bridge, BridgeSettings, remote_task
+from celerybridge import Bridge, BridgeSettings, PublishTimeoutError, RemoteTask, remote_task
+from celerybridge._constants import PUBLISH_SLOTS
 from celerybridge._transports.amqp import AmqpPublisher
+from celerybridge._transports.base import NativePublisher, OutgoingMessage
 from celerybridge._transports.kombu import KombuPublisher, KombuResultSource
 from celerybridge._transports.redis import RedisPublisher
 from celerybridge._transports.redis_results import RedisResultSource
+from celerybridge._validation import BoundCall
 
 from ._brokers import RESULT_BACKEND, purge, queue_length
 from ._loop_lag import ticker
@@ -35,31 +41,106 @@ async def test_loop_lag_with_1000_delegations_in_flight(
     payload = "x" * 1024
     samples: list[tuple[float, float]] = []
     stop = anyio.Event()
+    pending = 1000
+    flying = math.inf  # once every delegation has taken its first step
+
+    def all_in_flight() -> None:
+        nonlocal flying
+        flying = time.perf_counter()
+
+    async def delegate() -> None:
+        nonlocal pending
+        pending -= 1
+        if not pending:  # the first steps all run in one iteration: the next sees them done
+            asyncio.get_running_loop().call_soon(all_in_flight)
+        await bridge.send(echo, (payload,), {})
+
     async with anyio.create_task_group() as group:
         group.start_soon(ticker, samples, stop)
         await anyio.sleep(0.05)
         started = time.perf_counter()
         async with anyio.create_task_group() as senders:
             for _ in range(1000):
-                senders.start_soon(bridge.send, echo, (payload,), {})
+                senders.start_soon(delegate)
+            begun = time.perf_counter()
         elapsed = time.perf_counter() - started
         stop.set()
     assert queue_length(broker_url, QUEUE) == 1000
     purge(broker_url, QUEUE)
-    # Only while delegations are in flight: idle samples before or after would dilute it.
-    lags = sorted(lag for when, lag in samples if when >= started)
+    # Only while delegations are in flight: idle samples before or after would dilute it,
+    # and the tick that spans their start measures the caller's burst, not the flight.
+    lags = sorted(lag for when, lag in samples if when >= flying)
     p99 = lags[int(len(lags) * 0.99)]
     print(
         f"\n[{broker}] 1000 in flight: {1000 / elapsed:.0f} msg/s, loop lag p99 {p99 * 1e3:.2f} ms"
-        f" (max {lags[-1] * 1e3:.2f} ms)"
+        f" (max {lags[-1] * 1e3:.2f} ms); their first steps took {(flying - begun) * 1e3:.1f} ms"
     )
-    # Measured, reported (issue 5's target is p99 <= 2 ms; not met yet: starting 1,000
-    # delegations in one tick costs tens of ms of validation and task creation on the
-    # loop, and on the fast path the whole run is short enough for that to be the p99).
-    # The bound catches a loop stalled again and again (a blocking connect or publish per
-    # call); one long pause can be the OS on this shared 2-core machine. That no broker
-    # I/O runs on the loop thread is proven directly by the next two tests.
-    assert p99 < 0.25
+    # Measured and printed; issue 5's 2 ms target is judged by `python -m bench` on a
+    # quiet machine, not here, where other tests' workers share two cores. The bound
+    # catches a loop stalled again and again (a blocking connect or publish per call).
+    # That no broker I/O runs on the loop thread is proven directly by the next two tests.
+    assert p99 < 0.1
+
+
+class _Gate(NativePublisher):
+    """A native publisher that sends nothing until its gate opens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.open = asyncio.Event()
+        self.sent: list[OutgoingMessage] = []
+
+    async def _publish(self, message: OutgoingMessage) -> None:
+        await self.open.wait()
+        self.sent.append(message)
+
+    async def aclose(self) -> None:
+        self._closed = True
+
+
+@pytest.fixture
+def binds(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The tasks of the calls validated so far."""
+    seen: list[str] = []
+    original = RemoteTask.bind
+
+    def counting(self: RemoteTask[..., object], *args: Any, **kwargs: Any) -> BoundCall:
+        seen.append(self.name)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(RemoteTask, "bind", counting)
+    return seen
+
+
+async def test_a_burst_is_validated_as_it_is_admitted_not_in_one_go(binds: list[str]) -> None:
+    gate = _Gate()
+    async with Bridge(publisher=gate) as bridge, anyio.create_task_group() as group:
+        for _ in range(200):
+            group.start_soon(bridge.send, echo, ("x",), {})
+        await anyio.lowlevel.checkpoint()  # every sender has taken its first step
+        assert len(binds) == PUBLISH_SLOTS
+        gate.open.set()
+    assert len(binds) == len(gate.sent) == 200
+
+
+async def test_a_publish_that_never_got_room_says_it_was_not_sent(binds: list[str]) -> None:
+    gate = _Gate()  # two bridges on one publisher: one fills its slots, one times out
+    async with (
+        Bridge(publisher=gate) as patient,
+        Bridge(publisher=gate, publish_timeout=0.2) as hasty,
+        anyio.create_task_group() as group,
+    ):
+        for _ in range(PUBLISH_SLOTS):
+            group.start_soon(patient.send, echo, ("x",), {})
+        await anyio.lowlevel.checkpoint()
+        with pytest.raises(PublishTimeoutError) as caught:
+            await hasty.send(echo, ("y",), {})
+        assert len(binds) == PUBLISH_SLOTS  # the hasty call was never validated either
+        gate.open.set()
+    assert str(caught.value) == (
+        "task 'lag.echo' v1 waited 0.2 s for other publishes to make room and was not sent"
+    )
+    assert [m.args for m in gate.sent] == [("x",)] * PUBLISH_SLOTS
 
 
 async def test_kombu_path_publishes_off_the_loop_thread(

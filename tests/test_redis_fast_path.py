@@ -187,18 +187,22 @@ async def test_publisher_reconnects_after_its_connections_are_dropped(
     message = OutgoingMessage(str(uuid.uuid4()), "t", queue, (1,), {})
     publisher = RedisPublisher(REDIS_URL, timeout=5)
     try:
-        await publisher.publish(message)
+        await publisher.publish(message)  # declares the queue: a pipeline from the pool
+        await publisher.publish(message)  # alone, on the publisher's own connection
         pool = publisher._client.connection_pool
         connections = [*pool._available_connections, *pool._in_use_connections]  # type: ignore[attr-defined]
         assert connections
         with redis.Redis.from_url(REDIS_URL) as broker:
-            for connection in connections:  # only ours: the server is shared
-                host, port = connection._writer.get_extra_info("sockname")[:2]
+            for connection in [*connections, publisher._lone]:  # only ours: the server is shared
+                host, port = connection._writer.get_extra_info("sockname")[:2]  # type: ignore[attr-defined]
                 assert broker.client_kill(f"{host}:{port}")
-        await publisher.publish(message)
+        await publisher.publish(message)  # alone, on a dead connection
+        async with anyio.create_task_group() as group:  # batched, on dead pooled connections
+            for _ in range(3):
+                group.start_soon(publisher.publish, message)
     finally:
         await publisher.aclose()
-    assert queue_length(REDIS_URL, queue) == 2
+    assert queue_length(REDIS_URL, queue) == 6
     purge(REDIS_URL, queue)
 
 
@@ -220,23 +224,43 @@ async def test_unreachable_redis_is_a_delegation_or_result_backend_error() -> No
     assert str(failed.value).startswith("subscribing to the result of task id: ConnectionError: ")
 
 
-async def test_a_silent_broker_is_a_publish_timeout() -> None:
+@pytest.fixture
+async def silent_redis() -> AsyncIterator[str]:
+    """The URL of a server that accepts connections and reads, and never answers."""
+
     async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.read(-1)  # accepts, reads, never answers
+        await reader.read(-1)
         writer.close()
 
     server = await asyncio.start_server(swallow, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
     try:
-        settings = BridgeSettings(broker_url=f"redis://127.0.0.1:{port}/0", publish_timeout=0.3)
-        async with Bridge(settings) as bridge:
-            with pytest.raises(PublishTimeoutError) as caught:
-                await bridge.send(bindings.add, (1, 2), {})
+        yield f"redis://127.0.0.1:{server.sockets[0].getsockname()[1]}/0"
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_a_silent_broker_is_a_publish_timeout(silent_redis: str) -> None:
+    settings = BridgeSettings(broker_url=silent_redis, publish_timeout=0.3)
+    async with Bridge(settings) as bridge:
+        with pytest.raises(PublishTimeoutError) as caught:
+            await bridge.send(bindings.add, (1, 2), {})
     assert str(caught.value).startswith("the broker did not accept task 'calc.add' v1 (")
     assert str(caught.value).endswith(") within 0.3 s; it may or may not have been delivered")
+
+
+async def test_a_batch_nobody_waits_for_still_times_out(silent_redis: str) -> None:
+    # The publisher's own bound, for a batch whose callers have no deadline of their own.
+    publisher = RedisPublisher(silent_redis, timeout=0.3)
+    try:
+        with anyio.fail_after(5), pytest.raises(PublishTimeoutError) as caught:
+            await publisher.publish(OutgoingMessage("id", "calc.add", "q", (), {}))
+    finally:
+        await publisher.aclose()
+    assert str(caught.value) == (
+        "Redis did not answer a batch of 1 publishes within 0.3 s; "
+        "they may or may not have been delivered"
+    )
 
 
 async def test_priorities_and_countdown_reach_a_real_worker(

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import aiormq.exceptions
 import amqp.exceptions
 import celery.exceptions
@@ -33,12 +30,25 @@ FOREIGN_ERRORS: tuple[type[BaseException], ...] = (
 """Every family of exception our transports can see from the libraries they call."""
 
 
-@contextmanager
-def translate(target: type[CeleryBridgeError], doing: str) -> Iterator[None]:
-    """Re-raise any foreign error from the block as ``target``, chained with ``from``."""
-    try:
-        yield
-    except CeleryBridgeError:
-        raise
-    except FOREIGN_ERRORS as exc:
-        raise target(f"{doing}: {type(exc).__name__}: {exc}") from exc
+def translate(target: type[CeleryBridgeError], doing: str) -> _Translate:
+    """Re-raise any foreign error from the ``with`` block as ``target``, chained with
+    ``from``; celerybridge's own errors and anything else pass through."""
+    return _Translate(target, doing)
+
+
+class _Translate:
+    # A class, not @contextmanager: it wraps every publish, and a generator costs more.
+    __slots__ = ("doing", "target")
+
+    def __init__(self, target: type[CeleryBridgeError], doing: str) -> None:
+        self.target = target
+        self.doing = doing
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> None:
+        if isinstance(exc, FOREIGN_ERRORS) and not isinstance(exc, CeleryBridgeError):
+            raise self.target(f"{self.doing}: {type(exc).__name__}: {exc}") from exc

@@ -24,18 +24,18 @@ from typing import TYPE_CHECKING, Any
 
 from celery.utils.nodenames import anon_nodename
 from celery.utils.saferepr import saferepr
-from kombu.serialization import dumps as kombu_dumps
-from kombu.utils.json import dumps as json_dumps
+from kombu.utils.json import JSONEncoder
 
 from .._constants import (
     CELERY_PERSISTENT_DELIVERY_MODE,
     CELERY_REPR_MAXLEVELS,
     CELERY_REPR_MAXSIZE,
+    CONTENT_ENCODING,
+    CONTENT_TYPE,
     KOMBU_BINDING_PERMANENT_PREFIX,
     KOMBU_BINDING_PREFIX,
     KOMBU_PRIORITY_STEPS,
     KOMBU_REDIS_SEP,
-    SERIALIZER,
     SERVICE_HEADER,
 )
 from .base import OutgoingMessage
@@ -45,6 +45,10 @@ if TYPE_CHECKING:
 
 BODY_ENCODING = "base64"
 """kombu's virtual transports (Redis among them) base64 the serialised body."""
+
+_KOMBU_JSON = JSONEncoder()
+"""What kombu's ``json`` serializer (``kombu.utils.json.dumps``) encodes with: its
+encoder class with ``json.dumps``' defaults. Built once; ``dumps`` builds one per call."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +102,9 @@ def task_message(
         if expires is not None:
             expires_iso = (now + timedelta(seconds=expires)).isoformat()
     argsrepr = saferepr(args, CELERY_REPR_MAXSIZE, maxlevels=CELERY_REPR_MAXLEVELS)
-    kwargsrepr = saferepr(kwargs, CELERY_REPR_MAXSIZE, maxlevels=CELERY_REPR_MAXLEVELS)
+    kwargsrepr = (
+        saferepr(kwargs, CELERY_REPR_MAXSIZE, maxlevels=CELERY_REPR_MAXLEVELS) if kwargs else "{}"
+    )
     headers: dict[str, Any] = {
         "lang": "py",
         "task": message.task_name,
@@ -137,14 +143,12 @@ def task_message(
         # send_task passes expires as the broker TTL too (Producer.publish's expiration).
         properties["expiration"] = str(int(max(expires, 0) * 1000))
     embed = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
-    content_type, content_encoding, body = kombu_dumps([args, kwargs, embed], SERIALIZER)
-    raw = body.encode(content_encoding) if isinstance(body, str) else body
     return TaskMessage(
         headers=headers,
         properties=properties,
-        body=raw,
-        content_type=content_type,
-        content_encoding=content_encoding,
+        body=_KOMBU_JSON.encode([args, kwargs, embed]).encode(CONTENT_ENCODING),
+        content_type=CONTENT_TYPE,
+        content_encoding=CONTENT_ENCODING,
         priority=int(options.get("priority") or 0),
     )
 
@@ -168,8 +172,7 @@ def redis_payload(message: TaskMessage, queue: str) -> bytes:
         "headers": message.headers,
         "properties": properties,
     }
-    payload: str = json_dumps(document)
-    return payload.encode("utf-8")
+    return _KOMBU_JSON.encode(document).encode(CONTENT_ENCODING)
 
 
 def redis_queue_key(queue: str, priority: int) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from abc import ABC, abstractmethod
+from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -76,6 +77,13 @@ def outcome_from_meta(meta: Any) -> TaskOutcome | None:
 class Publisher(ABC):
     """Puts task messages on a broker."""
 
+    def admit(self) -> AbstractAsyncContextManager[object]:
+        """Room for one more publish, held while it is validated, encoded and sent.
+
+        The bridge builds a message only once admitted. The default admits at once.
+        """
+        return nullcontext()
+
     @abstractmethod
     async def publish(self, message: OutgoingMessage) -> None:
         """Return once the broker has accepted ``message`` (publisher confirms on AMQP)."""
@@ -86,19 +94,22 @@ class Publisher(ABC):
 
 
 class NativePublisher(Publisher):
-    """A publisher on the event loop (the fast path): refuses once closed, and lets at
-    most ``PUBLISH_SLOTS`` publishes in; the rest wait before encoding, so a thousand
-    delegations started at once do not all encode in one loop iteration."""
+    """A publisher on the event loop (the fast path): refuses once closed, and admits
+    at most ``PUBLISH_SLOTS`` publishes at a time; the rest wait before they are
+    validated and encoded, so a thousand delegations started at once do not all do that
+    work in one iteration of the loop."""
 
     def __init__(self) -> None:
         self._closed = False
         self._slots = asyncio.Semaphore(PUBLISH_SLOTS)
 
+    def admit(self) -> AbstractAsyncContextManager[object]:
+        return self._slots
+
     async def publish(self, message: OutgoingMessage) -> None:
         if self._closed:
             raise DelegationError("the publisher is closed")
-        async with self._slots:
-            await self._publish(message)
+        await self._publish(message)
 
     @abstractmethod
     async def _publish(self, message: OutgoingMessage) -> None:
