@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import timedelta
@@ -49,3 +50,13 @@ def fail_after(seconds: float, *, on_asyncio: bool = False) -> AbstractAsyncCont
 async def _anyio_fail_after(seconds: float) -> AsyncIterator[None]:
     with anyio.fail_after(seconds):
         yield
+
+
+def uuid4_str() -> str:
+    """``str(uuid.uuid4())`` at a third of the cost: every delegation takes two (its
+    task id, and on Redis kombu's delivery tag)."""
+    raw = bytearray(os.urandom(16))
+    raw[6] = raw[6] & 0x0F | 0x40  # version 4
+    raw[8] = raw[8] & 0x3F | 0x80  # the RFC 4122 variant
+    digits = raw.hex()
+    return f"{digits[:8]}-{digits[8:12]}-{digits[12:16]}-{digits[16:20]}-{digits[20:]}"

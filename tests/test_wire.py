@@ -65,7 +65,7 @@ def _normalise(message: dict[str, Any], queue: str) -> dict[str, Any]:
     ``origin`` is not normalised: both run in this process, so both say ``gen<pid>@host``.
     """
     props = message["properties"]
-    uuid.UUID(props.pop("delivery_tag"))
+    assert uuid.UUID(props.pop("delivery_tag")).version == 4
     uuid.UUID(props.pop("reply_to"))
     headers = message["headers"]
     for field in ("eta", "expires"):
@@ -79,6 +79,8 @@ def _normalise(message: dict[str, Any], queue: str) -> dict[str, Any]:
 CALLS = [
     pytest.param((1, "x"), {"z": 3}, {}, id="plain"),
     pytest.param(("é🙂" * 600,), {"nested": {"a": [1, None, True]}}, {}, id="long-unicode"),
+    pytest.param(("x" * 1024,), {}, {}, id="1-KiB-string"),
+    pytest.param(("it's a test " * 90, 7, None, 2.5), {}, {}, id="truncated-quoted-args"),
     pytest.param((2,), {}, {"priority": 5, "countdown": 30, "expires": 60}, id="priority-eta"),
     pytest.param((3,), {}, {"priority": 9}, id="priority-9"),
     pytest.param((), {}, {"expires": 2.5}, id="expires-fraction"),

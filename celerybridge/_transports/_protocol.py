@@ -23,13 +23,10 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from celery.utils.nodenames import anon_nodename
-from celery.utils.saferepr import saferepr
 from kombu.utils.json import JSONEncoder
 
 from .._constants import (
     CELERY_PERSISTENT_DELIVERY_MODE,
-    CELERY_REPR_MAXLEVELS,
-    CELERY_REPR_MAXSIZE,
     CONTENT_ENCODING,
     CONTENT_TYPE,
     KOMBU_BINDING_PERMANENT_PREFIX,
@@ -38,6 +35,8 @@ from .._constants import (
     KOMBU_REDIS_SEP,
     SERVICE_HEADER,
 )
+from .._utils import uuid4_str
+from ._repr import args_repr, kwargs_repr
 from .base import OutgoingMessage
 
 if TYPE_CHECKING:
@@ -101,10 +100,6 @@ def task_message(
             eta_iso = (now + timedelta(seconds=countdown)).isoformat()
         if expires is not None:
             expires_iso = (now + timedelta(seconds=expires)).isoformat()
-    argsrepr = saferepr(args, CELERY_REPR_MAXSIZE, maxlevels=CELERY_REPR_MAXLEVELS)
-    kwargsrepr = (
-        saferepr(kwargs, CELERY_REPR_MAXSIZE, maxlevels=CELERY_REPR_MAXLEVELS) if kwargs else "{}"
-    )
     headers: dict[str, Any] = {
         "lang": "py",
         "task": message.task_name,
@@ -118,8 +113,8 @@ def task_message(
         "timelimit": [None, None],
         "root_id": message.task_id,
         "parent_id": None,
-        "argsrepr": argsrepr,
-        "kwargsrepr": kwargsrepr,
+        "argsrepr": args_repr(args),
+        "kwargsrepr": kwargs_repr(kwargs),
         "origin": origin.origin,
         # send_task pops ignore_result from its options: None unless a caller set it.
         "ignore_result": None,
@@ -164,7 +159,7 @@ def redis_payload(message: TaskMessage, queue: str) -> bytes:
     properties["delivery_info"] = {"exchange": "", "routing_key": queue}
     properties["priority"] = message.priority
     properties["body_encoding"] = BODY_ENCODING
-    properties["delivery_tag"] = str(uuid.uuid4())
+    properties["delivery_tag"] = uuid4_str()
     document = {
         "body": base64.b64encode(message.body).decode("ascii"),
         "content-encoding": message.content_encoding,

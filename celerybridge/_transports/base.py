@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
 from abc import ABC, abstractmethod
 from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass, field, replace
@@ -11,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._constants import PUBLISH_SLOTS, READY_STATES, SERVICE_HEADER
 from .._exceptions import DelegationError
+from .._utils import uuid4_str
 
 if TYPE_CHECKING:
     from .._contracts import SendOptions
@@ -43,7 +43,7 @@ class OutgoingMessage:
     ) -> OutgoingMessage:
         """Build the message for ``call`` with a fresh task id unless one is given."""
         return cls(
-            task_id=task_id or str(uuid.uuid4()),
+            task_id=task_id or uuid4_str(),
             task_name=task_name,
             queue=options.queue,
             args=call.args,
