@@ -319,7 +319,7 @@ async def loop_lag_rows(broker: str, broker_url: str, in_flight: int = 1000) -> 
                 f"{client}, starting {in_flight:,} at once",
                 lag.start_ms if lag else None,
                 "ms",
-                "one loop iteration: every call's first step, longest of the bursts",
+                "one loop iteration: every call's first step, median of the bursts",
             ),
         ]
     return rows

@@ -83,6 +83,6 @@ REDIS_CONNECTIONS: Final = 16
 BATCH_MAX: Final = 256
 # Publishes a native publisher validates, encodes and has on the wire at once. A batch
 # of replies lets as many waiting publishes in, all in one iteration of the event loop:
-# 8 keeps that iteration near a millisecond (32 gave 6,400 msg/s instead of 3,900 with
-# 50 concurrent on Redis, but 4-5 ms of loop lag; see docs/benchmarks.md).
+# 8 keeps that iteration near a millisecond (32 published a little faster with 50
+# concurrent, with 4-5 ms of loop lag; see docs/benchmarks.md).
 PUBLISH_SLOTS: Final = 8
