@@ -73,6 +73,11 @@ class Worker:
         self.process.kill()
         self.process.wait()
 
+    def terminate(self) -> None:
+        """Ask the worker to shut down (SIGTERM) without waiting: :meth:`stop` waits."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+
     def stop(self, timeout: float = 15.0) -> None:
         if self.process is None or self.process.poll() is not None:
             return
