@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from ._brokers import BROKERS, RESULT_BACKEND
-from ._workers import Worker
+from ._workers import Worker, stop_all
 from .pusher._s3server import MotoServer
 
 
@@ -73,8 +73,7 @@ def start_pusher(
         return worker
 
     yield start
-    for worker in started:
-        worker.stop()
+    stop_all(started)
 
 
 @pytest.fixture

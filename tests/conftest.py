@@ -10,7 +10,7 @@ from celerybridge import Bridge, BridgeSettings, _default
 from celerybridge._registry import registry
 
 from ._brokers import BROKERS, RESULT_BACKEND
-from ._workers import Worker
+from ._workers import Worker, stop_all
 
 pytest_plugins = ("tests._pusher_fixtures",)
 
@@ -84,10 +84,7 @@ def start_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[
         return started[key]
 
     yield start
-    for worker in started.values():  # all shut down side by side, a dozen seconds each
-        worker.terminate()
-    for worker in started.values():
-        worker.stop()
+    stop_all(started.values())
 
 
 @pytest.fixture
