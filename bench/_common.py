@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import math
 import os
 import socket
 import statistics
@@ -21,6 +19,7 @@ import anyio
 import kombu
 
 from celerybridge import remote_task
+from tests._loop_lag import burst
 
 ROOT = Path(__file__).resolve().parent.parent
 # The same variables as the integration tests, so a bench can be pointed at its own
@@ -137,57 +136,15 @@ class LoopLag:
     the longest is whichever one a garbage collection of the whole process fell into)."""
 
 
-async def loop_lag(
-    calls: list[Callable[[], Coroutine[Any, Any, object]]], rounds: int = 5
-) -> LoopLag:
-    """Event-loop lag while ``calls`` are all in flight, and what starting them cost.
-
-    The calls are started at once, so they all take their first step (up to their first
-    wait) in one iteration of the loop; how long that iteration takes is reported apart,
-    as the cost of starting them. From the next iteration on every call is in flight:
-    a 1 ms ticker measures how late each of its wake-ups is, counting only ticks that
-    start after that and end before the last call finished, so neither the start nor
-    idle time before or after can dilute or inflate the p99. The burst is repeated
-    ``rounds`` times and the samples pooled: a fast burst lasts only a few dozen ticks.
-    """
-    interval = 0.001
+async def loop_lag(calls: list[Call], rounds: int = 5) -> LoopLag:
+    """Event-loop lag while ``calls`` are all in flight, and what starting them cost
+    (``tests._loop_lag.burst``). The burst is repeated ``rounds`` times and the samples
+    pooled: a fast burst lasts only a few dozen ticks."""
     lags: list[float] = []
     starts: list[float] = []
-
-    async def ticker(ticks: list[tuple[float, float]], stop: anyio.Event) -> None:
-        while not stop.is_set():
-            started = time.perf_counter()
-            await anyio.sleep(interval)
-            ticks.append((started, time.perf_counter()))
-
     for _ in range(rounds):
-        ticks: list[tuple[float, float]] = []
-        stop = anyio.Event()
-        begun = 0.0
-        flying = math.inf
-        pending = len(calls)
-
-        def all_in_flight() -> None:
-            nonlocal flying
-            flying = time.perf_counter()
-
-        async def one(call: Call) -> None:
-            nonlocal pending
-            pending -= 1
-            if not pending:  # the last first step: the next iteration sees all in flight
-                asyncio.get_running_loop().call_soon(all_in_flight)
-            await call()
-
-        async with anyio.create_task_group() as outer:
-            outer.start_soon(ticker, ticks, stop)
-            await anyio.sleep(0.01)
-            async with anyio.create_task_group() as group:
-                for call in calls:
-                    group.start_soon(one, call)
-                begun = time.perf_counter()
-            ended = time.perf_counter()
-            stop.set()
-        starts.append(flying - begun)
-        lags += [end - start - interval for start, end in ticks if start >= flying and end <= ended]
+        measured = await burst(calls)
+        lags += measured.lags
+        starts.append(measured.start)
     p99 = max(lags, default=0.0) if len(lags) < 2 else quantile(lags, 0.99)
     return LoopLag(p99 * 1e3, len(lags), statistics.median(starts) * 1e3)
