@@ -103,7 +103,7 @@ class RedisPublisher(NativePublisher):
         self._declared: set[str] = set()
         self._pending: list[_Push] = []
         self._flusher: asyncio.Task[None] | None = None
-        self._alone = 0  # publishes sent on their own, not yet answered
+        self._alone = False  # a publish sent on its own is not answered yet
 
     async def _publish(self, message: OutgoingMessage) -> None:
         wire = task_message(message, self._origin, signer=self._signer)
@@ -128,7 +128,7 @@ class RedisPublisher(NativePublisher):
 
     async def _send_alone(self, key: str, payload: bytes) -> None:
         # Publishes made meanwhile see this one on the wire and are batched.
-        self._alone += 1
+        self._alone = True
         try:
             await self._lone.retry.call_with_retry(
                 partial(self._lpush_alone, key, payload), self._lone_lost
@@ -137,7 +137,7 @@ class RedisPublisher(NativePublisher):
             self._declared.clear()  # the server may have restarted without its data
             raise
         finally:
-            self._alone -= 1
+            self._alone = False
 
     async def _lpush_alone(self, key: str, payload: bytes) -> None:
         await self._lone.send_command("LPUSH", key, payload)
