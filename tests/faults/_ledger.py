@@ -126,7 +126,7 @@ class Ledger:
         for key, content, outcome, detail in self._rows("SELECT * FROM calls"):
             tally.calls += 1
             setattr(tally, outcome, getattr(tally, outcome) + 1)
-            stored = _read(s3, bucket, key)
+            stored = read_object(s3, bucket, key)
             right = stored == content.encode()
             tally.landed += right
             if outcome == "ok" and not right:
@@ -147,7 +147,8 @@ class Ledger:
         return tally
 
 
-def _read(s3: Any, bucket: str, key: str) -> bytes | None:
+def read_object(s3: Any, bucket: str, key: str) -> bytes | None:
+    """The bytes stored under ``key``, or ``None`` if there is no such object."""
     try:
         body: bytes = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
     except ClientError as exc:

@@ -30,17 +30,12 @@ import subprocess
 import time
 from pathlib import Path
 
+from ..pusher._s3server import free_port
+
 HOST = "127.0.0.1"
 RABBITMQ_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
 """The server script itself: ``/usr/sbin/rabbitmq-server`` would ``su`` to the
 ``rabbitmq`` user, and its processes would no longer be ours to signal."""
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind((HOST, 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def _answers(port: int, hello: bytes, expect: bytes, timeout: float = 1.0) -> bool:
@@ -54,7 +49,7 @@ def _answers(port: int, hello: bytes, expect: bytes, timeout: float = 1.0) -> bo
 
 
 class PrivateServer:
-    """A server process of ours: start, stop (SIGTERM or SIGKILL), start again."""
+    """A server process of ours: start, kill, start again."""
 
     name = "server"
     start_timeout = 20.0
@@ -67,6 +62,11 @@ class PrivateServer:
         self.starts = 0
         self.last_start_s = 0.0
         """Seconds the last ``start`` took, until the server answered."""
+
+    @property
+    def url(self) -> str:
+        """How clients reach it."""
+        raise NotImplementedError
 
     def command(self) -> list[str]:
         raise NotImplementedError
@@ -97,7 +97,7 @@ class PrivateServer:
         deadline = began + self.start_timeout
         while not self.ready():
             if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop(kill=True)
+                self.stop()
                 raise RuntimeError(f"the private {self.name} did not start:\n{self.log()}")
             time.sleep(0.05)
         self.last_start_s = time.monotonic() - began
@@ -106,31 +106,23 @@ class PrivateServer:
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
-    def stop(self, *, kill: bool = False, timeout: float = 30.0) -> None:
-        """SIGKILL (a crash) or SIGTERM (a clean shutdown) the server's whole process
-        group, and wait until the port is free again."""
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGKILL the server's whole process group (a crash), and wait until the port
+        is free again."""
         process, self.process = self.process, None
         if process is None:
             return
         group = process.pid  # start_new_session: the group's id is the leader's pid
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(group, signal.SIGKILL if kill else signal.SIGTERM)
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(group, signal.SIGKILL)
-            process.wait()
-        # Children that outlived the leader (Erlang's helpers): the rest of our group.
-        with contextlib.suppress(ProcessLookupError):
             os.killpg(group, signal.SIGKILL)
+        process.wait()
         deadline = time.monotonic() + timeout
         while _listening(self.port) and time.monotonic() < deadline:
             time.sleep(0.05)
 
-    def restart(self, down: float, *, kill: bool = True) -> None:
-        """Stop, stay down for ``down`` seconds, start again on the same data."""
-        self.stop(kill=kill)
+    def restart(self, down: float) -> None:
+        """Kill, stay down for ``down`` seconds, start again on the same data."""
+        self.stop()
         time.sleep(down)
         self.start()
 

@@ -46,6 +46,7 @@ class FaultProxy(TcpProxy):
     ) -> None:
         super().__init__(target_port)
         self.rate, self.latency, self.slow, self.doomed = rate, latency, slow, doomed
+        self.seed = seed
         self.rng = random.Random(seed)
         self.injected: Counter[str] = Counter()
         self.uploads = 0

@@ -16,18 +16,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 from celerybridge import Bridge, CeleryBridgeError, RemoteTaskError
-from pusher.bindings import send_to_s3
+from pusher.bindings import Receipt, send_to_s3
 
 from .._brokers import BROKERS, RESULT_BACKEND
-from .._workers import Worker
+from .._workers import Worker, stop_all
 from ..pusher._s3server import MotoServer
 from ._ledger import Ledger, Tally, content_for
 from ._s3_proxy import FaultProxy
 
 LONG = os.environ.get("CELERYBRIDGE_FAULTS", "short") == "long"
+CountLedger = Callable[..., Awaitable[Tally]]
+"""The ``count_ledger`` fixture: ``await count_ledger(case, *context)``."""
 _tallies: list[Tally] = []
 
 
@@ -105,8 +108,7 @@ def start_ledger_pusher(
         return worker.start(tmp_path)
 
     yield start
-    for worker in started:
-        worker.stop()
+    stop_all(started)
 
 
 def report(tally: Tally) -> None:
@@ -116,6 +118,21 @@ def report(tally: Tally) -> None:
     if target:
         with open(target, "a") as out:
             out.write(json.dumps(tally.row()) + "\n")
+
+
+@pytest.fixture
+def count_ledger(ledger: Ledger, broker: str, s3: Any, bucket: str) -> CountLedger:
+    """``await count_ledger(case, *context)``: count the ledger against what S3 holds,
+    report the tally, and assert that nothing was lost or unexpected (``context``, e.g.
+    the random seed, goes into the failure message)."""
+
+    async def count(case: str, *context: object) -> Tally:
+        tally = await anyio.to_thread.run_sync(ledger.tally, case, broker, s3, bucket)
+        report(tally)
+        assert (tally.lost, tally.unexpected) == (0, 0), (*context, tally.examples[:5])
+        return tally
+
+    return count
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
@@ -148,6 +165,19 @@ class Progress:
             await self._changed.wait_for(lambda: self.count >= count)
 
 
+async def outcome(result: Awaitable[Receipt], key: str, content: str) -> tuple[str, str]:
+    """What the ledger records of a call, once ``result`` is in: ``ok`` (the right key
+    and size), ``error`` (the task failed) or ``unknown``, and the detail."""
+    try:
+        receipt = await result
+    except RemoteTaskError as exc:
+        return "error", f"{exc.remote_type}: {exc}"
+    except (CeleryBridgeError, TimeoutError) as exc:
+        return "unknown", f"{type(exc).__name__}: {exc}"
+    right = receipt.key == key and receipt.size == len(content.encode())
+    return "ok" if right else "unknown", repr(receipt)
+
+
 async def drive(
     broker: str,
     queue: str,
@@ -176,17 +206,14 @@ async def drive(
             key = f"{prefix}/{n:06d}.json"
             content = content_for(key, n)
             began, published = time.monotonic(), 0.0
-            try:
+
+            async def call(key: str, content: str) -> Receipt:
+                nonlocal published
                 handle = await bridge.send(stub, (key, content), {})
                 published = time.monotonic()
-                receipt = await handle.result(timeout=result_timeout)
-            except RemoteTaskError as exc:
-                ledger.call(key, content, "error", f"{exc.remote_type}: {exc}")
-            except (CeleryBridgeError, TimeoutError) as exc:
-                ledger.call(key, content, "unknown", f"{type(exc).__name__}: {exc}")
-            else:
-                ok = receipt.key == key and receipt.size == len(content.encode())
-                ledger.call(key, content, "ok" if ok else "unknown", repr(receipt))
+                return await handle.result(timeout=result_timeout)
+
+            ledger.call(key, content, *await outcome(call(key, content), key, content))
             ended = time.monotonic()
             timings.append(
                 (published - began, ended - published) if published else (ended - began, 0.0)

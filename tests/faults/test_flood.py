@@ -24,7 +24,7 @@ import pytest
 import redis
 from pydantic import TypeAdapter
 
-from celerybridge import Bridge, CeleryBridgeError, RemoteTaskError, ResultTimeoutError, TaskHandle
+from celerybridge import Bridge, ResultTimeoutError, TaskHandle
 from celerybridge._transports.redis_results import RedisResultSource
 from pusher.bindings import Receipt, send_to_s3
 
@@ -32,7 +32,7 @@ from .._brokers import BROKERS, RESULT_BACKEND, purge, queue_length
 from .._loop_lag import ticker
 from .._workers import Worker
 from ._ledger import Ledger, content_for
-from .conftest import Scale, report
+from .conftest import CountLedger, Scale, outcome
 
 pytestmark = pytest.mark.integration
 
@@ -135,8 +135,7 @@ async def test_a_flood_published_while_the_pusher_is_stopped_is_all_executed(
     broker: str,
     ledger: Ledger,
     scale: Scale,
-    s3: Any,
-    bucket: str,
+    count_ledger: CountLedger,
 ) -> None:
     queue = f"cb-faults-flood-{uuid.uuid4().hex[:6]}"
     stub = send_to_s3.with_options(queue=queue)
@@ -154,16 +153,8 @@ async def test_a_flood_published_while_the_pusher_is_stopped_is_all_executed(
         for n in numbers:
             handle, content = handles[n], content_for(keys[n], n)
             assert handle is not None
-            try:
-                receipt = await handle.result(timeout=120)
-            except RemoteTaskError as exc:
-                outcome = ("error", f"{exc.remote_type}: {exc}")
-            except (CeleryBridgeError, TimeoutError) as exc:
-                outcome = ("unknown", f"{type(exc).__name__}: {exc}")
-            else:
-                right = receipt.key == keys[n] and receipt.size == len(content.encode())
-                outcome = ("ok" if right else "unknown", repr(receipt))
-            outcomes.append((keys[n], content, *outcome))
+            result = handle.result(timeout=120)
+            outcomes.append((keys[n], content, *await outcome(result, keys[n], content)))
 
     try:
         async with Bridge(broker_url=BROKERS[broker], result_backend=RESULT_BACKEND) as bridge:
@@ -254,9 +245,5 @@ async def test_a_flood_published_while_the_pusher_is_stopped_is_all_executed(
         tracemalloc.stop()
         await anyio.to_thread.run_sync(purge, BROKERS[broker], queue)
 
-    tally = await anyio.to_thread.run_sync(
-        ledger.tally, "flood, worker stopped", broker, s3, bucket
-    )
-    report(tally)
-    assert (tally.lost, tally.unexpected) == (0, 0), tally.examples[:5]
+    tally = await count_ledger("flood, worker stopped")
     assert (tally.calls, tally.ok, tally.landed) == (count, count, count), tally

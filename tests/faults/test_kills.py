@@ -13,7 +13,6 @@ import random
 import signal
 import uuid
 from collections.abc import Callable
-from typing import Any
 
 import anyio
 import psutil
@@ -22,7 +21,7 @@ import pytest
 from .._workers import Worker
 from ._ledger import Ledger, Tally
 from ._s3_proxy import FaultProxy
-from .conftest import Progress, Scale, drive, report
+from .conftest import CountLedger, Progress, Scale, drive
 
 pytestmark = pytest.mark.integration
 
@@ -66,8 +65,7 @@ async def test_killing_whole_workers_loses_nothing(
     env: dict[str, str],
     ledger: Ledger,
     scale: Scale,
-    s3: Any,
-    bucket: str,
+    count_ledger: CountLedger,
 ) -> None:
     queue = f"cb-faults-kill-{uuid.uuid4().hex[:6]}"
     workers = [start_ledger_pusher(broker, queue, **env) for _ in range(2)]
@@ -86,9 +84,7 @@ async def test_killing_whole_workers_loses_nothing(
             )
 
     await drive(broker, queue, ledger, scale.uploads, prefix=f"{queue}/", during=strike)
-    tally = await anyio.to_thread.run_sync(ledger.tally, "SIGKILL worker", broker, s3, bucket)
-    report(tally)
-    assert (tally.lost, tally.unexpected) == (0, 0), (seed, tally.examples[:5])
+    tally = await count_ledger("SIGKILL worker", seed)
     assert tally.faults == {"worker SIGKILL": scale.kills}
     _assert_all_ran_but_what_kombu_drops(tally, broker, scale, seed)
 
@@ -99,8 +95,7 @@ async def test_killing_pool_children_loses_nothing(
     env: dict[str, str],
     ledger: Ledger,
     scale: Scale,
-    s3: Any,
-    bucket: str,
+    count_ledger: CountLedger,
 ) -> None:
     queue = f"cb-faults-child-{uuid.uuid4().hex[:6]}"
     worker = start_ledger_pusher(broker, queue, pool="prefork", **env)
@@ -121,9 +116,7 @@ async def test_killing_pool_children_loses_nothing(
             os.kill(victim, signal.SIGKILL)
 
     await drive(broker, queue, ledger, scale.uploads, prefix=f"{queue}/", during=strike)
-    tally = await anyio.to_thread.run_sync(ledger.tally, "SIGKILL pool child", broker, s3, bucket)
-    report(tally)
-    assert (tally.lost, tally.unexpected) == (0, 0), (seed, tally.examples[:5])
+    tally = await count_ledger("SIGKILL pool child", seed)
     assert tally.faults == {"pool child SIGKILL": scale.kills}
     assert (tally.ok, tally.landed) == (scale.uploads, scale.uploads), (seed, tally)
     assert "WorkerLostError" in worker.log()  # the pool saw its child die

@@ -25,7 +25,7 @@ from .._workers import Worker
 from ..pusher._s3server import MotoServer
 from ._ledger import Ledger, content_for
 from ._s3_proxy import FAULTS, FaultProxy
-from .conftest import Scale, drive, report
+from .conftest import CountLedger, Scale, drive
 
 pytestmark = pytest.mark.integration
 
@@ -48,8 +48,7 @@ async def test_uploads_land_through_ten_percent_of_s3_faults(
     ledger: Ledger,
     scale: Scale,
     proxy: FaultProxy,
-    s3: Any,
-    bucket: str,
+    count_ledger: CountLedger,
 ) -> None:
     queue = f"cb-faults-s3-{uuid.uuid4().hex[:6]}"
     start_ledger_pusher(broker, queue, AWS_ENDPOINT_URL_S3=proxy.url, **TIMEOUTS)
@@ -59,9 +58,7 @@ async def test_uploads_land_through_ten_percent_of_s3_faults(
     for fault, count in proxy.injected.items():
         for _ in range(count):
             ledger.fault(f"S3 {fault}")
-    tally = await anyio.to_thread.run_sync(ledger.tally, "S3 faults at 10%", broker, s3, bucket)
-    report(tally)
-    assert (tally.lost, tally.unexpected) == (0, 0), (proxy.rng, tally.examples[:5])
+    tally = await count_ledger("S3 faults at 10%", proxy.seed)
     assert (tally.ok, tally.landed) == (scale.uploads, scale.uploads), tally
     # The faults did happen, every kind of them, and each failed attempt was tried again.
     assert set(proxy.injected) == set(FAULTS), proxy.injected
