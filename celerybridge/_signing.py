@@ -167,19 +167,19 @@ class Signer:
         if not hmac.compare_digest(expected.encode("ascii"), signature.encode("utf-8")):
             return BAD_SIGNATURE
         # Only an authentic message learns about its age: a forged timestamp is a bad signature.
-        now = time.time() if now is None else now
+        age = (time.time() if now is None else now) - timestamp
+        if age <= self.max_age and -age <= SIGNING_CLOCK_SKEW:
+            return None
         signed_at = datetime.fromtimestamp(timestamp, UTC).isoformat()
-        if now - timestamp > self.max_age:
+        if age > self.max_age:
             return (
                 f"expired signature: signed at {signed_at}, more than {self.max_age:g} s "
                 "before this worker's clock (CELERYBRIDGE_SIGNING_MAX_AGE)"
             )
-        if timestamp - now > SIGNING_CLOCK_SKEW:
-            return (
-                f"signature from the future: signed at {signed_at}, more than "
-                f"{SIGNING_CLOCK_SKEW} s ahead of this worker's clock"
-            )
-        return None
+        return (
+            f"signature from the future: signed at {signed_at}, more than "
+            f"{SIGNING_CLOCK_SKEW} s ahead of this worker's clock"
+        )
 
     def resigned(self, headers: Mapping[str, Any], body: bytes | str) -> dict[str, Any] | None:
         """``headers`` of a received message with a fresh signature over it, signed now

@@ -46,8 +46,9 @@ def caller_service() -> str | None:
 
 def _header(name: str) -> str | None:
     """A custom header of the message the current Celery task came in."""
-    task = current_task
-    value = task.request.get(name) if task is not None else None
+    if not current_task:  # a proxy, false outside a task
+        return None
+    value = current_task.request.get(name)
     return None if value is None else str(value)
 
 

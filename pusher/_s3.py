@@ -57,6 +57,11 @@ def client_config(settings: PusherSettings) -> Config:
     )
 
 
+def _status(exc: ClientError) -> int:
+    """The HTTP status of S3's answer (0 if there was none)."""
+    return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+
+
 @asynccontextmanager
 async def translate(bucket: str, key: str) -> AsyncIterator[None]:
     """Turn botocore/aiohttp failures into a permanent or transient :class:`UploadError`."""
@@ -68,7 +73,7 @@ async def translate(bucket: str, key: str) -> AsyncIterator[None]:
     except ClientError as exc:
         error = exc.response.get("Error", {})
         code = str(error.get("Code", "Unknown"))
-        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+        status = _status(exc)
         message = f"{where}: {code}: {error.get('Message', exc)}"
         permanent = code in PERMANENT_CODES or (
             400 <= status < 500 and status not in RETRYABLE_STATUS
@@ -228,7 +233,7 @@ async def _head(client: Any, bucket: str, key: str) -> dict[str, Any] | None:
             Bucket=bucket, Key=key, ChecksumMode="ENABLED"
         )
     except ClientError as exc:
-        if int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0) == 404:
+        if _status(exc) == 404:
             return None
         raise
     return stored
@@ -273,7 +278,7 @@ async def check_bucket(client: Any, bucket: str) -> None:
     try:
         await client.head_bucket(Bucket=bucket)
     except ClientError as exc:
-        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+        status = _status(exc)
         if status == 404:
             raise PermanentUploadError(f"bucket {bucket!r} does not exist (PUSHER_BUCKET)") from exc
         if status == 403:

@@ -253,6 +253,8 @@ class RedisResultSource(ResultSource):
             try:
                 await self._apart(conn.send_command(*command, check_health=False))
             except _SEND_ERRORS as exc:
+                if isinstance(exc, AttributeError) and conn.is_connected:
+                    raise  # not the torn-down connection: a bug to see
                 # The reader sees the broken connection too; it reconnects and subscribes
                 # again to every channel someone waits on.
                 logger.debug("%s failed on the result subscriber: %r", command[0], exc)
