@@ -16,6 +16,17 @@ FILESYSTEM_POLLING_INTERVAL: Final = 0.1
 DEAD_LETTER_SUFFIX: Final = ".dead"
 DEAD_REASON_HEADER: Final = "x-celerybridge-dead-reason"
 DEAD_FROM_HEADER: Final = "x-celerybridge-dead-from"
+# Why, in one machine-readable word (the reason header is for people). A letter refused
+# for its signature or as a replay is never re-signed by ``dlq replay --all --sign``.
+DEAD_KIND_HEADER: Final = "x-celerybridge-dead-kind"
+DEAD_KIND_MALFORMED: Final = "malformed"  # not a well-formed protocol 2 JSON task message
+DEAD_KIND_RAW: Final = "raw"  # a broker entry that is not a message at all, kept as it came
+DEAD_KIND_SIGNATURE: Final = "signature"  # unsigned, forged, altered, expired
+DEAD_KIND_REPLAY: Final = "replay"  # a signed task id seen before within the window
+DEAD_KIND_UNKNOWN_TASK: Final = "unknown-task"
+DEAD_KIND_CONTRACT: Final = "contract"  # arguments that fail the contract on receipt
+DEAD_KIND_RETRIES: Final = "retries"  # failed after its automatic retries
+DEAD_KINDS_NEVER_RESIGNED: Final = frozenset({DEAD_KIND_SIGNATURE, DEAD_KIND_REPLAY})
 
 # Signed messages (CELERYBRIDGE_SIGNING_KEY): the headers a signing caller adds, what the
 # HMAC-SHA256 covers (see _signing.py), and the limits a verifying worker applies.
