@@ -3,13 +3,12 @@
 Celery acknowledges and drops a message it cannot decode (a pickle body on a JSON-only
 worker, an unknown content type), and rejects one naming a task it does not have; a
 caller awaiting either would wait for nothing. Workers built with
-:func:`~celerybridge.celery_app` use :class:`DeadLetterConsumer` instead: the message
-is moved, untouched, to ``<queue>.dead`` with the reason in a header, and the task is
-marked failed with :class:`DeadLettered`, which callers see as
-:class:`~celerybridge.DeadLetteredError`. Implementations (:class:`DeadLetterTask`)
-also copy there the calls that fail the contract on receipt or exhaust their retries.
-A worker with a signing key sends there, the same way, every message whose signature
-is missing, wrong or out of its time window (``_signing.py``), before Celery reads it.
+:func:`~celerybridge.celery_app` refuse such messages at their intake gate
+(``_intake/``): the message is moved, untouched, to ``<queue>.dead`` with the reason and
+its kind in headers, and the task is marked failed with :class:`DeadLettered`, which
+callers see as :class:`~celerybridge.DeadLetteredError`. Implementations
+(:class:`DeadLetterTask`) also copy there the calls that fail the contract on receipt or
+exhaust their retries.
 """
 
 from __future__ import annotations
@@ -19,14 +18,18 @@ import logging
 from typing import Any
 
 from celery import Task
-from celery.utils.collections import AttributeDict
-from celery.worker.consumer import Consumer
 from kombu import Queue
-from kombu.exceptions import ContentDisallowed, DecodeError
 
-from ._constants import CONTENT_TYPE, DEAD_FROM_HEADER, DEAD_LETTER_SUFFIX, DEAD_REASON_HEADER
+from ._constants import (
+    CONTENT_TYPE,
+    DEAD_FROM_HEADER,
+    DEAD_KIND_CONTRACT,
+    DEAD_KIND_HEADER,
+    DEAD_KIND_RETRIES,
+    DEAD_LETTER_SUFFIX,
+    DEAD_REASON_HEADER,
+)
 from ._exceptions import ArgumentError
-from ._signing import signer_of
 
 log = logging.getLogger("celerybridge.dead_letter")
 
@@ -35,81 +38,9 @@ class DeadLettered(Exception):
     """Stored as a task's failure when its message was moved to the dead-letter queue."""
 
 
-def _undecodable(message: Any, exc: Exception) -> str:
-    return f"cannot decode a {message.content_type!r} body: {exc}"
-
-
 def dead_letter_queue(queue: str) -> str:
     """Where messages refused on ``queue`` go: ``<queue>.dead``."""
     return f"{queue}{DEAD_LETTER_SUFFIX}"
-
-
-class DeadLetterConsumer(Consumer):
-    """Celery's consumer, moving what it cannot accept to the dead-letter queue."""
-
-    def create_task_handler(self, *args: Any, **kwargs: Any) -> Any:
-        handle = super().create_task_handler(*args, **kwargs)
-        signer = signer_of(self.app)
-        if signer is None:
-            return handle
-
-        def on_task_received(message: Any) -> None:
-            # Before Celery reads anything: no strategy, no decoding, no "Received" log.
-            reason = signer.refusal(message.headers, message.body)
-            if reason is not None:
-                self._dead_letter(message, reason)
-                message.ack()
-                return
-            handle(message)
-
-        return on_task_received
-
-    def on_decode_error(self, message: Any, exc: Exception) -> None:
-        self._dead_letter(message, _undecodable(message, exc))
-        message.ack()
-
-    def on_unknown_task(self, body: Any, message: Any, exc: Exception) -> None:
-        name = (message.headers or {}).get("task")
-        self._dead_letter(message, f"no task {name!r} on this worker")
-        message.ack()
-
-    def on_unknown_message(self, body: Any, message: Any) -> None:
-        self._dead_letter(message, "not a Celery task message (no 'task' header)")
-        message.ack()
-
-    def on_invalid_task(self, body: Any, message: Any, exc: Exception) -> None:
-        # Protocol 2 decodes the body only here, so a refused content type lands here too.
-        if isinstance(exc, ContentDisallowed | DecodeError):
-            reason = _undecodable(message, exc)
-        else:
-            reason = f"invalid task message: {exc}"
-        self._dead_letter(message, reason)
-        message.ack()
-
-    def _dead_letter(self, message: Any, reason: str) -> None:
-        """Move ``message`` as it is to its dead-letter queue, then fail its task."""
-        headers = dict(message.headers or {})
-        queue = (message.delivery_info or {}).get("routing_key") or "celery"
-        move_to_dead_letters(
-            self.app,
-            message.body,
-            message.content_type,
-            message.content_encoding,
-            headers,
-            queue,
-            reason,
-        )
-        task_id = headers.get("id")
-        if task_id:
-            request = AttributeDict(
-                name=headers.get("task"),
-                chord=None,
-                root_id=headers.get("root_id"),
-                correlation_id=message.properties.get("correlation_id"),
-                reply_to=message.properties.get("reply_to"),
-                errbacks=None,
-            )
-            self.app.backend.mark_as_failure(task_id, DeadLettered(reason), request=request)
 
 
 class DeadLetterTask(Task):  # type: ignore[type-arg]
@@ -135,9 +66,13 @@ class DeadLetterTask(Task):  # type: ignore[type-arg]
         embed = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
         body = json.dumps([list(args or ()), dict(kwargs or {}), embed])
         reason = f"{type(exc).__name__}: {exc}"
+        kind = DEAD_KIND_CONTRACT
         if retried_out:
             reason = f"failed after {request.retries} retries: {reason}"
-        move_to_dead_letters(self.app, body.encode(), CONTENT_TYPE, "utf-8", headers, queue, reason)
+            kind = DEAD_KIND_RETRIES
+        move_to_dead_letters(
+            self.app, body.encode(), CONTENT_TYPE, "utf-8", headers, queue, reason, kind
+        )
 
 
 def move_to_dead_letters(
@@ -148,8 +83,10 @@ def move_to_dead_letters(
     headers: dict[str, Any],
     queue: str,
     reason: str,
+    kind: str,
 ) -> None:
-    """Publish a message, as it is, to ``queue``'s dead-letter queue with the reason."""
+    """Publish a message, as it is, to ``queue``'s dead-letter queue with the reason
+    and its kind (``DEAD_KIND_*``)."""
     target = dead_letter_queue(queue)
     with app.producer_or_acquire() as producer:
         producer.publish(
@@ -157,9 +94,14 @@ def move_to_dead_letters(
             exchange="",
             routing_key=target,
             declare=[Queue(target, durable=True)],
-            headers={**headers, DEAD_REASON_HEADER: reason, DEAD_FROM_HEADER: queue},
+            headers={
+                **headers,
+                DEAD_REASON_HEADER: reason,
+                DEAD_FROM_HEADER: queue,
+                DEAD_KIND_HEADER: kind,
+            },
             content_type=content_type,
             content_encoding=content_encoding,
             retry=True,
         )
-    log.error("task %s moved to %s: %s", headers.get("id"), target, reason)
+    log.error("task %s moved to %s: %s", ascii(headers.get("id")), target, reason)

@@ -13,6 +13,7 @@ from ._config import BridgeSettings, broker_transport_options, load_settings
 from ._constants import SERIALIZER, SERVICE_HEADER
 from ._dead_letter import DeadLetterTask
 from ._exceptions import ContractError, SignatureMismatchError
+from ._intake import MAX_BYTES_OPTION, intake_transport
 from ._registry import registry
 from ._signing import signing_app
 from ._worker_loop import worker_loop
@@ -60,9 +61,9 @@ async def _as_service(service: str | None, body: Coroutine[Any, Any, T]) -> T:
 
 def celery_app(main: str, settings: BridgeSettings | None = None, **conf: Any) -> Celery:
     """A Celery app for a worker, configured from the same ``CELERYBRIDGE_*`` settings
-    as the bridge, accepting JSON only; what it cannot accept goes to ``<queue>.dead``
-    (see :class:`~celerybridge._dead_letter.DeadLetterConsumer`). ``conf`` adds Celery
-    settings.
+    as the bridge, accepting JSON only. Every message passes its intake gate
+    (:mod:`celerybridge._intake`) before Celery reads it; what the gate or Celery cannot
+    accept goes to ``<queue>.dead``. ``conf`` adds Celery settings.
 
     With ``CELERYBRIDGE_SIGNING_KEY`` set, the worker runs only messages signed with
     that key within ``CELERYBRIDGE_SIGNING_MAX_AGE`` seconds; the rest go to
@@ -71,9 +72,13 @@ def celery_app(main: str, settings: BridgeSettings | None = None, **conf: Any) -
     app = signing_app(main, settings, broker=settings.broker_url, backend=settings.result_backend)
     transport_options = {
         **broker_transport_options(settings.broker_url),
+        MAX_BYTES_OPTION: settings.max_message_bytes,
         **conf.pop("broker_transport_options", {}),
     }
-    conf.setdefault("worker_consumer", "celerybridge._dead_letter:DeadLetterConsumer")
+    conf.setdefault("worker_consumer", "celerybridge._intake:IntakeConsumer")
+    transport = intake_transport(settings.broker_url)
+    if transport is not None:
+        conf.setdefault("broker_transport", transport)
     app.conf.update(_JSON_ONLY, broker_transport_options=transport_options, **conf)
     return app
 

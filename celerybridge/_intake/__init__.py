@@ -1,0 +1,27 @@
+"""The worker's intake: what a message must be before Celery reads any of it.
+
+- ``shape``: a well-formed protocol 2 JSON task message, bounded in size and depth;
+- ``envelope`` and ``redis``: raw Redis entries kombu could not parse, kept raw;
+- ``replay``: a signed message runs once while its signature is valid;
+- ``consumer``: the gate in front of Celery's task handler, and the dead letters.
+"""
+
+from __future__ import annotations
+
+from .._config import scheme_of
+from .consumer import Gate, IntakeConsumer, Refusal
+from .redis import MAX_BYTES_OPTION
+
+__all__ = ["MAX_BYTES_OPTION", "Gate", "IntakeConsumer", "Refusal", "intake_transport"]
+
+_TRANSPORTS = {
+    "redis": "celerybridge._intake.redis:Transport",
+    "rediss": "celerybridge._intake.redis:Transport",
+    "sentinel": "celerybridge._intake.redis:SentinelTransport",
+}
+
+
+def intake_transport(broker_url: str) -> str | None:
+    """The kombu transport (Celery's ``broker_transport``) a worker on this broker
+    uses, or ``None`` for kombu's own: Redis brokers get raw entries checked."""
+    return _TRANSPORTS.get(scheme_of(broker_url))
