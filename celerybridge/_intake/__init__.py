@@ -2,6 +2,7 @@
 
 - ``shape``: a well-formed protocol 2 JSON task message, bounded in size and depth;
 - ``envelope`` and ``redis``: raw Redis entries kombu could not parse, kept raw;
+- ``amqp``: AMQP headers py-amqp could not read, set apart;
 - ``replay``: a signed message runs once while its signature is valid;
 - ``consumer``: the gate in front of Celery's task handler, and the dead letters.
 """
@@ -15,6 +16,9 @@ from .redis import MAX_BYTES_OPTION
 __all__ = ["MAX_BYTES_OPTION", "Gate", "IntakeConsumer", "Refusal", "intake_transport"]
 
 _TRANSPORTS = {
+    "amqp": "celerybridge._intake.amqp:Transport",
+    "amqps": "celerybridge._intake.amqp:Transport",
+    "pyamqp": "celerybridge._intake.amqp:Transport",
     "redis": "celerybridge._intake.redis:Transport",
     "rediss": "celerybridge._intake.redis:Transport",
     "sentinel": "celerybridge._intake.redis:SentinelTransport",
@@ -23,5 +27,6 @@ _TRANSPORTS = {
 
 def intake_transport(broker_url: str) -> str | None:
     """The kombu transport (Celery's ``broker_transport``) a worker on this broker
-    uses, or ``None`` for kombu's own: Redis brokers get raw entries checked."""
+    uses, or ``None`` for kombu's own: on Redis raw entries are checked, on RabbitMQ
+    headers py-amqp cannot read are set apart."""
     return _TRANSPORTS.get(scheme_of(broker_url))

@@ -37,6 +37,8 @@ from .replay import ReplayGuard, guard_for
 
 log = logging.getLogger("celerybridge.intake")
 
+DROPPED_HEADER = "x-celerybridge-dropped-headers"
+
 
 @dataclass(frozen=True, slots=True)
 class Refusal:
@@ -67,8 +69,8 @@ class Gate:
 
     def _refusal(self, message: Any) -> Refusal | None:
         headers = message.headers
-        if not isinstance(headers, dict):
-            return Refusal(DEAD_KIND_MALFORMED, shape.header_refusal(headers) or "", False)
+        if (reason := shape.readable_refusal(headers)) is not None:
+            return Refusal(DEAD_KIND_MALFORMED, reason, False)
         authentic = self.signer is None
         reason = shape.content_refusal(message.content_type, message.content_encoding, headers)
         if reason is None and len(message.body or b"") > self.max_bytes:
@@ -165,7 +167,7 @@ class IntakeConsumer(Consumer):
     def _refuse(self, message: Any, refusal: Refusal) -> None:
         """Move ``message`` as it came to its dead-letter queue, acknowledge it, and fail
         its task when the message is authentic and names one."""
-        headers = message.headers if isinstance(message.headers, dict) else {}
+        headers = _keepable(message.headers)
         body = message.body if message.body is not None else b""
         if isinstance(body, str):
             body = body.encode("utf-8", "surrogateescape")
@@ -201,6 +203,17 @@ class IntakeConsumer(Consumer):
             self.app.backend.mark_as_failure(task_id, DeadLettered(reason), request=request)
         except Exception:  # the letter is kept; the caller times out instead of hearing
             log.exception("could not mark task %s failed", ascii(task_id))
+
+
+def _keepable(headers: Any) -> dict[str, Any]:
+    """The headers a dead letter can carry: those nested too deep to be written back
+    (py-amqp encodes recursively, as it decodes) are named, not kept."""
+    if not isinstance(headers, dict):
+        return {}
+    kept = {k: v for k, v in headers.items() if not shape._depth_exceeds(v, shape.MAX_DEPTH)}
+    if len(kept) < len(headers):
+        kept[DROPPED_HEADER] = sorted(str(k)[:64] for k in headers if k not in kept)
+    return kept
 
 
 def _text(value: Any) -> str | None:

@@ -30,6 +30,7 @@ from typing import Any, Final
 from dateutil.parser import isoparse
 
 from .._constants import CONTENT_ENCODING, CONTENT_TYPE
+from .amqp import UNREADABLE, UNREADABLE_HEADER
 
 MAX_DEPTH: Final = 32
 """How deep JSON may nest in a body (arrays and objects); Celery's own messages use 4."""
@@ -148,10 +149,21 @@ _HEADER_TYPES: Final[Mapping[str, tuple[Callable[[Any], bool], str]]] = {
 }
 
 
-def header_refusal(headers: Any) -> str | None:
-    """Why these headers are not those of a protocol 2 task message, or ``None``."""
+def readable_refusal(headers: Any) -> str | None:
+    """Why these headers cannot even be looked at (not a table, nested too deep)."""
     if not isinstance(headers, dict):
         return f"headers must be a table, not {_kind(headers)}"
+    if UNREADABLE_HEADER in headers:
+        return f"unreadable message: {UNREADABLE}"
+    if _depth_exceeds(headers, MAX_DEPTH):
+        return f"the headers nest deeper than {MAX_DEPTH} levels"
+    return None
+
+
+def header_refusal(headers: Any) -> str | None:
+    """Why these headers are not those of a protocol 2 task message, or ``None``."""
+    if (reason := readable_refusal(headers)) is not None:
+        return reason
     if "task" not in headers:
         return "not a Celery protocol 2 task message (no 'task' header; protocol 1 is refused)"
     if "id" not in headers:
@@ -187,13 +199,15 @@ def content_refusal(
     """Why a body of this type and encoding is not one the worker reads, or ``None``."""
     if content_type != CONTENT_TYPE:
         return f"content type {_shown(content_type)} refused: only {CONTENT_TYPE} is accepted"
+    # kombu writes utf-8; a sender handing kombu bytes gets binary: both are read as UTF-8.
     if not isinstance(content_encoding, str) or content_encoding.lower() not in {
         CONTENT_ENCODING,
         "utf8",
+        "binary",
     }:
         return (
             f"content encoding {_shown(content_encoding)} refused: "
-            f"only {CONTENT_ENCODING} is accepted"
+            f"only {CONTENT_ENCODING} (or binary) is accepted"
         )
     if headers.get("compression") is not None:
         return "compressed bodies are refused"

@@ -9,10 +9,13 @@ process, and a good call still runs.
 from __future__ import annotations
 
 import json
+import sys
 import uuid
 from typing import Any
 
+import amqp
 import anyio
+import kombu
 import pytest
 import redis
 
@@ -98,7 +101,8 @@ async def good_call_runs(bridge: Bridge, worker: Worker) -> None:
 
 def alive(worker: Worker, pid: int) -> None:
     assert worker.running, worker.log()
-    assert worker.process is not None and worker.process.pid == pid
+    assert worker.process is not None
+    assert worker.process.pid == pid
     assert "Unrecoverable error" not in worker.log()
 
 
@@ -204,5 +208,59 @@ async def test_a_raw_redis_entry_that_is_no_message_is_kept_raw_and_the_worker_g
     assert dead["x-celerybridge-dead-kind"] == "raw"
     assert dead["x-celerybridge-dead-reason"].startswith(("not a kombu message", "a raw entry"))
     assert dead["x-celerybridge-dead-from"] == bridge_worker.queue
+    await good_call_runs(bridge, bridge_worker)
+    alive(bridge_worker, pid)
+
+
+def publish_deep_headers(broker_url: str, queue: str, depth: int, task_id: str) -> None:
+    """An AMQP message whose header table nests ``depth`` levels (py-amqp writes tables
+    recursively, so the sender needs a high recursion limit; the reader needed one too)."""
+    nested: dict[str, Any] = {}
+    innermost = nested
+    for _ in range(depth):
+        innermost["a"] = innermost = {}
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(limit, depth * 3 + 1000))
+    try:
+        with kombu.Connection(broker_url) as connection:
+            connection.default_channel.basic_publish(
+                amqp.basic_message.Message(
+                    body([1, 2], {}, EMBED),
+                    content_type="application/json",
+                    content_encoding="utf-8",
+                    application_headers={"task": "calc.add", "id": task_id, "x": nested},
+                ),
+                exchange="",
+                routing_key=queue,
+            )
+    finally:
+        sys.setrecursionlimit(limit)
+
+
+@pytest.mark.parametrize("broker", ["amqp"])
+@pytest.mark.parametrize(
+    ("depth", "reason"),
+    [
+        (3_000, "unreadable message: its headers nest too deep to be read"),
+        (15_000, "unreadable message: its headers nest too deep to be read"),
+        (600, "the headers nest deeper than 32 levels"),
+    ],
+)
+async def test_amqp_headers_nested_too_deep_for_the_reader_are_dead_lettered(
+    bridge: Bridge, bridge_worker: Worker, broker_url: str, depth: int, reason: str
+) -> None:
+    """py-amqp raised RecursionError out of the consumer: the worker died, and every
+    restarted one on the same message."""
+    assert bridge_worker.process is not None
+    pid = bridge_worker.process.pid
+    task_id = str(uuid.uuid4())
+    await anyio.to_thread.run_sync(
+        publish_deep_headers, broker_url, bridge_worker.queue, depth, task_id
+    )
+
+    [dead] = await anyio.to_thread.run_sync(dead_letters, broker_url, bridge_worker.queue)
+    assert dead["x-celerybridge-dead-reason"] == reason
+    kept = dead["body"] if isinstance(dead["body"], bytes) else dead["body"].encode()
+    assert kept == body([1, 2], {}, EMBED)  # the body is kept
     await good_call_runs(bridge, bridge_worker)
     alive(bridge_worker, pid)

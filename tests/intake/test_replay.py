@@ -1,0 +1,120 @@
+"""Replay refusal: a signed message runs once while its signature is valid."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import anyio
+import kombu
+import pytest
+
+from celerybridge import Bridge, BridgeSettings
+from celerybridge._intake.replay import DONE, REPLAYED, MemorySeen, RedisSeen, ReplayGuard
+
+from .._brokers import BROKERS, RESULT_BACKEND, dead_letters, publish_message
+from .._workers import Worker, stop_all
+from ..workers import bindings
+
+KEY = "replay-test-key-" + "k" * 32
+
+
+@pytest.fixture(params=["memory", "redis"])
+def guard(request: pytest.FixtureRequest) -> ReplayGuard:
+    store = MemorySeen() if request.param == "memory" else RedisSeen(RESULT_BACKEND)
+    return ReplayGuard(store, window=60)
+
+
+def test_a_signature_passes_once(guard: ReplayGuard) -> None:
+    signature = uuid.uuid4().hex
+    assert guard.refusal(signature, redelivered=False) is None
+    assert guard.refusal(signature, redelivered=False) == REPLAYED
+    assert guard.refusal(uuid.uuid4().hex, redelivered=False) is None
+
+
+def test_a_redelivery_of_a_message_that_never_finished_passes(guard: ReplayGuard) -> None:
+    signature = uuid.uuid4().hex
+    assert guard.refusal(signature, redelivered=False) is None
+    # The worker died while the task ran: the broker hands the message out again.
+    assert guard.refusal(signature, redelivered=True) is None
+    guard.finish(signature)
+    assert guard.store.state("celerybridge-seen-" + signature) == DONE
+    # Once it ran, a copy is a replay, whatever it claims.
+    assert guard.refusal(signature, redelivered=True) == REPLAYED
+
+
+def test_the_record_lives_as_long_as_the_window_and_the_clock_skew() -> None:
+    store = RedisSeen(RESULT_BACKEND)
+    guard = ReplayGuard(store, window=100)
+    signature = uuid.uuid4().hex
+    guard.refusal(signature, redelivered=False)
+    ttl = store._client.pttl("celerybridge-seen-" + signature)
+    assert 129_000 < ttl <= 130_000  # 100 s window + 30 s skew
+
+
+@pytest.fixture(scope="module")
+def keyed_workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Worker]]:
+    started: dict[str, Worker] = {}
+    yield started
+    stop_all(started.values())
+
+
+@pytest.fixture
+def keyed_worker(
+    keyed_workers: dict[str, Worker], broker: str, tmp_path_factory: pytest.TempPathFactory
+) -> Worker:
+    if broker not in keyed_workers:
+        worker = Worker("tests.workers.bridge_worker", BROKERS[broker], RESULT_BACKEND)
+        worker.extra_env["CELERYBRIDGE_SIGNING_KEY"] = KEY
+        keyed_workers[broker] = worker.start(tmp_path_factory.mktemp("replay"))
+    return keyed_workers[broker]
+
+
+def capture(broker_url: str, queue: str) -> tuple[dict[str, Any], bytes]:
+    """The message waiting on ``queue``, as an eavesdropper on the broker would copy it."""
+    with kombu.Connection(broker_url) as connection:
+        channel = connection.default_channel
+        message = channel.basic_get(queue, no_ack=True)
+        assert message is not None
+        channel.queue_delete(queue)
+        body = message.body
+        return dict(message.headers), body.encode() if isinstance(body, str) else body
+
+
+@pytest.mark.integration
+async def test_a_captured_signed_message_sent_again_is_refused_as_a_replay(
+    settings: BridgeSettings, keyed_worker: Worker, broker_url: str
+) -> None:
+    keyed = BridgeSettings(**{**settings.model_dump(), "signing_key": KEY})
+    nowhere = f"cb-capture-{uuid.uuid4().hex[:8]}"
+    async with Bridge(keyed) as bridge:
+        handle = await bridge.send(bindings.add.with_options(queue=nowhere), (20, 22), {})
+        headers, body = await anyio.to_thread.run_sync(capture, broker_url, nowhere)
+
+        for _ in range(2):  # the original, then the replay
+            publish_message(broker_url, keyed_worker.queue, body, headers)
+        assert (await handle.result(timeout=10)).value == 42
+        [dead] = await anyio.to_thread.run_sync(dead_letters, broker_url, keyed_worker.queue)
+        assert dead["id"] == handle.id
+        assert dead["x-celerybridge-dead-kind"] == "replay"
+        assert dead["x-celerybridge-dead-reason"] == REPLAYED
+        # The replay did not overwrite the result of the copy that ran.
+        assert (await bridge.handle(bindings.add, handle.id).result(timeout=5)).value == 42
+    assert keyed_worker.log().count(f"calc.add[{handle.id}] succeeded") == 1
+
+
+@pytest.mark.integration
+async def test_a_forged_message_naming_a_task_id_does_not_fail_that_task(
+    settings: BridgeSettings, keyed_worker: Worker, broker_url: str
+) -> None:
+    """Someone without the key sends a message with a waiting caller's task id."""
+    keyed = BridgeSettings(**{**settings.model_dump(), "signing_key": KEY})
+    async with Bridge(keyed) as bridge:
+        sleep = bindings.sleep.with_options(queue=keyed_worker.queue)
+        handle = await bridge.send(sleep, (1.0,), {})
+        headers = {"lang": "py", "task": "calc.add", "id": handle.id, "root_id": handle.id}
+        publish_message(broker_url, keyed_worker.queue, b"[[1, 2], {}, {}]", headers)
+        assert await handle.result(timeout=10) == 1.0
+        dead = await anyio.to_thread.run_sync(dead_letters, broker_url, keyed_worker.queue)
+        assert [d["x-celerybridge-dead-kind"] for d in dead] == ["signature"]
