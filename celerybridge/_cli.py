@@ -13,7 +13,9 @@ import click
 from celery import Celery
 
 from . import _dlq
-from ._config import BridgeSettings
+from ._config import BROKER_SCHEMES, BridgeSettings, url_problem
+from ._constants import DEAD_FROM_HEADER
+from ._dead_letter import dead_letter_queue
 from ._exceptions import CeleryBridgeError
 from ._registry import registry
 from ._signing import Signer
@@ -110,13 +112,21 @@ def dlq() -> None:
 
 
 _broker_option = click.option("--broker", help="Broker URL (default: CELERYBRIDGE_BROKER_URL).")
+_p = _dlq.printable  # everything a dlq command prints that it did not write itself
 
 
 def _broker(url: str | None) -> str:
+    """The broker URL to use, checked as the settings check it: kombu's errors for a
+    malformed URL quote the part they could not read, maybe a password."""
+    if url:
+        problem = url_problem(url, BROKER_SCHEMES)
+        if problem is not None:
+            raise click.ClickException(f"--broker: {problem}")
+        return url
     try:
-        return url or BridgeSettings().broker_url
+        return BridgeSettings().broker_url
     except CeleryBridgeError as exc:
-        raise click.ClickException(str(exc)) from exc
+        raise click.ClickException(_p(exc)) from exc
 
 
 @contextmanager
@@ -124,19 +134,35 @@ def _clean_errors() -> Iterator[None]:
     try:
         yield
     except CeleryBridgeError as exc:
-        raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
+        raise click.ClickException(_p(f"{type(exc).__name__}: {exc}")) from exc
+
+
+def _dead(queue: str) -> str:
+    return _p(dead_letter_queue(queue))
 
 
 @dlq.command("list")
 @click.argument("queue")
 @_broker_option
 def dlq_list(queue: str, broker: str | None) -> None:
-    """List QUEUE's dead letters (id, task, reason), leaving them where they are."""
+    """List QUEUE's dead letters (id, task, reason), leaving them where they are.
+
+    Entries that are not messages are listed as garbage (size, first bytes) and kept.
+    Control characters and backslashes are escaped as in a Python string.
+    """
     with _clean_errors():
-        letters = _dlq.list_dead_letters(_broker(broker), queue)
-    for letter in letters:
-        click.echo(f"{letter.task_id}\t{letter.task}\t{letter.reason}")
-    click.echo(f"{len(letters)} dead letter(s) on {queue}.dead", err=True)
+        entries = _dlq.list_dead_letters(_broker(broker), queue)
+    garbage = 0
+    for entry in entries:
+        if isinstance(entry, _dlq.Garbage):
+            garbage += 1
+            click.echo(f"-\tgarbage\t{entry.describe()}")  # printable as it is
+        else:
+            click.echo(f"{_p(entry.task_id)}\t{_p(entry.task)}\t{_p(entry.reason)}")
+    counted = f"{len(entries) - garbage} dead letter(s)"
+    if garbage:
+        counted += f" and {garbage} garbage entr{'y' if garbage == 1 else 'ies'}"
+    click.echo(f"{counted} on {_dead(queue)}", err=True)
 
 
 @dlq.command("show")
@@ -144,13 +170,18 @@ def dlq_list(queue: str, broker: str | None) -> None:
 @click.argument("task_id")
 @_broker_option
 def dlq_show(queue: str, task_id: str, broker: str | None) -> None:
-    """Print one dead letter of QUEUE as JSON: reason, headers, body."""
+    """Print one dead letter of QUEUE as JSON: reason, kind, headers, body.
+
+    TASK_ID is the id as it is or as `list` prints it (escaped).
+    """
     with _clean_errors():
-        letters = _dlq.list_dead_letters(_broker(broker), queue)
-    found = [letter for letter in letters if letter.task_id == task_id]
+        entries = _dlq.list_dead_letters(_broker(broker), queue)
+    found = [e for e in entries if isinstance(e, _dlq.DeadLetter) and e.named_by({task_id})]
     if not found:
-        raise click.ClickException(f"no dead letter {task_id} on {queue}.dead")
-    click.echo(json.dumps(found[0].describe(), indent=2, default=str))
+        raise click.ClickException(f"no dead letter {_p(task_id)} on {_dead(queue)}")
+    if len(found) > 1:
+        click.echo(f"{len(found)} dead letters have this id; showing the oldest", err=True)
+    click.echo(json.dumps(found[0].describe(), indent=2, default=str, ensure_ascii=True))
 
 
 @dlq.command("replay")
@@ -158,18 +189,36 @@ def dlq_show(queue: str, task_id: str, broker: str | None) -> None:
 @click.argument("task_ids", nargs=-1)
 @click.option("--all", "everything", is_flag=True, help="Replay every dead letter of QUEUE.")
 @click.option(
+    "--to",
+    "to",
+    metavar="QUEUE",
+    help="Send them to this queue instead of QUEUE (never where their headers say).",
+)
+@click.option(
     "--sign",
     is_flag=True,
     help="Sign them afresh with CELERYBRIDGE_SIGNING_KEY (you vouch for their content).",
 )
 @_broker_option
 def dlq_replay(
-    queue: str, task_ids: tuple[str, ...], everything: bool, sign: bool, broker: str | None
+    queue: str,
+    task_ids: tuple[str, ...],
+    everything: bool,
+    to: str | None,
+    sign: bool,
+    broker: str | None,
 ) -> None:
-    """Send dead letters (TASK_IDS, or --all) back to the queue they came from, as they were
-    (or, with --sign, signed now: a worker with the key refuses expired signatures)."""
+    """Send dead letters (TASK_IDS, or --all) back to QUEUE, where they were refused (or
+    to --to), with their retries reset (with --sign, signed now: a worker with the key
+    refuses expired signatures).
+
+    --all --sign does not re-sign, nor replay, letters refused for their signature or as
+    replays: name such a letter's id to vouch for it. Garbage stays where it is.
+    """
     if bool(task_ids) == everything:
         raise click.UsageError("give task ids or --all (not both)")
+    if to is not None and (not to or to == dead_letter_queue(queue)):
+        raise click.UsageError(f"--to must name a queue other than {_dead(queue)}")
     signer = None
     if sign:
         with _clean_errors():
@@ -177,12 +226,26 @@ def dlq_replay(
         if signer is None:
             raise click.UsageError("--sign needs the key in CELERYBRIDGE_SIGNING_KEY")
     with _clean_errors():
-        replayed = _dlq.replay(_broker(broker), queue, None if everything else task_ids, signer)
-    for letter in replayed:
-        click.echo(f"replayed {letter.task_id} ({letter.task}) to {letter.source}")
-    missing = set(task_ids) - {letter.task_id for letter in replayed}
-    if missing:
-        raise click.ClickException(f"not on {queue}.dead: {', '.join(sorted(missing))}")
+        report = _dlq.replay(
+            _broker(broker), queue, None if everything else task_ids, signer, to=to
+        )
+    target = to or queue
+    for letter in report.replayed:
+        line = f"replayed {_p(letter.task_id)} ({_p(letter.task)}) to {_p(target)}"
+        if letter.source != queue:  # reported, never followed
+            line += f"; its {DEAD_FROM_HEADER} header names {_p(letter.source)}, not {_p(queue)}"
+        click.echo(line)
+    for letter, why in report.skipped:
+        click.echo(f"skipped {_p(letter.task_id)} ({_p(letter.task)}): {_p(why)}", err=True)
+    for garbage in report.garbage:
+        click.echo(f"kept garbage on {_dead(queue)}: {garbage.describe()}", err=True)
+    problems = []
+    if report.missing:
+        problems.append(f"not on {_dead(queue)}: {', '.join(_p(i) for i in report.missing)}")
+    if task_ids and report.skipped:
+        problems.append(f"not replayed: {', '.join(_p(x.task_id) for x, _ in report.skipped)}")
+    if problems:
+        raise click.ClickException("; ".join(problems))
 
 
 @dlq.command("purge")
@@ -190,9 +253,9 @@ def dlq_replay(
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @_broker_option
 def dlq_purge(queue: str, yes: bool, broker: str | None) -> None:
-    """Drop every dead letter of QUEUE."""
+    """Drop every entry of QUEUE's dead-letter queue, garbage included."""
     if not yes:
-        click.confirm(f"Drop every message on {queue}.dead?", abort=True)
+        click.confirm(f"Drop every message on {_dead(queue)}?", abort=True)
     with _clean_errors():
         dropped = _dlq.purge(_broker(broker), queue)
-    click.echo(f"purged {dropped} dead letter(s) from {queue}.dead")
+    click.echo(f"purged {dropped} dead letter(s) from {_dead(queue)}")

@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+from urllib.parse import urlsplit
 
-from kombu.utils.url import maybe_sanitize_url
-from pydantic import Field, PositiveFloat, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import (
+    Field,
+    PositiveFloat,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from ._constants import (
     DEFAULT_BROKER_URL,
+    DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_PUBLISH_TIMEOUT,
     DEFAULT_RESULT_TIMEOUT,
     DEFAULT_SIGNING_MAX_AGE,
@@ -30,6 +40,18 @@ RESULT_SCHEMES = frozenset({"redis", "rediss", "sentinel", "file"})
 # _transports/amqp.py) and result backends (_transports/redis_results.py).
 FAST_PATH_BROKER_SCHEMES = frozenset({"redis", "rediss", "amqp", "amqps", "pyamqp"})
 FAST_PATH_RESULT_SCHEMES = frozenset({"redis", "rediss"})
+# Schemes whose URL names a folder (or nothing), not a server: no credentials to read.
+_FOLDER_SCHEMES = frozenset({"filesystem", "file", "memory"})
+# RFC 3986: a letter, then letters, digits, "+", "-" and ".".
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
+_URL_SHAPE = "scheme://[user:password@]host[:port][/path]"
+_NOT_SHOWN = "(the value is not shown: it may hold a password)"
+# Query parameters that may carry a secret (redis-py reads ``?password=``).
+_SECRET_QUERY = re.compile(r"(?i)([?&][^=&#]*(?:pass|secret|token|key|auth|cred)[^=&#]*=)[^&#]*")
+# What comes before the user info: a scheme, its colon and slashes.
+_HEAD = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:/*")
+# A ";" that starts another URL of a failover list.
+_ALTERNATES = re.compile(r";(?=[A-Za-z][A-Za-z0-9+.-]*://)")
 
 
 class BridgeSettings(BaseSettings):
@@ -38,9 +60,12 @@ class BridgeSettings(BaseSettings):
     Every field can come from the environment: ``CELERYBRIDGE_BROKER_URL``,
     ``CELERYBRIDGE_RESULT_BACKEND``, ``CELERYBRIDGE_PUBLISH_TIMEOUT``,
     ``CELERYBRIDGE_RESULT_TIMEOUT``, ``CELERYBRIDGE_FAST_PATH``,
-    ``CELERYBRIDGE_SIGNING_KEY``, ``CELERYBRIDGE_SIGNING_MAX_AGE``. Values are checked
-    when the settings are built. URLs are masked in ``repr``; the signing key never
-    appears in ``repr`` or in an error message.
+    ``CELERYBRIDGE_SIGNING_KEY``, ``CELERYBRIDGE_SIGNING_VERIFY_KEYS``,
+    ``CELERYBRIDGE_SIGNING_MAX_AGE``. Values are checked
+    when the settings are built. Credentials in URLs are masked in ``repr`` and a URL
+    is never quoted in an error message (a malformed one could show its password where
+    a parser expects a host or a port); the signing key never appears in ``repr`` or
+    in an error message.
     """
 
     # hide_input_in_errors: a rejected value (a short signing key, a URL with its
@@ -67,13 +92,24 @@ class BridgeSettings(BaseSettings):
     (kombu) in threads."""
 
     signing_key: SecretStr | None = None
-    """Sign every published message (HMAC-SHA256 over task name, id, arguments and time),
-    and, on a worker built with :func:`~celerybridge.celery_app`, refuse messages not
-    signed with it. At least 32 characters; ``None`` (the default) signs nothing and
-    accepts everything. See docs/security.md."""
+    """Sign every published message (HMAC-SHA256 over its exact body and every header that
+    says what runs, when and as whom), and, on a worker built with
+    :func:`~celerybridge.celery_app`, refuse messages not signed with it (or with one of
+    ``signing_verify_keys``). At least 32 characters; ``None`` (the default) signs
+    nothing and accepts everything. See docs/security.md."""
+
+    signing_verify_keys: Annotated[tuple[SecretStr, ...], NoDecode] = ()
+    """More keys a worker accepts signatures of, never signs with: the old key while keys
+    are rotated. In the environment a JSON list of strings,
+    ``CELERYBRIDGE_SIGNING_VERIFY_KEYS='["old-key..."]'`` (empty: none). Each has at least
+    32 characters; they need a ``signing_key``."""
 
     signing_max_age: PositiveFloat = DEFAULT_SIGNING_MAX_AGE
     """Seconds after signing a worker with a key still accepts a message."""
+
+    max_message_bytes: int = Field(default=DEFAULT_MAX_MESSAGE_BYTES, ge=1024)
+    """The largest message body a worker built with :func:`~celerybridge.celery_app`
+    reads (bytes, checked before anything is parsed); larger ones are dead-lettered."""
 
     service: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     """This service's name, sent with every message (``x-celerybridge-service``, covered
@@ -89,7 +125,9 @@ class BridgeSettings(BaseSettings):
     @field_validator("broker_url")
     @classmethod
     def _check_broker(cls, url: str) -> str:
-        _check_scheme(url, BROKER_SCHEMES, "broker_url")
+        problem = url_problem(url, BROKER_SCHEMES)
+        if problem is not None:
+            raise ValueError(problem)
         return url
 
     @field_validator("broker_url")
@@ -104,8 +142,9 @@ class BridgeSettings(BaseSettings):
     @field_validator("result_backend")
     @classmethod
     def _check_backend(cls, url: str | None) -> str | None:
-        if url is not None:
-            _check_scheme(url, RESULT_SCHEMES, "result_backend")
+        problem = None if url is None else url_problem(url, RESULT_SCHEMES)
+        if problem is not None:
+            raise ValueError(problem)
         return url
 
     @field_validator("signing_key")
@@ -118,12 +157,49 @@ class BridgeSettings(BaseSettings):
             )
         return key
 
+    @field_validator("signing_verify_keys", mode="before")
+    @classmethod
+    def _parse_verify_keys(cls, keys: Any) -> Any:
+        if not isinstance(keys, str):
+            return keys
+        if not keys.strip():
+            return ()
+        try:
+            parsed = json.loads(keys)
+        except ValueError:
+            parsed = None
+        if not isinstance(parsed, list) or not all(isinstance(k, str) for k in parsed):
+            # Not even the part that parsed: it may be a key.
+            raise ValueError(
+                """must be a JSON list of keys, e.g. '["first-key...", "second-key..."]' """
+                "(the value is not shown)"
+            )
+        return parsed
+
+    @field_validator("signing_verify_keys")
+    @classmethod
+    def _check_verify_keys(
+        cls, keys: tuple[SecretStr, ...], info: ValidationInfo
+    ) -> tuple[SecretStr, ...]:
+        short = [
+            i for i, k in enumerate(keys) if len(k.get_secret_value()) < SIGNING_KEY_MIN_LENGTH
+        ]
+        if short:
+            raise ValueError(
+                f"each key needs at least {SIGNING_KEY_MIN_LENGTH} characters; key number "
+                f"{short[0] + 1} of {len(keys)} has fewer"
+            )
+        # A signing_key that failed its own check is absent: that error is enough.
+        if keys and "signing_key" in info.data and info.data["signing_key"] is None:
+            raise ValueError(
+                "keys to verify with need a signing key (CELERYBRIDGE_SIGNING_KEY): a worker "
+                "signs its retries, and without one it would check nothing"
+            )
+        return keys
+
     def __repr_args__(self) -> Any:
-        yield "broker_url", maybe_sanitize_url(self.broker_url)
-        yield (
-            "result_backend",
-            (maybe_sanitize_url(self.result_backend) if self.result_backend else None),
-        )
+        yield "broker_url", mask_url(self.broker_url)
+        yield "result_backend", (mask_url(self.result_backend) if self.result_backend else None)
         yield from super().__repr_args__()
 
 
@@ -155,11 +231,71 @@ def scheme_of(url: str) -> str:
     return url.split("://", 1)[0].lower() if "://" in url else ""
 
 
-def _check_scheme(url: str, allowed: frozenset[str], field: str) -> None:
-    scheme = scheme_of(url)
-    if scheme not in allowed:
-        known = ", ".join(sorted(allowed))
-        raise ValueError(f"unsupported scheme {scheme or url!r}; supported: {known}")
+def url_problem(url: str, allowed: frozenset[str]) -> str | None:
+    """Why ``url`` is not a broker or backend URL with a scheme in ``allowed``, or ``None``.
+
+    The answer never quotes ``url``, which may hold a password; it names a scheme only
+    when it is one of ours. A URL that kombu or redis-py would read differently from
+    what was meant (an unencoded ``#``, ``?``, ``/`` or ``@`` in a password turns part of
+    it into the host, port or path, and their errors then quote it) is refused here.
+    """
+    scheme, sep, _ = url.partition("://")
+    if not sep or not _SCHEME.fullmatch(scheme):
+        named = url.partition(":")[0].lower()
+        hint = (
+            f" ({named + ':'!r} must be followed by '//')"
+            if named in BROKER_SCHEMES | RESULT_SCHEMES
+            else ""
+        )
+        return f"not a URL of the form {_URL_SHAPE}{hint} {_NOT_SHOWN}"
+    if scheme.lower() not in allowed:
+        return f"unsupported scheme {scheme.lower()!r}; supported: {', '.join(sorted(allowed))}"
+    if scheme.lower() in _FOLDER_SCHEMES:
+        return None
+    # kombu reads "a;b" as a failover list of URLs (Redis Sentinel, RabbitMQ).
+    if not all(_reads_as_written(part) for part in url.split(";")):
+        return (
+            f"cannot be read as {_URL_SHAPE}: percent-encode '/', '?', '#', '@', '[', ']', "
+            f"';' and '%' in the user name and password (e.g. '%40' for '@') {_NOT_SHOWN}"
+        )
+    return None
+
+
+def _reads_as_written(url: str) -> bool:
+    """Whether every ``@`` of ``url`` ends its user info and its port is a number.
+
+    Never raises: parsers' errors quote the part they could not read, maybe a password.
+    """
+    try:
+        parts = urlsplit(url)
+        _ = parts.port  # ValueError for a port that is not a number, or out of range
+    except ValueError:
+        return False
+    return url.count("@") == parts.netloc.count("@")
+
+
+def mask_url(url: str) -> str:
+    """``url`` fit for a log line or a ``repr``: credentials become ``**``.
+
+    Works on the text, so it never fails and masks malformed URLs too: everything
+    between the scheme and the last ``@`` is a secret (``amqp://user:**@host//`` when
+    a user name and a password read cleanly, ``redis:/**@host`` otherwise), and so are
+    the values of query parameters named like a password, token or key. A failover
+    list (``sentinel://...;sentinel://...``) is masked URL by URL.
+    """
+    return ";".join(_mask_one(part) for part in _ALTERNATES.split(url))
+
+
+def _mask_one(url: str) -> str:
+    head = _HEAD.match(url)
+    start = head.end() if head else 0
+    userinfo, at, rest = url[start:].rpartition("@")
+    if at:
+        user, colon, _ = userinfo.partition(":")
+        clean = head is not None and head.group().endswith("://") and bool(colon)
+        masked = f"{user}:**" if clean and not any(c in user for c in "/?#[]") else "**"
+        url = f"{url[:start]}{masked}@{rest}"
+    return _SECRET_QUERY.sub(r"\1**", url)
 
 
 def load_settings(settings: BridgeSettings | None = None, **overrides: Any) -> BridgeSettings:

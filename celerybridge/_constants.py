@@ -28,13 +28,59 @@ DEAD_KIND_CONTRACT: Final = "contract"  # arguments that fail the contract on re
 DEAD_KIND_RETRIES: Final = "retries"  # failed after its automatic retries
 DEAD_KINDS_NEVER_RESIGNED: Final = frozenset({DEAD_KIND_SIGNATURE, DEAD_KIND_REPLAY})
 
+# The worker's intake (_intake/): the largest body it reads (CELERYBRIDGE_MAX_MESSAGE_BYTES),
+# and the record of signed messages already taken, kept as long as a signature is valid.
+DEFAULT_MAX_MESSAGE_BYTES: Final = 32 * 1024 * 1024
+SEEN_KEY_PREFIX: Final = "celerybridge-seen-"
+
 # Signed messages (CELERYBRIDGE_SIGNING_KEY): the headers a signing caller adds, what the
 # HMAC-SHA256 covers (see _signing.py), and the limits a verifying worker applies.
 SIGNATURE_HEADER: Final = "x-celerybridge-signature"
 TIMESTAMP_HEADER: Final = "x-celerybridge-timestamp"
-SIGNATURE_SCHEME: Final = "celerybridge-hmac-sha256-v1"
+# Which key signed: the first 16 hex digits of SHA-256 over KEY_ID_DOMAIN + the key.
+KEY_ID_HEADER: Final = "x-celerybridge-key-id"
+KEY_ID_DOMAIN: Final = b"celerybridge signing key id\x00"
+KEY_ID_LENGTH: Final = 16  # hex digits
+SIGNATURE_SCHEME: Final = "celerybridge-hmac-sha256-v2"
+# Refused: it signed the task name, id and arguments, not the embed (callbacks, chain...)
+# nor the headers that say when and how a task runs.
+SIGNATURE_SCHEME_V1: Final = "celerybridge-hmac-sha256-v1"
 # The calling service's name (CELERYBRIDGE_SERVICE), on every message it sends; signed.
 SERVICE_HEADER: Final = "x-celerybridge-service"
+# The headers a signature covers besides its own timestamp and key id: every one that
+# changes what runs, when, where or as whom. Missing and null sign the same. Others
+# (traceparent, sentry-trace, baggage, origin...) may be added after signing.
+SIGNED_HEADERS: Final = (
+    "lang",
+    "task",
+    "id",
+    "shadow",
+    "eta",
+    "expires",
+    "group",
+    "group_index",
+    "retries",
+    "timelimit",
+    "root_id",
+    "parent_id",
+    "ignore_result",
+    "replaced_task_nesting",
+    "argsrepr",
+    "kwargsrepr",
+    # Not sent by Celery, but every header becomes an attribute of the task's request.
+    # A header named like an embed part lands there when the body lacks that part;
+    # ``headers`` becomes the request's custom headers, and ``stamps`` (named by
+    # ``stamped_headers``) its execution options, both of which a retry is published
+    # with: added unsigned, they would come back signed with the worker's key.
+    "callbacks",
+    "errbacks",
+    "chain",
+    "chord",
+    "headers",
+    "stamped_headers",
+    "stamps",
+    SERVICE_HEADER,
+)
 SIGNING_KEY_MIN_LENGTH: Final = 32  # characters: HMAC-SHA256 wants at least 32 bytes
 DEFAULT_SIGNING_MAX_AGE: Final = 300.0  # seconds a signed message stays acceptable
 SIGNING_CLOCK_SKEW: Final = 30  # seconds a signature may be ahead of the worker's clock

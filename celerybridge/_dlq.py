@@ -1,26 +1,72 @@
 """Reading, replaying and purging dead letters (``celerybridge dlq``), blocking, with kombu.
 
-A dead letter is the original message, headers and body untouched, plus two headers
-(:data:`~celerybridge._constants.DEAD_REASON_HEADER`, ``DEAD_FROM_HEADER``). Listing
-takes every message without acknowledging it and closes the channel, so the broker puts
-them all back (RabbitMQ in their order; Redis may change the order).
+A dead letter is the original message, headers and body untouched, plus the dead-letter
+headers (:data:`~celerybridge._constants.DEAD_REASON_HEADER`, ``DEAD_FROM_HEADER``,
+``DEAD_KIND_HEADER``). Anyone who can write to the broker can write to ``<queue>.dead``
+too, so nothing read there is trusted: an entry that is not a message is listed as
+:class:`Garbage` and left alone, a letter is replayed only to the queue the operator
+names, and what is printed is passed through :func:`printable` by the command line.
+
+Nothing is removed while reading. On Redis the lists are read with ``LRANGE`` and a
+replayed letter is removed (``LREM``) only once it has been republished; elsewhere
+(RabbitMQ) every message is taken without acknowledging it and the channel is closed, so
+the broker puts back all that was not replayed. A replay interrupted half-way may send a
+letter twice, never lose one.
 """
 
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+import binascii
+import json
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import kombu
 
-from ._constants import CONTENT_TYPE, DEAD_FROM_HEADER, DEAD_REASON_HEADER
+from ._config import broker_transport_options
+from ._constants import (
+    CONTENT_TYPE,
+    DEAD_FROM_HEADER,
+    DEAD_KIND_HEADER,
+    DEAD_KIND_SIGNATURE,
+    DEAD_KINDS_NEVER_RESIGNED,
+    DEAD_REASON_HEADER,
+    KOMBU_PRIORITY_STEPS,
+)
 from ._dead_letter import dead_letter_queue
 from ._exceptions import CallError, DelegationError
 from ._signing import Signer
 from ._transports._errors import translate
+from ._transports._protocol import redis_queue_key
+
+# How signature refusals begin (_signing.py), as workers wrote them before the kind header
+# and since: unsigned, malformed headers, unreadable body or header, bad, outdated scheme,
+# unknown key, expired, from the future. Kept as written, whatever _signing.py says today.
+_SIGNATURE_REASONS = (
+    "unsigned message",
+    "malformed signature headers",
+    "cannot check the signature",
+    "bad signature",
+    "outdated signature",
+    "signed with a key this worker does not know",
+    "expired signature",
+    "signature from the future",
+)
+_PREVIEW = 48  # bytes of a garbage entry shown by ``list``
+
+
+def printable(text: object) -> str:
+    """``str(text)`` safe to print on one line of a terminal: backslashes and every
+    character Python does not call printable (control characters, newlines, ANSI escapes,
+    line separators, bidirectional overrides, lone surrogates) escaped as in a Python
+    string literal (``\\n``, ``\\x1b``, ``\\u202e``)."""
+    text = str(text)
+    if text.isprintable() and "\\" not in text:
+        return text
+    return "".join("\\\\" if c == "\\" else c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 @dataclass(frozen=True)
@@ -30,24 +76,39 @@ class DeadLetter:
     task_id: str
     task: str
     reason: str
+    kind: str
+    """Why, in one word (``DEAD_KIND_*``); ``signature`` for a letter written before the
+    kind header whose reason is a signature refusal; ``""`` when unknown."""
     source: str
-    """The queue it came from, where a replay sends it."""
+    """The queue its dead-from header names: only reported, never where a replay goes."""
     headers: dict[str, Any]
-    """The original headers, without the two dead-letter ones."""
+    """The original headers, without the dead-letter ones."""
     body: bytes
     content_type: str
     content_encoding: str
 
+    def named_by(self, names: Collection[str]) -> bool:
+        """Whether ``names`` hold this letter's id, as it is or as ``list`` prints it."""
+        return self.task_id in names or printable(self.task_id) in names
+
+    @property
+    def never_resigned(self) -> bool:
+        """Refused for its signature or as a replay (by its kind or its reason): what
+        ``replay --all --sign`` must not turn into a genuine message."""
+        return self.kind in DEAD_KINDS_NEVER_RESIGNED or self.reason.startswith(_SIGNATURE_REASONS)
+
     def describe(self) -> dict[str, Any]:
         """A JSON-friendly view; a JSON body is shown as text, any other as base64."""
+        body: Any = {"base64": base64.b64encode(self.body).decode()}
         if self.content_type == CONTENT_TYPE:
-            body: Any = self.body.decode(self.content_encoding or "utf-8", "replace")
-        else:
-            body = {"base64": base64.b64encode(self.body).decode()}
+            # An encoding Python does not know, not a text one, or one that cannot replace.
+            with suppress(LookupError, ValueError):
+                body = self.body.decode(self.content_encoding or "utf-8", "replace")
         return {
             "id": self.task_id,
             "task": self.task,
             "reason": self.reason,
+            "kind": self.kind,
             "source": self.source,
             "content_type": self.content_type,
             "headers": self.headers,
@@ -55,54 +116,149 @@ class DeadLetter:
         }
 
 
-def _dead_letter(message: Any, queue: str) -> DeadLetter:
-    headers = dict(message.headers or {})
-    reason = str(headers.pop(DEAD_REASON_HEADER, ""))
-    source = str(headers.pop(DEAD_FROM_HEADER, queue))
-    body = message.body if isinstance(message.body, bytes) else str(message.body).encode()
+@dataclass(frozen=True)
+class Garbage:
+    """An entry of a dead-letter queue that is not a message: kept where it is."""
+
+    raw: bytes
+    problem: str
+    """What is wrong with it, in printable words (names of types, ``repr`` of values)."""
+
+    def describe(self) -> str:
+        """What it is, its size and its first bytes, printable."""
+        more = "..." if len(self.raw) > _PREVIEW else ""
+        return f"{self.problem}; {len(self.raw)} bytes: {self.raw[:_PREVIEW]!r}{more}"
+
+
+Entry = DeadLetter | Garbage
+
+
+def _letter(
+    headers: object, body: object, content_type: object, encoding: object, queue: str
+) -> Entry:
+    """The dead letter these parts of a message make, or garbage if they make none."""
+    raw = body if isinstance(body, bytes) else str(body).encode("utf-8", "surrogatepass")
+    if headers is not None and not isinstance(headers, Mapping):
+        return Garbage(raw, f"its headers are a {type(headers).__name__}, not a mapping")
+    if not isinstance(body, bytes | str):
+        return Garbage(raw, f"its body is a {type(body).__name__}")
+    for name, value in (("content type", content_type), ("content encoding", encoding)):
+        if value is not None and not isinstance(value, str):
+            return Garbage(raw, f"its {name} is a {type(value).__name__}")
+    kept = dict(headers or {})
+    reason = kept.pop(DEAD_REASON_HEADER, "")
+    reason = reason if isinstance(reason, str) else str(reason)
+    kind = kept.pop(DEAD_KIND_HEADER, None)
+    if not isinstance(kind, str) or not kind:
+        kind = DEAD_KIND_SIGNATURE if reason.startswith(_SIGNATURE_REASONS) else ""
+    task_id, task = kept.get("id"), kept.get("task")
     return DeadLetter(
-        task_id=str(headers.get("id", "")),
-        task=str(headers.get("task", "")),
+        task_id="" if task_id is None else str(task_id),
+        task="" if task is None else str(task),
         reason=reason,
-        source=source,
-        headers=headers,
-        body=body,
-        content_type=message.content_type,
-        content_encoding=message.content_encoding,
+        kind=kind,
+        source=str(kept.pop(DEAD_FROM_HEADER, queue)),
+        headers=kept,
+        body=raw,
+        content_type=str(content_type or ""),
+        content_encoding=str(encoding or ""),
     )
 
 
+def _from_redis(raw: bytes, queue: str) -> Entry:
+    """The dead letter a Redis list entry holds (kombu's JSON envelope, base64 body)."""
+    try:
+        document = json.loads(raw)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        return Garbage(raw, "not JSON")
+    if not isinstance(document, dict):
+        return Garbage(raw, f"JSON {type(document).__name__}, not a kombu message")
+    properties, body = document.get("properties"), document.get("body")
+    if not isinstance(properties, dict):
+        return Garbage(raw, "a JSON object without kombu's properties")
+    if not isinstance(body, str):
+        return Garbage(raw, "a JSON object without a body string")
+    encoding = properties.get("body_encoding")
+    if encoding == "base64":
+        try:
+            data = base64.b64decode(body, validate=True)
+        except (binascii.Error, ValueError):
+            return Garbage(raw, "its body is not base64")
+    elif encoding is None:
+        data = body.encode("utf-8", "surrogatepass")
+    else:
+        return Garbage(raw, f"unknown body encoding {encoding!r}")
+    letter = _letter(
+        document.get("headers"),
+        data,
+        document.get("content-type"),
+        document.get("content-encoding"),
+        queue,
+    )
+    return letter if isinstance(letter, DeadLetter) else replace(letter, raw=raw)
+
+
+@dataclass
+class _Taken:
+    """Every entry of a dead-letter queue, each with what removes it once replayed."""
+
+    connection: Any
+    remove: Callable[[Any], None]
+    entries: list[tuple[Entry, Any]] = field(default_factory=list)
+
+
 @contextmanager
-def _taken(broker_url: str, queue: str) -> Iterator[tuple[Any, list[tuple[DeadLetter, Any]]]]:
-    """Every dead letter of ``queue``, unacknowledged; closing puts back what was not acked."""
+def _taken(broker_url: str, queue: str) -> Iterator[_Taken]:
+    """Every entry of ``queue``'s dead-letter queue, read without removing any."""
     target = dead_letter_queue(queue)
+    options = broker_transport_options(broker_url)
     with (
         translate(DelegationError, f"reading {target!r}"),
-        kombu.Connection(broker_url) as connection,
+        kombu.Connection(broker_url, transport_options=options) as connection,
     ):
+        if connection.transport.driver_type == "redis":
+            redis_channel: Any = connection.default_channel
+            with redis_channel.conn_or_acquire() as client:
+                yield _redis_taken(connection, client, queue)
+            return
         channel: Any = connection.channel()
-        dead = _declare(channel, target)
-        taken: list[tuple[DeadLetter, Any]] = []
+        # py-amqp hands over a body decoded with its content encoding when it can; a
+        # replay must send the bytes that came, whatever that encoding does both ways.
+        if hasattr(channel, "auto_decode"):
+            channel.auto_decode = False
         try:
-            while (message := dead.get(no_ack=False)) is not None:
-                taken.append((_dead_letter(message, queue), message))
-            yield connection, taken
+            # Declared as the worker declares it: one that does not exist yet has no letters.
+            kombu.Queue(target, durable=True)(channel).declare()
+            taken = _Taken(connection, lambda tag: channel.basic_ack(tag))
+            while (message := channel.basic_get(target, no_ack=False)) is not None:
+                letter = _letter(
+                    message.headers,
+                    message.body,
+                    getattr(message, "content_type", None),
+                    getattr(message, "content_encoding", None),
+                    queue,
+                )
+                taken.entries.append((letter, message.delivery_tag))
+            yield taken
         finally:
-            channel.close()
+            channel.close()  # the broker puts back every message not acknowledged
 
 
-def _declare(channel: Any, target: str) -> Any:
-    """The dead-letter queue bound to ``channel``, declared as the worker declares it (a
-    queue that does not exist yet simply has no letters)."""
-    queue = kombu.Queue(target, durable=True)(channel)
-    queue.declare()
-    return queue
+def _redis_taken(connection: Any, client: Any, queue: str) -> _Taken:
+    """The entries of the dead-letter lists (one per priority step), oldest first, as
+    the Redis transport would deliver them; each is removed by value once replayed."""
+    taken = _Taken(connection, lambda where: client.lrem(where[0], 1, where[1]))
+    for step in KOMBU_PRIORITY_STEPS:
+        key = redis_queue_key(dead_letter_queue(queue), step)
+        for raw in reversed(client.lrange(key, 0, -1)):
+            taken.entries.append((_from_redis(raw, queue), (key, raw)))
+    return taken
 
 
-def list_dead_letters(broker_url: str, queue: str) -> list[DeadLetter]:
-    """The dead letters of ``queue``, left where they are."""
-    with _taken(broker_url, queue) as (_, taken):
-        return [letter for letter, _ in taken]
+def list_dead_letters(broker_url: str, queue: str) -> list[Entry]:
+    """The dead letters of ``queue``, and any garbage there, left where they are."""
+    with _taken(broker_url, queue) as taken:
+        return [entry for entry, _ in taken.entries]
 
 
 def signed_headers(letter: DeadLetter, signer: Signer) -> dict[str, Any]:
@@ -110,64 +266,147 @@ def signed_headers(letter: DeadLetter, signer: Signer) -> dict[str, Any]:
     signed now.
 
     Whoever replays with the key vouches for the letter: a message refused as forged
-    becomes genuine. Only JSON ``[args, kwargs, ...]`` bodies can be signed.
+    becomes genuine. Only JSON bodies, with headers JSON can carry, can be signed.
     """
     headers = (
-        signer.resigned(letter.headers, letter.body)
+        signer.resigned(
+            letter.headers,
+            letter.body,
+            content_type=letter.content_type,
+            content_encoding=letter.content_encoding,
+        )
         if letter.content_type == CONTENT_TYPE
         else None
     )
     if headers is None:
         raise CallError(
-            f"cannot sign dead letter {letter.task_id}: its body is not a JSON "
-            "[args, kwargs, ...] list"
+            f"cannot sign dead letter {letter.task_id}: only {CONTENT_TYPE} bodies, with "
+            "headers JSON can carry, can be signed"
         )
     return headers
 
 
-def replay(
-    broker_url: str, queue: str, task_ids: Iterable[str] | None, signer: Signer | None = None
-) -> list[DeadLetter]:
-    """Send dead letters back to their queue as they were (``None``: all of them).
+@dataclass(frozen=True)
+class ReplayReport:
+    """What :func:`replay` did: letters sent, letters left (and why), garbage left,
+    named ids matching no letter."""
 
-    Each is acknowledged on the dead-letter queue only once it has been republished.
-    With a ``signer`` each is signed afresh (:func:`signed_headers`), so a worker with
-    the key runs a letter refused for an expired or missing signature.
+    replayed: list[DeadLetter]
+    skipped: list[tuple[DeadLetter, str]]
+    garbage: list[Garbage]
+    missing: list[str]
+
+
+def _ambiguous(letters: list[DeadLetter], names: Iterable[str]) -> set[int]:
+    """Positions of the letters a name shares with a different letter (another body or
+    other headers): naming one of them vouches for none."""
+    shared: set[int] = set()
+    for name in names:
+        named = [i for i, letter in enumerate(letters) if letter.named_by({name})]
+        contents = {
+            (letters[i].body, json.dumps(letters[i].headers, sort_keys=True, default=repr))
+            for i in named
+        }
+        if len(contents) > 1:
+            shared.update(named)
+    return shared
+
+
+def _why_not(letter: DeadLetter, everything: bool, ambiguous: bool) -> str | None:
+    """Why ``letter`` must not be re-signed, if it must not."""
+    if everything and letter.never_resigned:
+        why = (
+            f"refused as {letter.kind!r}"
+            if letter.kind in DEAD_KINDS_NEVER_RESIGNED
+            else "its reason is a signature refusal"
+        )
+        return f"{why}: --all --sign never re-signs those; name its id with --sign to vouch for it"
+    if ambiguous:
+        return "different dead letters have this id: none of them is re-signed"
+    return None
+
+
+def _replay_headers(letter: DeadLetter, signer: Signer | None) -> dict[str, Any]:
+    """Its headers with a fresh count of retries and, with a ``signer``, a new signature."""
+    headers = dict(letter.headers)
+    if "retries" in headers:
+        headers["retries"] = 0
+    if signer is None:
+        return headers
+    return signed_headers(replace(letter, headers=headers), signer)
+
+
+def replay(
+    broker_url: str,
+    queue: str,
+    task_ids: Iterable[str] | None,
+    signer: Signer | None = None,
+    to: str | None = None,
+) -> ReplayReport:
+    """Send dead letters (``None``: all of them) back to ``queue``, where they were
+    refused, or to ``to``: never where their dead-from header says.
+
+    Each starts again with no retries and is removed from the dead-letter queue only once
+    republished. With a ``signer`` each is signed afresh (:func:`signed_headers`), so a
+    worker with the key runs a letter refused for an expired or missing signature; with
+    ``task_ids=None`` letters refused for their signature or as replays are skipped, and
+    so is, for named ids, every letter of an id that differing letters share. Garbage
+    stays where it is.
     """
     wanted = None if task_ids is None else set(task_ids)
-    replayed = []
-    with _taken(broker_url, queue) as (connection, taken):
-        producer = connection.Producer()
-        for letter, message in taken:
-            if wanted is not None and letter.task_id not in wanted:
-                continue
-            source = kombu.Queue(
-                letter.source, kombu.Exchange(letter.source, "direct"), routing_key=letter.source
+    target = to or queue
+    exchange = kombu.Exchange(target, "direct")
+    declared = kombu.Queue(target, exchange, routing_key=target)
+    report = ReplayReport([], [], [], [])
+    with _taken(broker_url, queue) as taken:
+        chosen = [
+            (entry, handle)
+            for entry, handle in taken.entries
+            if isinstance(entry, DeadLetter) and (wanted is None or entry.named_by(wanted))
+        ]
+        letters = [letter for letter, _ in chosen]
+        if wanted is None:
+            report.garbage.extend(e for e, _ in taken.entries if isinstance(e, Garbage))
+        else:
+            report.missing.extend(
+                sorted(name for name in wanted if not any(x.named_by({name}) for x in letters))
             )
-            headers = letter.headers if signer is None else signed_headers(letter, signer)
+        shared = _ambiguous(letters, wanted or ()) if signer is not None else set()
+        producer = taken.connection.Producer()
+        for position, (letter, handle) in enumerate(chosen):
+            why = _why_not(letter, wanted is None, position in shared) if signer else None
+            if why is None:
+                try:
+                    headers = _replay_headers(letter, signer)
+                except CallError as exc:  # cannot be signed
+                    why = str(exc)
+            if why is not None:
+                report.skipped.append((letter, why))
+                continue
             with translate(DelegationError, f"replaying task {letter.task_id}"):
                 producer.publish(
                     letter.body,
-                    exchange=source.exchange,
-                    routing_key=letter.source,
-                    declare=[source],
+                    exchange=exchange,
+                    routing_key=target,
+                    declare=[declared],
                     headers=headers,
-                    content_type=letter.content_type,
-                    content_encoding=letter.content_encoding,
+                    content_type=letter.content_type or "application/data",
+                    content_encoding=letter.content_encoding or "binary",
                     retry=True,
                 )
-                message.ack()
-            replayed.append(letter)
-    return replayed
+                taken.remove(handle)  # only once it is on its way
+            report.replayed.append(letter)
+    return report
 
 
 def purge(broker_url: str, queue: str) -> int:
-    """Drop every dead letter of ``queue``; returns how many there were."""
+    """Drop every entry of ``queue``'s dead-letter queue; returns how many there were."""
     target = dead_letter_queue(queue)
+    options = broker_transport_options(broker_url)
     with (
         translate(DelegationError, f"purging {target!r}"),
-        kombu.Connection(broker_url) as connection,
+        kombu.Connection(broker_url, transport_options=options) as connection,
     ):
         channel: Any = connection.default_channel
-        _declare(channel, target)
+        kombu.Queue(target, durable=True)(channel).declare()
         return int(channel.queue_purge(target) or 0)

@@ -2,29 +2,37 @@
 
 Celery's ``auth`` serializer signs the body alone (not the task name) and a signed
 message stays valid for ever, so a captured message can be replayed at will. With
-``CELERYBRIDGE_SIGNING_KEY`` set, every message a bridge publishes carries two headers:
+``CELERYBRIDGE_SIGNING_KEY`` set, every message a bridge publishes carries three headers:
 
 - ``x-celerybridge-timestamp``: when it was signed, in whole seconds since the epoch;
-- ``x-celerybridge-signature``: HMAC-SHA256 (hex) under the key of the canonical form
-  below.
+- ``x-celerybridge-key-id``: which key signed it (:func:`key_id`, which never reveals
+  the key);
+- ``x-celerybridge-signature``: HMAC-SHA256 (hex) under that key of the canonical form.
 
-The canonical form is compact JSON, keys sorted, ASCII only, of::
+The canonical form (scheme v2) is compact JSON, keys sorted, ASCII only, of::
 
-    ["celerybridge-hmac-sha256-v1", task name, task id, timestamp, service, args, kwargs]
+    ["celerybridge-hmac-sha256-v2", key id, timestamp, {header: value, ...},
+     SHA-256 of the body (hex), content type, content encoding]
 
-where ``service`` is the ``x-celerybridge-service`` header (``CELERYBRIDGE_SERVICE`` of
-the sender) or ``null``, so a signed message cannot be re-labelled as another service's;
+where the object holds every header of ``SIGNED_HEADERS`` (``_constants.py``: those
+that change what runs, when, where or as whom, and ``x-celerybridge-service``), a
+missing one as ``null``. The body is hashed as the exact bytes it travels as, once the
+transport has undone its own framing (base64 on Redis): the arguments and the embed
+(callbacks, errbacks, chain, chord) alike. The worker never parses the body to check
+it, and a body re-encoded after signing (other whitespace, key order, escapes) is
+refused even though it decodes to the same values: only the signer's bytes are
+vouched for. Headers outside the list (``traceparent``, ``sentry-trace``, ``baggage``,
+Celery's ``origin`` and ``stamps``...) are not signed, so instrumentation may add them.
 
-``args`` and ``kwargs`` are what the message body carries, read back as plain JSON.
-The caller encodes its arguments with kombu's JSON encoder (the one that writes the body,
-on every path) and reads them back with :mod:`json`; the worker reads the body it received
-with :mod:`json`. Both sides therefore sign the same JSON values, whatever whitespace,
-key order or encoder (datetimes become ``{"__type__": ...}`` objects) the body used, and
-the worker checks what it will actually run, not a re-serialisation of its own.
+Both publishing paths sign the final message: the native publishers in
+``_transports/_protocol.task_message``, the kombu path and keyed workers' own publishes
+(retries) in :class:`SigningAMQP`.
 
-A worker built by :func:`~celerybridge.celery_app` with a key checks every message
-before Celery looks at it (:meth:`Signer.refusal`); what fails goes to the dead-letter
-queue (see ``_dead_letter.py``). The key is never part of a reason, a log line or a repr.
+Several keys may verify (``CELERYBRIDGE_SIGNING_VERIFY_KEYS``, for rotation); one
+signs. A worker built by :func:`~celerybridge.celery_app` with a key checks every
+message before Celery looks at it (:meth:`Signer.refusal`), and what fails goes to the
+dead-letter queue (``_dead_letter.py``). The key is never part of a reason, a log line
+or a repr.
 """
 
 from __future__ import annotations
@@ -32,20 +40,27 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import re
 import time
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from celery import Celery
-from celery.app.amqp import AMQP, task_message
-from kombu.utils.json import dumps as kombu_json_dumps
+from celery.app.amqp import AMQP
+from kombu.serialization import dumps as kombu_dumps
 
 from ._constants import (
-    SERVICE_HEADER,
+    CONTENT_ENCODING,
+    CONTENT_TYPE,
+    KEY_ID_DOMAIN,
+    KEY_ID_HEADER,
+    KEY_ID_LENGTH,
     SIGNATURE_HEADER,
     SIGNATURE_SCHEME,
+    SIGNATURE_SCHEME_V1,
+    SIGNED_HEADERS,
     SIGNING_CLOCK_SKEW,
     TIMESTAMP_HEADER,
 )
@@ -53,124 +68,249 @@ from ._constants import (
 if TYPE_CHECKING:
     from ._config import BridgeSettings
 
-_SIGNATURE_HEADERS = frozenset({SIGNATURE_HEADER, TIMESTAMP_HEADER})
+SIGNATURE_HEADERS = frozenset({SIGNATURE_HEADER, TIMESTAMP_HEADER, KEY_ID_HEADER})
+"""The headers a signer adds; a message re-signed drops its old ones first."""
+
+_HEX_SIGNATURE = re.compile(r"[0-9a-f]{64}")
+_HEX_KEY_ID = re.compile(f"[0-9a-f]{{{KEY_ID_LENGTH}}}")
+# What the canonical form cannot hold: a value JSON cannot carry (datetime, bytes,
+# Decimal from an AMQP table, NaN, a dict with keys of several types), a circular one
+# (ValueError), one nested too deep to encode (RecursionError).
+_UNENCODABLE = (TypeError, ValueError, RecursionError)
 
 UNSIGNED = (
     "unsigned message: this worker runs only messages signed with its signing key "
     "(CELERYBRIDGE_SIGNING_KEY)"
 )
 MALFORMED = (
-    f"malformed signature headers: {TIMESTAMP_HEADER} must be an integer and "
-    f"{SIGNATURE_HEADER} a hex string"
+    f"malformed signature headers: {TIMESTAMP_HEADER} must be an integer, "
+    f"{KEY_ID_HEADER} {KEY_ID_LENGTH} and {SIGNATURE_HEADER} 64 lowercase hex digits"
 )
 BAD_SIGNATURE = (
     "bad signature: the message was not signed with this worker's signing key, "
     "or was altered after signing"
 )
-UNREADABLE_BODY = "cannot check the signature: the body is not a JSON [args, kwargs, ...] list"
+OLD_SCHEME = (
+    f"outdated signature ({SIGNATURE_SCHEME_V1}): it does not cover callbacks, chains or "
+    f"most headers, and this worker accepts only {SIGNATURE_SCHEME}; upgrade the sender"
+)
+UNKNOWN_KEY = "signed with a key this worker does not know"
+"""The start of the reason for a key id no key of the worker has: ``... (key id <id>)``."""
+UNREADABLE_BODY = "cannot check the signature: the body is neither bytes nor UTF-8 text"
+UNENCODABLE_HEADER = "cannot check the signature: a signed header holds a value JSON cannot carry"
+"""The start of the reason for such a header: ``...: <name>``."""
 
 
-def body_call(body: bytes | str) -> tuple[list[Any], dict[str, Any]] | None:
-    """The ``args`` and ``kwargs`` of a JSON task body (``[args, kwargs, embed]``), or
-    ``None`` when the body is not one."""
-    try:
-        document = json.loads(body)
-    except (ValueError, TypeError):
-        return None
-    if (
-        isinstance(document, list)
-        and len(document) >= 2
-        and isinstance(document[0], list)
-        and isinstance(document[1], dict)
-    ):
-        return document[0], document[1]
+class UnsignableError(ValueError):
+    """A message that cannot be signed: a body neither bytes nor text, or a signed header,
+    content type or encoding JSON cannot carry."""
+
+
+def key_id(key: str | bytes) -> str:
+    """The id of a signing key, sent with each signature: ``KEY_ID_LENGTH`` hex digits of
+    SHA-256 over a domain-separation prefix and the key. It names the key without
+    revealing it, and the prefix keeps it apart from any other hash of the key."""
+    raw = key.encode("utf-8") if isinstance(key, str) else bytes(key)
+    return hashlib.sha256(KEY_ID_DOMAIN + raw).hexdigest()[:KEY_ID_LENGTH]
+
+
+def body_bytes(body: object) -> bytes | None:
+    """``body`` as the bytes it travelled as, or ``None`` if it cannot be.
+
+    kombu hands a worker the body as bytes; a client that decoded it hands over text,
+    which was UTF-8 (the only encoding celerybridge sends).
+    """
+    if isinstance(body, bytes):
+        return body
+    if isinstance(body, bytearray | memoryview):
+        return bytes(body)
+    if isinstance(body, str):
+        try:
+            return body.encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates: never what a sender encoded
+            return None
     return None
 
 
-class Signer:
-    """Signs outgoing task messages and checks incoming ones with one key.
+def canonical(
+    kid: str,
+    timestamp: int,
+    headers: Mapping[str, Any],
+    body: bytes,
+    content_type: object,
+    content_encoding: object,
+) -> bytes:
+    """The bytes a v2 signature by the key ``kid`` is the HMAC of (see the module docstring).
 
-    ``max_age`` is how many seconds after signing a message is still accepted;
-    signatures up to ``SIGNING_CLOCK_SKEW`` seconds in the future are accepted too,
-    for clocks that disagree a little. The key does not appear in ``repr``.
+    Raises :class:`UnsignableError`, naming the header, when JSON cannot carry a value.
+    """
+    signed = {name: headers.get(name) for name in SIGNED_HEADERS}
+    document = [
+        SIGNATURE_SCHEME,
+        kid,
+        timestamp,
+        signed,
+        hashlib.sha256(body).hexdigest(),
+        content_type,
+        content_encoding,
+    ]
+    try:
+        return _compact(document).encode("ascii")
+    except _UNENCODABLE:
+        pass
+    # Only now, on the rare failure, find which value it was.
+    named = {**signed, "content type": content_type, "content encoding": content_encoding}
+    for name, value in named.items():
+        try:
+            _compact(value)
+        except _UNENCODABLE:
+            raise UnsignableError(f"{UNENCODABLE_HEADER}: {name}") from None
+    raise UnsignableError(UNENCODABLE_HEADER)  # pragma: no cover - one of them failed
+
+
+def _compact(value: object) -> str:
+    return json.dumps(
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+    )
+
+
+class Signer:
+    """Signs outgoing task messages with one key, checks incoming ones with several.
+
+    ``key`` signs (and verifies); ``verify_keys`` are also accepted when checking, for
+    key rotation. ``max_age`` is how many seconds after signing a message is still
+    accepted; signatures up to ``SIGNING_CLOCK_SKEW`` seconds in the future are
+    accepted too, for clocks that disagree a little. No key appears in ``repr``.
     """
 
-    __slots__ = ("_key", "max_age")
+    __slots__ = ("_key", "_keys", "key_id", "max_age")
 
-    def __init__(self, key: str | bytes, max_age: float) -> None:
+    def __init__(
+        self, key: str | bytes, max_age: float, verify_keys: Iterable[str | bytes] = ()
+    ) -> None:
         self._key = key.encode("utf-8") if isinstance(key, str) else bytes(key)
+        self.key_id = key_id(self._key)
+        """The id of the signing key, as messages it signs carry it."""
         self.max_age = max_age
+        raws = [k.encode("utf-8") if isinstance(k, str) else bytes(k) for k in verify_keys]
+        self._keys = {key_id(raw): raw for raw in raws}
+        self._keys[self.key_id] = self._key
 
     @classmethod
     def from_settings(cls, settings: BridgeSettings) -> Signer | None:
-        """The signer the settings ask for, or ``None`` when no key is set."""
+        """The signer the settings ask for, or ``None`` when no signing key is set."""
         if settings.signing_key is None:
             return None
-        return cls(settings.signing_key.get_secret_value(), settings.signing_max_age)
+        return cls(
+            settings.signing_key.get_secret_value(),
+            settings.signing_max_age,
+            [key.get_secret_value() for key in settings.signing_verify_keys],
+        )
+
+    @property
+    def verify_key_ids(self) -> tuple[str, ...]:
+        """The ids of every key this signer accepts, the signing key's first."""
+        return (self.key_id, *sorted(set(self._keys) - {self.key_id}))
 
     def __repr__(self) -> str:
-        return f"<Signer max_age={self.max_age:g}s>"
+        others = self.verify_key_ids[1:]
+        also = f" verify_key_ids={','.join(others)}" if others else ""
+        return f"<Signer key_id={self.key_id}{also} max_age={self.max_age:g}s>"
 
     def headers(
         self,
-        task: str,
-        task_id: str,
-        args: Sequence[Any],
-        kwargs: Mapping[str, Any],
+        headers: Mapping[str, Any],
+        body: bytes | str,
+        *,
+        content_type: str = CONTENT_TYPE,
+        content_encoding: str = CONTENT_ENCODING,
         now: float | None = None,
-        service: str | None = None,
     ) -> dict[str, Any]:
-        """The two headers that sign a call of ``task`` with these arguments, sent by
-        ``service`` (the ``x-celerybridge-service`` header the message carries, if any).
+        """The headers that sign a message with these final ``headers`` and ``body``.
 
-        ``now`` (seconds since the epoch) is the signing time, the current time by
-        default.
+        ``headers`` must be the message's headers as it will be published (only those
+        of ``SIGNED_HEADERS`` count), ``body`` its exact bytes before any transport
+        framing. ``now`` (seconds since the epoch) is the signing time, the current
+        time by default. Raises :class:`UnsignableError` for a signed header JSON
+        cannot carry.
         """
+        raw = body_bytes(body)
+        if raw is None:
+            raise UnsignableError(UNREADABLE_BODY)
         timestamp = int(time.time() if now is None else now)
-        # Exactly the JSON values the body will carry: kombu's encoder, read back plainly.
-        sent = json.loads(kombu_json_dumps([list(args), dict(kwargs)]))
+        message = canonical(self.key_id, timestamp, headers, raw, content_type, content_encoding)
         return {
             TIMESTAMP_HEADER: timestamp,
-            SIGNATURE_HEADER: self._sign(task, task_id, timestamp, service, sent[0], sent[1]),
+            KEY_ID_HEADER: self.key_id,
+            SIGNATURE_HEADER: hmac.new(self._key, message, hashlib.sha256).hexdigest(),
         }
 
     def refusal(
-        self, headers: Mapping[str, Any] | None, body: bytes | str, now: float | None = None
+        self,
+        headers: object,
+        body: object,
+        now: float | None = None,
+        *,
+        content_type: object = CONTENT_TYPE,
+        content_encoding: object = CONTENT_ENCODING,
     ) -> str | None:
         """Why a received message must not run, or ``None`` if its signature is good.
 
         ``body`` is the message body as received (kombu has undone any transport
-        encoding, such as base64 on Redis).
+        encoding, such as base64 on Redis); ``content_type`` and ``content_encoding``
+        are the message's (pass them: they are signed; the defaults are what
+        celerybridge sends). Never raises and never parses the body: any headers and
+        any body give a reason or ``None``.
         """
-        headers = headers or {}
+        if headers is None:
+            headers = {}
+        if not isinstance(headers, Mapping):
+            return UNSIGNED  # nothing that could hold a signature
         signature = headers.get(SIGNATURE_HEADER)
         timestamp = headers.get(TIMESTAMP_HEADER)
-        if signature is None and timestamp is None:
+        sent_key_id = headers.get(KEY_ID_HEADER)
+        if signature is None and timestamp is None and sent_key_id is None:
             return UNSIGNED
         if (
             not isinstance(signature, str)
+            or not _HEX_SIGNATURE.fullmatch(signature)
             or not isinstance(timestamp, int)
             or isinstance(timestamp, bool)
         ):
             return MALFORMED
-        call = body_call(body)
-        if call is None:
+        if sent_key_id is None:
+            return OLD_SCHEME
+        if not isinstance(sent_key_id, str) or not _HEX_KEY_ID.fullmatch(sent_key_id):
+            return MALFORMED
+        key = self._keys.get(sent_key_id)
+        if key is None:
+            return f"{UNKNOWN_KEY} (key id {sent_key_id})"
+        raw = body_bytes(body)
+        if raw is None:
             return UNREADABLE_BODY
-        service = headers.get(SERVICE_HEADER)
-        expected = self._sign(
-            str(headers.get("task")),
-            str(headers.get("id")),
-            timestamp,
-            None if service is None else str(service),
-            *call,
-        )
-        if not hmac.compare_digest(expected.encode("ascii"), signature.encode("utf-8")):
+        try:
+            message = canonical(
+                sent_key_id, timestamp, headers, raw, content_type, content_encoding
+            )
+        except UnsignableError as exc:
+            return str(exc)
+        expected = hmac.new(key, message, hashlib.sha256).hexdigest()
+        if not hmac.compare_digest(expected, signature):
             return BAD_SIGNATURE
         # Only an authentic message learns about its age: a forged timestamp is a bad signature.
-        age = (time.time() if now is None else now) - timestamp
+        return self._outside_window(timestamp, time.time() if now is None else now)
+
+    def _outside_window(self, timestamp: int, now: float) -> str | None:
+        try:
+            age = now - timestamp
+        except OverflowError:  # a timestamp no clock will reach: from the future
+            age = float("-inf")
         if age <= self.max_age and -age <= SIGNING_CLOCK_SKEW:
             return None
-        signed_at = datetime.fromtimestamp(timestamp, UTC).isoformat()
+        try:
+            signed_at = datetime.fromtimestamp(timestamp, UTC).isoformat()
+        except (OverflowError, OSError, ValueError):
+            signed_at = f"{timestamp} s after the epoch"
         if age > self.max_age:
             return (
                 f"expired signature: signed at {signed_at}, more than {self.max_age:g} s "
@@ -181,40 +321,42 @@ class Signer:
             f"{SIGNING_CLOCK_SKEW} s ahead of this worker's clock"
         )
 
-    def resigned(self, headers: Mapping[str, Any], body: bytes | str) -> dict[str, Any] | None:
-        """``headers`` of a received message with a fresh signature over it, signed now
-        (``None`` if its body is not a JSON task body). Whoever does this vouches for it."""
-        call = body_call(body)
-        if call is None:
-            return None
-        kept = {k: v for k, v in headers.items() if k not in _SIGNATURE_HEADERS}
-        service = kept.get(SERVICE_HEADER)
-        return {
-            **kept,
-            **self.headers(
-                str(kept.get("task")),
-                str(kept.get("id")),
-                *call,
-                service=None if service is None else str(service),
-            ),
-        }
-
-    def _sign(
+    def resigned(
         self,
-        task: str,
-        task_id: str,
-        timestamp: int,
-        service: str | None,
-        args: list[Any],
-        kwargs: dict[str, Any],
-    ) -> str:
-        canonical = json.dumps(
-            [SIGNATURE_SCHEME, task, task_id, timestamp, service, args, kwargs],
-            sort_keys=True,
-            separators=(",", ":"),
-            ensure_ascii=True,
-        )
-        return hmac.new(self._key, canonical.encode("ascii"), hashlib.sha256).hexdigest()
+        headers: Mapping[str, Any],
+        body: bytes | str,
+        *,
+        content_type: str = CONTENT_TYPE,
+        content_encoding: str = CONTENT_ENCODING,
+    ) -> dict[str, Any] | None:
+        """``headers`` of a received message, as given, with a fresh signature over them
+        and ``body`` (its exact bytes), signed now; ``None`` if it cannot be signed (a
+        body that is not bytes or text, a signed header JSON cannot carry).
+
+        The old signature headers are dropped; every other header is kept and signed as
+        it is (a ``retries`` reset by the caller included). Whoever does this vouches for
+        the message.
+        """
+        kept = {k: v for k, v in headers.items() if k not in SIGNATURE_HEADERS}
+        try:
+            fresh = self.headers(
+                kept, body, content_type=content_type, content_encoding=content_encoding
+            )
+        except UnsignableError:
+            return None
+        return {**kept, **fresh}
+
+    @staticmethod
+    def signature_of(headers: object) -> str | None:
+        """The signature a message carries, if well-formed (64 lowercase hex digits),
+        else ``None``. Cheap, and checks nothing: call :meth:`refusal` first; two
+        messages with the same good signature are the same signed message."""
+        if not isinstance(headers, Mapping):
+            return None
+        signature = headers.get(SIGNATURE_HEADER)
+        if isinstance(signature, str) and _HEX_SIGNATURE.fullmatch(signature):
+            return signature
+        return None
 
 
 # The signer of each Celery app built by celerybridge with a key: kept off ``app.conf``,
@@ -241,40 +383,50 @@ class SigningAMQP(AMQP):
     """Celery's message builder, signing each task message when the app has a signer.
 
     The kombu path (``Celery.send_task`` in the bridge's client app) and a keyed
-    worker's own publishes (retries, ``autoretry_for``, tasks sent from tasks) build
-    their messages here, so they are signed as the native publishers sign theirs.
+    worker's own publishes (retries, ``autoretry_for``, tasks sent from tasks) go
+    through Celery's ``send_task_message``, which merges the custom ``headers=`` into
+    the built message's headers and has kombu serialise the body. The signature is
+    computed there, over exactly that: the merged headers and the body bytes kombu will
+    publish (``kombu.serialization.dumps`` with the serializer Celery passes it).
 
-    A retry carries its request's custom headers over (``headers=``), which Celery
-    merges into the new message after building it: the old signature and timestamp
-    among them would replace the fresh ones, so they are dropped from there.
+    A retry carries its request's custom headers over, the old signature among them:
+    those are dropped and replaced by the fresh ones. ``before_task_publish`` receivers
+    run after this: they may add headers, but one changing a signed header has its
+    message refused.
     """
 
     def _create_task_sender(self) -> Any:
         send = super()._create_task_sender()  # type: ignore[misc]
+        app = self.app
+        default_serializer = app.conf.task_serializer  # read when Celery reads it
 
         def send_task_message(
-            *args: Any, headers: Mapping[str, Any] | None = None, **kw: Any
+            producer: Any,
+            name: str,
+            message: Any,
+            *args: Any,
+            headers: Mapping[str, Any] | None = None,
+            serializer: str | None = None,
+            **kw: Any,
         ) -> Any:
-            if headers:
-                headers = {k: v for k, v in headers.items() if k not in _SIGNATURE_HEADERS}
-            return send(*args, headers=headers, **kw)
+            custom = {k: v for k, v in (headers or {}).items() if k not in SIGNATURE_HEADERS}
+            signer = signer_of(app)
+            if signer is not None:
+                # Celery: headers2.update(headers); producer.publish(body, serializer=...)
+                final = {**message.headers, **custom}
+                content_type, content_encoding, payload = kombu_dumps(
+                    message.body, serializer=serializer or default_serializer
+                )
+                # kombu sends a text payload encoded so (py-amqp; str_to_bytes on Redis).
+                body = payload.encode(content_encoding) if isinstance(payload, str) else payload
+                custom.update(
+                    signer.headers(
+                        final,
+                        body,
+                        content_type=content_type,
+                        content_encoding=content_encoding,
+                    )
+                )
+            return send(producer, name, message, *args, headers=custom, serializer=serializer, **kw)
 
         return send_task_message
-
-    def as_task_v2(
-        self,
-        task_id: str,
-        name: str,
-        args: tuple[Any, ...] | None = None,
-        kwargs: dict[str, Any] | None = None,
-        *more: Any,
-        **options: Any,
-    ) -> task_message:
-        message = super().as_task_v2(task_id, name, args, kwargs, *more, **options)
-        signer = signer_of(self.app)
-        if signer is not None:
-            service = (options.get("headers") or {}).get(SERVICE_HEADER)
-            message.headers.update(
-                signer.headers(name, task_id, args or (), kwargs or {}, service=service)
-            )
-        return message

@@ -13,6 +13,7 @@ from ._config import BridgeSettings, broker_transport_options, load_settings
 from ._constants import SERIALIZER, SERVICE_HEADER
 from ._dead_letter import DeadLetterTask
 from ._exceptions import ContractError, SignatureMismatchError
+from ._final_state import FinalStateLoader
 from ._intake import MAX_BYTES_OPTION, intake_transport
 from ._registry import registry
 from ._signing import signing_app
@@ -69,7 +70,14 @@ def celery_app(main: str, settings: BridgeSettings | None = None, **conf: Any) -
     that key within ``CELERYBRIDGE_SIGNING_MAX_AGE`` seconds; the rest go to
     ``<queue>.dead`` too. What the app sends itself (retries) is signed."""
     settings = load_settings(settings)
-    app = signing_app(main, settings, broker=settings.broker_url, backend=settings.result_backend)
+    # The loader guards the result backend: no late RETRY over a FAILURE (_final_state.py).
+    app = signing_app(
+        main,
+        settings,
+        broker=settings.broker_url,
+        backend=settings.result_backend,
+        loader=FinalStateLoader,
+    )
     transport_options = {
         **broker_transport_options(settings.broker_url),
         MAX_BYTES_OPTION: settings.max_message_bytes,

@@ -24,7 +24,7 @@ from botocore.exceptions import (
 )
 
 from ._settings import PusherSettings
-from .bindings import REVISION_META, Receipt
+from .bindings import REVISION_META, Receipt, key_problem
 from .errors import PermanentUploadError, TransientUploadError, UploadError
 
 # Error codes that retrying cannot fix. Other 4xx are permanent too, except these
@@ -85,11 +85,34 @@ async def translate(bucket: str, key: str) -> AsyncIterator[None]:
         raise TransientUploadError(f"{where}: {type(exc).__name__}: {exc}") from exc
 
 
+def under_prefix(key: str, prefixes: tuple[str, ...]) -> bool:
+    """Whether ``key`` lies in one of the folders ``prefixes`` name, segment by segment.
+
+    ``key`` must already follow the key rules: then ``startswith("items/")`` means its
+    first segment is ``items`` and at least one segment follows.
+    """
+    return any(key.startswith(prefix.removesuffix("/") + "/") for prefix in prefixes)
+
+
 def check_key(settings: PusherSettings, key: str, service: str | None) -> None:
-    """Refuse a key outside ``PUSHER_ALLOWED_PREFIXES`` or the calling service's prefixes."""
+    """Refuse a key that breaks the key rules, or lies outside ``PUSHER_ALLOWED_PREFIXES``
+    or the calling service's prefixes, with a :class:`PermanentUploadError`.
+
+    The rules (:func:`pusher.bindings.key_problem`: no ``.`` or ``..`` segment, no empty
+    segment, no leading ``/``, no backslash, no control character...) make a key its
+    own normal form, so ``svc-a/../svc-b/x.json`` cannot pass ``svc-a/`` and land under
+    ``svc-b/`` on a server that normalises paths. The contract checks them too, on the
+    caller and again on receipt; this check holds for any caller of :func:`upload`.
+    Prefixes are folders compared segment by segment: ``svc-a`` and ``svc-a/`` both
+    admit ``svc-a/x.json``, neither admits ``svc-ab/x.json``.
+    """
+    problem = key_problem(key)
+    if problem is not None:
+        shown = repr(key) if len(key) <= 100 else f"{key[:100]!r}..."
+        raise PermanentUploadError(f"s3://{settings.bucket}: key {shown} refused: {problem}")
     where = f"s3://{settings.bucket}/{key}"
     prefixes = settings.prefixes
-    if prefixes and not key.startswith(prefixes):
+    if prefixes and not under_prefix(key, prefixes):
         raise PermanentUploadError(
             f"{where}: key outside the allowed prefixes {', '.join(prefixes)}"
         )
@@ -102,7 +125,7 @@ def check_key(settings: PusherSettings, key: str, service: str | None) -> None:
             f"{where}: {who} may not write here (PUSHER_SERVICE_PREFIXES lists "
             f"{', '.join(sorted(settings.service_prefixes))})"
         )
-    if not key.startswith(mine):
+    if not under_prefix(key, mine):
         raise PermanentUploadError(
             f"{where}: service {service!r} may write only under {', '.join(mine)}"
         )

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from pydantic import Field, PositiveFloat, PositiveInt, model_validator
+from pydantic import Field, PositiveFloat, PositiveInt, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .bindings import key_problem
 
 MiB = 1024 * 1024
 
@@ -39,17 +41,39 @@ class PusherSettings(BaseSettings):
     visibility_timeout: PositiveFloat = 3600
     """Redis only: seconds before an unacknowledged task is redelivered."""
     allowed_prefixes: str = ""
-    """Comma-separated key prefixes the pusher accepts (empty: any key)."""
+    """Comma-separated key prefixes the pusher accepts (empty: any key).
+
+    A prefix is a folder: whole ``/``-separated segments, with or without a final
+    ``/`` (``items`` and ``items/`` both admit ``items/1.json``, and neither admits
+    ``items2/1.json`` nor the key ``items`` itself). A prefix follows the rules of keys
+    (:func:`pusher.bindings.key_problem`) or the pusher does not start."""
 
     service_prefixes: dict[str, tuple[str, ...]] = {}
     """Per calling service, the key prefixes it may write under, as JSON:
     ``PUSHER_SERVICE_PREFIXES='{"svc-a": ["items/a/"], "svc-b": ["items/b/"]}'``. When
     set, calls from services not listed (or that do not say who they are,
-    ``CELERYBRIDGE_SERVICE``) are refused. Sign messages to make the names trustworthy."""
+    ``CELERYBRIDGE_SERVICE``) are refused. Sign messages to make the names trustworthy.
+    Prefixes are folders, as in :attr:`allowed_prefixes`."""
 
     @property
     def prefixes(self) -> tuple[str, ...]:
         return tuple(p.strip() for p in self.allowed_prefixes.split(",") if p.strip())
+
+    @field_validator("allowed_prefixes")
+    @classmethod
+    def _check_allowed(cls, value: str) -> str:
+        for prefix in (p.strip() for p in value.split(",")):
+            if prefix:
+                _check_prefix(prefix)
+        return value
+
+    @field_validator("service_prefixes")
+    @classmethod
+    def _check_services(cls, value: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+        for prefixes in value.values():
+            for prefix in prefixes:
+                _check_prefix(prefix)
+        return value
 
     @model_validator(mode="after")
     def _delivery_is_safe(self) -> PusherSettings:
@@ -62,3 +86,10 @@ class PusherSettings(BaseSettings):
                 "tasks that are still running"
             )
         return self
+
+
+def _check_prefix(prefix: str) -> None:
+    problem = key_problem(prefix.removesuffix("/"))
+    if problem is not None:
+        problem = problem.replace("an S3 key", "a prefix", 1)
+        raise ValueError(f"prefix {prefix!r}: {problem}")

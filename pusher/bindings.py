@@ -32,15 +32,41 @@ _MEDIA_TYPE: Final = re.compile(
 )
 
 
-def _check_key(key: str) -> str:
+def key_problem(key: str) -> str | None:
+    """Why the pusher refuses ``key``, or ``None`` if it is a key it writes.
+
+    A key is a relative path of ``/``-separated names that no server reads as another
+    path: not empty, at most :data:`MAX_KEY_BYTES` bytes of UTF-8, no control
+    characters, no backslash (some servers read it as ``/``), no leading ``/``, no empty
+    segment (``//`` or a trailing ``/``), no ``.`` or ``..`` segment. So a key is its own
+    ``posixpath.normpath``, and a server that normalises paths, or stores objects as
+    files, stores it where a prefix check on its text says it goes.
+    """
     if not key:
-        raise ValueError("an S3 key cannot be empty")
+        return "an S3 key cannot be empty"
     size = len(key.encode())
     if size > MAX_KEY_BYTES:
-        raise ValueError(f"an S3 key is at most {MAX_KEY_BYTES} bytes of UTF-8, this one is {size}")
+        return f"an S3 key is at most {MAX_KEY_BYTES} bytes of UTF-8, this one is {size}"
     bad = next((c for c in key if unicodedata.category(c) == "Cc"), None)
     if bad is not None:
-        raise ValueError(f"an S3 key cannot contain control characters, found {bad!r}")
+        return f"an S3 key cannot contain control characters, found {bad!r}"
+    if "\\" in key:
+        return "an S3 key cannot contain a backslash (some S3 servers read it as '/')"
+    if key.startswith("/"):
+        return "an S3 key cannot start with '/'"
+    segments = key.split("/")
+    if "" in segments:
+        return "an S3 key cannot have an empty segment ('//', or a '/' at the end)"
+    dots = next((s for s in segments if s in {".", ".."}), None)
+    if dots is not None:
+        return f"an S3 key cannot have a {dots!r} segment"
+    return None
+
+
+def _check_key(key: str) -> str:
+    problem = key_problem(key)
+    if problem is not None:
+        raise ValueError(problem)
     return key
 
 

@@ -41,8 +41,8 @@ def publish_raw(broker_url: str, queue: str, body: bytes, content_type: str, tas
         (
             "application/x-python-serialize",
             "calc.add",
-            "cannot decode a 'application/x-python-serialize' body: Refusing to deserialize "
-            "untrusted content of type pickle (application/x-python-serialize)",
+            "content type 'application/x-python-serialize' refused: only application/json "
+            "is accepted",
         ),
         ("application/json", "calc.add_v9", "no task 'calc.add_v9' on this worker"),
     ],
@@ -128,7 +128,7 @@ async def test_dlq_command_lists_shows_replays_and_purges(
         headers = {"lang": "py", "task": "calc.add", "id": fixed, "root_id": fixed}
         await anyio.to_thread.run_sync(
             lambda: move_to_dead_letters(
-                app, body, "application/json", "utf-8", headers, queue, "S3 was down"
+                app, body, "application/json", "utf-8", headers, queue, "S3 was down", "retries"
             )
         )
     finally:
@@ -139,8 +139,8 @@ async def test_dlq_command_lists_shows_replays_and_purges(
     lines = sorted(listed.stdout.splitlines())
     assert lines == sorted(
         [
-            f"{refused}\tcalc.add\tcannot decode a '{PICKLE}' body: Refusing to deserialize "
-            f"untrusted content of type pickle ({PICKLE})",
+            f"{refused}\tcalc.add\tcontent type '{PICKLE}' refused: only application/json "
+            "is accepted",
             f"{fixed}\tcalc.add\tS3 was down",
         ]
     )

@@ -81,7 +81,12 @@ class Gate:
         if reason is not None:
             return Refusal(DEAD_KIND_MALFORMED, reason, authentic)
         if self.signer is not None:
-            reason = self.signer.refusal(headers, message.body or b"")
+            reason = self.signer.refusal(
+                headers,
+                message.body or b"",
+                content_type=message.content_type,
+                content_encoding=message.content_encoding,
+            )
             if reason is not None:
                 return Refusal(DEAD_KIND_SIGNATURE, reason, False)
             authentic = True

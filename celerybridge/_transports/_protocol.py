@@ -33,7 +33,6 @@ from .._constants import (
     KOMBU_BINDING_PREFIX,
     KOMBU_PRIORITY_STEPS,
     KOMBU_REDIS_SEP,
-    SERVICE_HEADER,
 )
 from .._utils import uuid4_str
 from ._repr import args_repr, kwargs_repr
@@ -86,8 +85,9 @@ def task_message(
 ) -> TaskMessage:
     """The protocol v2 message Celery's ``send_task`` builds for ``message``.
 
-    With a ``signer`` the signature headers follow Celery's own, as the kombu path
-    adds them (``_signing.SigningAMQP``); without one nothing differs from Celery's.
+    With a ``signer`` the signature headers follow Celery's own and the custom ones,
+    signing the final headers and body bytes, as the kombu path adds them
+    (``_signing.SigningAMQP``); without one nothing differs from Celery's.
     """
     options = message.options
     args, kwargs = message.args, message.kwargs
@@ -122,13 +122,7 @@ def task_message(
         "stamped_headers": None,
         "stamps": {},
     }
-    custom: dict[str, Any] = options.get("headers") or {}
-    if signer is not None:
-        service = custom.get(SERVICE_HEADER)
-        headers.update(
-            signer.headers(message.task_name, message.task_id, args, kwargs, service=service)
-        )
-    headers.update(custom)  # send_task merges custom headers in last
+    headers.update(options.get("headers") or {})  # send_task merges custom headers in last
     properties: dict[str, Any] = {
         "correlation_id": message.task_id,
         "reply_to": origin.reply_to,
@@ -138,10 +132,17 @@ def task_message(
         # send_task passes expires as the broker TTL too (Producer.publish's expiration).
         properties["expiration"] = str(int(max(expires, 0) * 1000))
     embed = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+    body = _KOMBU_JSON.encode([args, kwargs, embed]).encode(CONTENT_ENCODING)
+    if signer is not None:  # the final message: every header merged, the body's bytes
+        headers.update(
+            signer.headers(
+                headers, body, content_type=CONTENT_TYPE, content_encoding=CONTENT_ENCODING
+            )
+        )
     return TaskMessage(
         headers=headers,
         properties=properties,
-        body=_KOMBU_JSON.encode([args, kwargs, embed]).encode(CONTENT_ENCODING),
+        body=body,
         content_type=CONTENT_TYPE,
         content_encoding=CONTENT_ENCODING,
         priority=int(options.get("priority") or 0),

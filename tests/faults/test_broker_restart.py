@@ -134,7 +134,7 @@ async def test_a_broker_restart_in_a_publish_storm_loses_nothing_accepted(
         queue,
         ledger,
         scale.uploads,
-        prefix=f"{queue}/",
+        prefix=queue,
         during=restart,
         result_timeout=RESULT_TIMEOUT,
         bridge_options=options,

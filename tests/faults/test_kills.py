@@ -83,7 +83,7 @@ async def test_killing_whole_workers_loses_nothing(
                 await anyio.to_thread.run_sync(lambda: start_ledger_pusher(broker, queue, **env))
             )
 
-    await drive(broker, queue, ledger, scale.uploads, prefix=f"{queue}/", during=strike)
+    await drive(broker, queue, ledger, scale.uploads, prefix=queue, during=strike)
     tally = await count_ledger("SIGKILL worker", seed)
     assert tally.faults == {"worker SIGKILL": scale.kills}
     _assert_all_ran_but_what_kombu_drops(tally, broker, scale, seed)
@@ -115,7 +115,7 @@ async def test_killing_pool_children_loses_nothing(
             ledger.fault("pool child SIGKILL", victim)
             os.kill(victim, signal.SIGKILL)
 
-    await drive(broker, queue, ledger, scale.uploads, prefix=f"{queue}/", during=strike)
+    await drive(broker, queue, ledger, scale.uploads, prefix=queue, during=strike)
     tally = await count_ledger("SIGKILL pool child", seed)
     assert tally.faults == {"pool child SIGKILL": scale.kills}
     assert (tally.ok, tally.landed) == (scale.uploads, scale.uploads), (seed, tally)

@@ -88,7 +88,7 @@ async def test_the_backend_down_while_workers_store_results(
         queue,
         ledger,
         scale.uploads,
-        prefix=f"{queue}/",
+        prefix=queue,
         during=restart,
         result_timeout=RESULT_TIMEOUT,
         bridge_options={"result_backend": backend.url},

@@ -54,7 +54,7 @@ async def test_uploads_land_through_ten_percent_of_s3_faults(
     start_ledger_pusher(broker, queue, AWS_ENDPOINT_URL_S3=proxy.url, **TIMEOUTS)
     # A call unlucky enough to meet faults run after run waits out botocore's attempts and
     # the task's backoff (up to 60 s between runs): give it time to get its receipt.
-    await drive(broker, queue, ledger, scale.uploads, prefix=f"{queue}/", result_timeout=240)
+    await drive(broker, queue, ledger, scale.uploads, prefix=queue, result_timeout=240)
     for fault, count in proxy.injected.items():
         for _ in range(count):
             ledger.fault(f"S3 {fault}")
