@@ -25,3 +25,15 @@ faults:
 	rm -f faults-report.jsonl
 	CELERYBRIDGE_FAULTS=long CELERYBRIDGE_FAULTS_REPORT=$(CURDIR)/faults-report.jsonl \
 		.venv/bin/python -m pytest tests/faults --timeout 3600 -v
+
+# The long fuzz run: over 10,000 malformed messages and raw broker entries per broker to
+# live pushers (with and without a signing key). Figures go to fuzz-report.jsonl and
+# fuzz-report.md, each case that broke an invariant to fuzz-repro/ (see tests/fuzz/).
+.PHONY: fuzz
+fuzz:
+	./scripts/ensure-brokers
+	rm -rf fuzz-report.jsonl fuzz-report.md fuzz-repro
+	CELERYBRIDGE_FUZZ=long CELERYBRIDGE_FUZZ_REPORT=$(CURDIR)/fuzz-report.jsonl \
+		CELERYBRIDGE_FUZZ_MARKDOWN=$(CURDIR)/fuzz-report.md \
+		CELERYBRIDGE_FUZZ_REPRO=$(CURDIR)/fuzz-repro \
+		.venv/bin/python -m pytest tests/fuzz/test_fuzz.py --timeout 7200 -v

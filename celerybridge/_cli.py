@@ -19,6 +19,7 @@ from ._dead_letter import dead_letter_queue
 from ._exceptions import CeleryBridgeError
 from ._registry import registry
 from ._signing import Signer
+from ._utils import printable
 from ._validation import arguments_schema, result_schema
 from ._worker import check_signature
 
@@ -112,7 +113,7 @@ def dlq() -> None:
 
 
 _broker_option = click.option("--broker", help="Broker URL (default: CELERYBRIDGE_BROKER_URL).")
-_p = _dlq.printable  # everything a dlq command prints that it did not write itself
+_p = printable  # everything a dlq command prints that it did not write itself
 
 
 def _broker(url: str | None) -> str:

@@ -17,6 +17,7 @@ import json
 import logging
 from typing import Any
 
+from amqp.exceptions import PreconditionFailed
 from celery import Task
 from kombu import Queue
 
@@ -28,8 +29,10 @@ from ._constants import (
     DEAD_KIND_RETRIES,
     DEAD_LETTER_SUFFIX,
     DEAD_REASON_HEADER,
+    DEFAULT_QUEUE,
 )
 from ._exceptions import ArgumentError
+from ._utils import printable
 
 log = logging.getLogger("celerybridge.dead_letter")
 
@@ -54,7 +57,7 @@ class DeadLetterTask(Task):  # type: ignore[type-arg]
         if not (isinstance(exc, ArgumentError) or retried_out):
             return
         request = self.request
-        queue = (request.delivery_info or {}).get("routing_key") or "celery"
+        queue = consumed_queue(self.app, (request.delivery_info or {}).get("routing_key"))
         headers = {
             "lang": "py",
             "task": self.name,
@@ -75,6 +78,15 @@ class DeadLetterTask(Task):  # type: ignore[type-arg]
         )
 
 
+def consumed_queue(app: Any, routing_key: Any) -> str:
+    """``routing_key`` when ``app``'s worker consumes a queue of that name, else its
+    default queue: a message cannot send its dead letter to another service's queue."""
+    consumed = {q.name for q in app.amqp.queues.consume_from.values()}
+    if isinstance(routing_key, str) and routing_key in consumed:
+        return routing_key
+    return str(app.conf.task_default_queue or DEFAULT_QUEUE)
+
+
 def move_to_dead_letters(
     app: Any,
     body: bytes,
@@ -88,20 +100,26 @@ def move_to_dead_letters(
     """Publish a message, as it is, to ``queue``'s dead-letter queue with the reason
     and its kind (``DEAD_KIND_*``)."""
     target = dead_letter_queue(queue)
-    with app.producer_or_acquire() as producer:
-        producer.publish(
-            body,
-            exchange="",
-            routing_key=target,
-            declare=[Queue(target, durable=True)],
-            headers={
-                **headers,
-                DEAD_REASON_HEADER: reason,
-                DEAD_FROM_HEADER: queue,
-                DEAD_KIND_HEADER: kind,
-            },
-            content_type=content_type,
-            content_encoding=content_encoding,
-            retry=True,
-        )
-    log.error("task %s moved to %s: %s", ascii(headers.get("id")), target, reason)
+    message = {
+        "exchange": "",
+        "routing_key": target,
+        "headers": {
+            **headers,
+            DEAD_REASON_HEADER: reason,
+            DEAD_FROM_HEADER: queue,
+            DEAD_KIND_HEADER: kind,
+        },
+        "content_type": content_type,
+        "content_encoding": content_encoding,
+        "retry": True,
+    }
+    try:
+        with app.producer_or_acquire() as producer:
+            producer.publish(body, declare=[Queue(target, durable=True)], **message)
+    except PreconditionFailed:
+        # The dead-letter queue exists, declared with other arguments (an operator's
+        # policy, a quorum queue): publish to it as it is, on a channel of its own (a
+        # refused declaration closed the other one).
+        with app.connection_for_write() as connection:
+            connection.Producer().publish(body, **message)
+    log.error("task %s moved to %s: %s", printable(headers.get("id")), target, printable(reason))

@@ -41,6 +41,7 @@ from ._exceptions import CallError, DelegationError
 from ._signing import Signer
 from ._transports._errors import translate
 from ._transports._protocol import redis_queue_key
+from ._utils import printable
 
 # How signature refusals begin (_signing.py), as workers wrote them before the kind header
 # and since: unsigned, malformed headers, unreadable body or header, bad, outdated scheme,
@@ -56,17 +57,6 @@ _SIGNATURE_REASONS = (
     "signature from the future",
 )
 _PREVIEW = 48  # bytes of a garbage entry shown by ``list``
-
-
-def printable(text: object) -> str:
-    """``str(text)`` safe to print on one line of a terminal: backslashes and every
-    character Python does not call printable (control characters, newlines, ANSI escapes,
-    line separators, bidirectional overrides, lone surrogates) escaped as in a Python
-    string literal (``\\n``, ``\\x1b``, ``\\u202e``)."""
-    text = str(text)
-    if text.isprintable() and "\\" not in text:
-        return text
-    return "".join("\\\\" if c == "\\" else c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 @dataclass(frozen=True)

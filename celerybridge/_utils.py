@@ -60,3 +60,14 @@ def uuid4_str() -> str:
     raw[8] = raw[8] & 0x3F | 0x80  # the RFC 4122 variant
     digits = raw.hex()
     return f"{digits[:8]}-{digits[8:12]}-{digits[12:16]}-{digits[16:20]}-{digits[20:]}"
+
+
+def printable(text: object) -> str:
+    """``str(text)`` safe to print on one line of a terminal: backslashes and every
+    character Python does not call printable (control characters, newlines, ANSI escapes,
+    line separators, bidirectional overrides, lone surrogates) escaped as in a Python
+    string literal (``\\n``, ``\\x1b``, ``\\u202e``)."""
+    text = str(text)
+    if text.isprintable() and "\\" not in text:
+        return text
+    return "".join("\\\\" if c == "\\" else c if c.isprintable() else repr(c)[1:-1] for c in text)

@@ -84,6 +84,10 @@ def celery_app(main: str, settings: BridgeSettings | None = None, **conf: Any) -
         **conf.pop("broker_transport_options", {}),
     }
     conf.setdefault("worker_consumer", "celerybridge._intake:IntakeConsumer")
+    if settings.signing_key is not None:
+        # Celery's remote control (revoke, shutdown, cancel_consumer...) is not signed:
+        # a worker that runs only signed tasks does not obey it unless asked to.
+        conf.setdefault("worker_enable_remote_control", False)
     transport = intake_transport(settings.broker_url)
     if transport is not None:
         conf.setdefault("broker_transport", transport)

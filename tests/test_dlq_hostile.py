@@ -22,8 +22,8 @@ from hypothesis import strategies as st
 from kombu.exceptions import ChannelError
 
 from celerybridge._cli import main
-from celerybridge._dlq import printable
 from celerybridge._signing import Signer
+from celerybridge._utils import printable
 
 from ._brokers import purge, queue_length
 

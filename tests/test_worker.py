@@ -51,7 +51,7 @@ async def test_worker_refuses_pickle(bridge_worker: Worker, broker_url: str) -> 
     finally:
         close_celery_app(app, control.backend, pickled.backend)
     assert (
-        f"task {pickled.id!a} moved to {bridge_worker.queue}.dead: content type "
+        f"task {pickled.id} moved to {bridge_worker.queue}.dead: content type "
         "'application/x-python-serialize' refused" in bridge_worker.log()
     )
     dead = dead_letters(broker_url, bridge_worker.queue)  # consumed: nothing left behind

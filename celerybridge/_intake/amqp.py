@@ -1,9 +1,12 @@
 """kombu's AMQP transport, with message headers that py-amqp cannot read kept apart.
 
-py-amqp decodes a message's header table recursively, before kombu or Celery see the
-message: a table nested a few thousand levels deep (an AMQP frame holds ~18,000) raised
-``RecursionError`` out of the worker's consumer, the worker exited, and since the message
-went back on the queue every restarted worker died on it too. Workers built by
+py-amqp decodes a message's properties before kombu or Celery see the message, and some
+that RabbitMQ passes on it cannot read: a header table nested a few thousand levels deep
+(an AMQP frame holds ~18,000) raised ``RecursionError``, invalid UTF-8 in a short string
+(``content_type``, ``reply_to``...) ``UnicodeDecodeError``, a header timestamp out of range
+``OSError``. Each left the worker's consumer: the worker exited (or, for ``OSError``, which
+Celery reads as a lost connection, reconnected in a loop), and since the message went back
+on the queue every worker met it again. Workers built by
 :func:`~celerybridge.celery_app` on ``amqp://`` brokers use this transport (Celery's
 ``broker_transport``): such a header frame is replaced by one carrying only
 :data:`UNREADABLE_HEADER`, so the message (its body intact) reaches the intake gate,
@@ -24,7 +27,7 @@ from kombu.transport import pyamqp
 log = logging.getLogger("celerybridge.intake")
 
 UNREADABLE_HEADER = "x-celerybridge-unreadable-headers"
-UNREADABLE = "its headers nest too deep to be read"
+UNREADABLE = "its properties or headers cannot be read"
 
 _HEADER_FRAME = 2
 
@@ -47,15 +50,25 @@ def guarded_frame_handler(
     def on_guarded_frame(frame: tuple[int, int, Any]) -> Any:
         try:
             return on_frame(frame)
-        except RecursionError:
+        except Exception as exc:  # RecursionError, and OSError, UnicodeDecodeError...
             frame_type, channel, buf = frame
-            if frame_type != _HEADER_FRAME:
+            if frame_type != _HEADER_FRAME or (isinstance(exc, OSError) and _is_socket(exc)):
                 raise
             # The partial message is still waiting for its header: give it one it can read.
-            log.error("a message on channel %d has headers nested too deep to read", channel)
+            log.error(
+                "a message on channel %d has properties that cannot be read (%s)",
+                channel,
+                type(exc).__name__,
+            )
             return on_frame((frame_type, channel, _readable_header(buf)))
 
     return on_guarded_frame
+
+
+def _is_socket(exc: OSError) -> bool:
+    """Whether ``exc`` came from the connection rather than from reading a value (a
+    header timestamp out of range raises ``OSError`` too, with no socket involved)."""
+    return isinstance(exc, ConnectionError | TimeoutError)
 
 
 class Connection(pyamqp.Connection):

@@ -12,7 +12,9 @@ Celery's own code still raises on a message that passed the gate dead-letters it
 
 from __future__ import annotations
 
+import json
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,18 +28,23 @@ from .._constants import (
     DEAD_KIND_SIGNATURE,
     DEAD_KIND_UNKNOWN_TASK,
     DEFAULT_MAX_MESSAGE_BYTES,
-    DEFAULT_QUEUE,
     SIGNATURE_HEADER,
 )
-from .._dead_letter import DeadLettered, move_to_dead_letters
+from .._dead_letter import DeadLettered, consumed_queue, move_to_dead_letters
 from .._signing import Signer, signer_of
+from .._utils import printable
 from . import shape
-from .redis import MAX_BYTES_OPTION
+from .redis import MAX_BYTES_OPTION, POPPED_FROM
 from .replay import ReplayGuard, guard_for
 
 log = logging.getLogger("celerybridge.intake")
 
 DROPPED_HEADER = "x-celerybridge-dropped-headers"
+# Seconds a message waits before it goes back to its queue when the replay record is down.
+STORE_RETRY_PAUSE = 1.0
+# A dead letter's headers, as a broker frame, must stay under RabbitMQ's frame size
+# (128 KiB by default): values larger than this are named, not kept.
+MAX_KEPT_HEADER_BYTES = 16 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,9 +67,12 @@ class Gate:
         self.max_bytes = max_bytes
 
     def refusal(self, message: Any) -> Refusal | None:
-        """Why ``message`` must not reach Celery, or ``None``. Never raises."""
+        """Why ``message`` must not reach Celery, or ``None``. Raises only
+        :class:`StoreUnavailable` (the message is not at fault)."""
         try:
             return self._refusal(message)
+        except StoreUnavailable:
+            raise
         except Exception as exc:  # a check that raised is a refusal, not a crash
             log.exception("the intake gate failed on a message")
             return Refusal(DEAD_KIND_MALFORMED, f"unreadable message ({type(exc).__name__})", False)
@@ -99,35 +109,63 @@ class Gate:
             return Refusal(DEAD_KIND_MALFORMED, reason, authentic)
         if self.guard is not None:
             redelivered = bool((message.delivery_info or {}).get("redelivered"))
-            reason = self.guard.refusal(headers[SIGNATURE_HEADER], redelivered)
+            try:
+                reason = self.guard.refusal(headers[SIGNATURE_HEADER], redelivered)
+            except Exception as exc:
+                raise StoreUnavailable(
+                    f"the replay record cannot be read ({type(exc).__name__}); "
+                    f"the message goes back to its queue in {STORE_RETRY_PAUSE:g} s"
+                ) from exc
             if reason is not None:
                 # The first copy ran or is running: its result is not this copy's to fail.
                 return Refusal(DEAD_KIND_REPLAY, reason, False)
         return None
 
 
+class StoreUnavailable(Exception):
+    """The replay record could not be read: the message waits, it is not refused."""
+
+
 class IntakeConsumer(Consumer):
     """Celery's consumer with the intake gate before its task handler, and every message
     Celery itself cannot take moved to the dead-letter queue instead of dropped."""
 
+    _gate: Gate | None = None
+    _passed: Any = None
+    """The message the gate let through, while Celery's handler has it."""
+
+    @property
+    def gate(self) -> Gate:
+        """The gate of this worker's app, built on first use."""
+        if self._gate is None:
+            signer = signer_of(self.app)
+            options = self.app.conf.broker_transport_options or {}
+            self._gate = Gate(
+                signer,
+                None if signer is None else guard_for(self.app, signer.max_age),
+                int(options.get(MAX_BYTES_OPTION, DEFAULT_MAX_MESSAGE_BYTES)),
+            )
+        return self._gate
+
+    @property
+    def _connection_errors(self) -> tuple[type[BaseException], ...]:
+        return tuple(self.connection_errors)  # type: ignore[attr-defined]
+
     def create_task_handler(self, *args: Any, **kwargs: Any) -> Any:
         handle = super().create_task_handler(*args, **kwargs)
-        signer = signer_of(self.app)
-        options = self.app.conf.broker_transport_options or {}
-        gate = Gate(
-            signer,
-            None if signer is None else guard_for(self.app, signer.max_age),
-            int(options.get(MAX_BYTES_OPTION, DEFAULT_MAX_MESSAGE_BYTES)),
-        )
-        connection_errors: tuple[type[BaseException], ...] = tuple(
-            self.connection_errors  # type: ignore[attr-defined]
-        )
+        gate = self.gate
+        connection_errors = self._connection_errors
 
         def on_task_received(message: Any) -> None:
-            refusal = gate.refusal(message)
+            try:
+                refusal = gate.refusal(message)
+            except StoreUnavailable as exc:
+                self._put_back(message, str(exc))
+                return
             if refusal is not None:
                 self._refuse(message, refusal)
                 return
+            self._passed = message  # Celery's own refusals below know it passed the gate
             try:
                 handle(message)
             except connection_errors:
@@ -135,61 +173,109 @@ class IntakeConsumer(Consumer):
             except Exception as exc:
                 reason = f"the worker could not take the message: {type(exc).__name__}: {exc}"
                 self._refuse(message, Refusal(DEAD_KIND_MALFORMED, reason, True))
+            finally:
+                self._passed = None
 
         return on_task_received
 
-    # Celery's own refusals (reached only by messages the gate let through).
+    # Celery's own refusals. kombu calls on_decode_error before the task handler (a body
+    # it cannot decompress or decode), so the gate is asked first there too: a forged
+    # message must not fail someone else's task through that door.
 
     def on_decode_error(self, message: Any, exc: Exception) -> None:
         reason = f"cannot decode a {message.content_type!r} body: {exc}"
-        self._refuse(message, Refusal(DEAD_KIND_MALFORMED, reason, True))
+        self._refuse_after_gate(message, DEAD_KIND_MALFORMED, reason)
 
     def on_unknown_task(self, body: Any, message: Any, exc: Exception) -> None:
         name = (message.headers or {}).get("task")
         reason = f"no task {name!r} on this worker"
-        self._refuse(message, Refusal(DEAD_KIND_UNKNOWN_TASK, reason, True))
+        self._refuse_after_gate(message, DEAD_KIND_UNKNOWN_TASK, reason)
 
     def on_unknown_message(self, body: Any, message: Any) -> None:
         reason = "not a Celery task message (no 'task' header)"
-        self._refuse(message, Refusal(DEAD_KIND_MALFORMED, reason, True))
+        self._refuse_after_gate(message, DEAD_KIND_MALFORMED, reason)
 
     def on_invalid_task(self, body: Any, message: Any, exc: Exception) -> None:
         if isinstance(exc, ContentDisallowed | DecodeError):
             reason = f"cannot decode a {message.content_type!r} body: {exc}"
         else:
             reason = f"invalid task message: {exc}"
-        self._refuse(message, Refusal(DEAD_KIND_MALFORMED, reason, True))
+        self._refuse_after_gate(message, DEAD_KIND_MALFORMED, reason)
+
+    def _refuse_after_gate(self, message: Any, kind: str, reason: str) -> None:
+        if message.acknowledged:  # the gate already refused it
+            return
+        if message is self._passed:  # asked once: a second time would read as a replay
+            self._refuse(message, Refusal(kind, reason, True))
+            return
+        try:
+            refusal = self.gate.refusal(message)
+        except StoreUnavailable as exc:
+            self._put_back(message, str(exc))
+            return
+        self._refuse(message, refusal or Refusal(kind, reason, True))
 
     def _queue_of(self, message: Any) -> str:
-        """The queue ``message`` came from: its routing key when this worker consumes a
-        queue of that name (a Redis envelope names its own), else the default queue."""
-        routing_key = (message.delivery_info or {}).get("routing_key")
-        consumed = {q.name for q in self.app.amqp.queues.consume_from.values()}
-        if isinstance(routing_key, str) and routing_key in consumed:
-            return routing_key
-        return self.app.conf.task_default_queue or DEFAULT_QUEUE
+        """The queue ``message`` came from: the list a Redis entry was popped from, the
+        queue an AMQP consumer tag reads, else its routing key when this worker consumes a
+        queue of that name, else the default queue (a Redis envelope names its own routing
+        key: a hostile one cannot send its letter to another queue's dead letters)."""
+        popped = getattr(message.channel, POPPED_FROM, None)
+        if isinstance(popped, str):
+            return popped
+        info = message.delivery_info or {}
+        consumer = getattr(self, "task_consumer", None)
+        tags = getattr(consumer, "_active_tags", None) or {}
+        for queue, tag in tags.items():
+            if tag == info.get("consumer_tag"):
+                return str(queue)
+        return consumed_queue(self.app, info.get("routing_key"))
+
+    def _put_back(self, message: Any, why: str) -> None:
+        """Return ``message`` to its queue after a pause: it is not at fault."""
+        log.error("a message waits: %s", printable(why))
+        time.sleep(STORE_RETRY_PAUSE)
+        message.reject(requeue=True)
 
     def _refuse(self, message: Any, refusal: Refusal) -> None:
         """Move ``message`` as it came to its dead-letter queue, acknowledge it, and fail
-        its task when the message is authentic and names one."""
+        its task when the message is authentic and names one. Never raises but for the
+        broker connection (Celery reconnects; the message is then delivered again)."""
         headers = _keepable(message.headers)
         body = message.body if message.body is not None else b""
         if isinstance(body, str):
-            body = body.encode("utf-8", "surrogateescape")
-        move_to_dead_letters(
-            self.app,
-            body,
-            message.content_type if isinstance(message.content_type, str) else "",
-            message.content_encoding if isinstance(message.content_encoding, str) else "",
-            dict(headers),
-            self._queue_of(message),
-            refusal.reason,
-            refusal.kind,
-        )
+            body = body.encode("utf-8", "surrogatepass")
+        if not isinstance(body, bytes):
+            body = bytes(body) if isinstance(body, bytearray | memoryview) else b""
+        content_type = message.content_type if isinstance(message.content_type, str) else ""
+        encoding = message.content_encoding if isinstance(message.content_encoding, str) else ""
+        queue = self._queue_of(message)
+        try:
+            move_to_dead_letters(
+                self.app, body, content_type, encoding, headers, queue, refusal.reason, refusal.kind
+            )
+        except self._connection_errors:
+            raise
+        except Exception as exc:
+            # Headers the broker would not take back (too large, odd types): keep the
+            # body, the reason and what can be said of the rest.
+            log.exception("dead-lettering with the original headers failed")
+            kept = {DROPPED_HEADER: sorted(printable(k)[:64] for k in headers)[:100]}
+            try:
+                move_to_dead_letters(
+                    self.app, body, content_type, encoding, kept, queue,
+                    f"{refusal.reason} (original headers not kept: {type(exc).__name__})",
+                    refusal.kind,
+                )  # fmt: skip
+            except self._connection_errors:
+                raise
+            except Exception as again:
+                self._put_back(message, f"cannot dead-letter it: {type(again).__name__}")
+                return
         if not message.acknowledged:
             message.ack()
         task_id = headers.get("id")
-        if refusal.authentic and isinstance(task_id, str) and shape._identifier(task_id):
+        if refusal.authentic and isinstance(task_id, str) and shape.identifier(task_id):
             self._mark_failed(message, headers, task_id, refusal.reason)
 
     def _mark_failed(
@@ -199,7 +285,7 @@ class IntakeConsumer(Consumer):
         request = AttributeDict(
             name=headers.get("task") if isinstance(headers.get("task"), str) else None,
             chord=None,
-            root_id=headers.get("root_id") if shape._identifier(headers.get("root_id")) else None,
+            root_id=headers.get("root_id") if shape.identifier(headers.get("root_id")) else None,
             correlation_id=_text(properties.get("correlation_id")),
             reply_to=_text(properties.get("reply_to")),
             errbacks=None,
@@ -207,18 +293,40 @@ class IntakeConsumer(Consumer):
         try:
             self.app.backend.mark_as_failure(task_id, DeadLettered(reason), request=request)
         except Exception:  # the letter is kept; the caller times out instead of hearing
-            log.exception("could not mark task %s failed", ascii(task_id))
+            log.exception("could not mark task %s failed", printable(task_id))
 
 
 def _keepable(headers: Any) -> dict[str, Any]:
-    """The headers a dead letter can carry: those nested too deep to be written back
-    (py-amqp encodes recursively, as it decodes) are named, not kept."""
+    """The headers a dead letter can carry back to the broker: values nested too deep
+    (py-amqp writes tables recursively, as it reads them) or too large (a dead letter
+    adds its own headers to a frame that may already be near the broker's limit) are
+    named in :data:`DROPPED_HEADER`, not kept."""
     if not isinstance(headers, dict):
         return {}
-    kept = {k: v for k, v in headers.items() if not shape._depth_exceeds(v, shape.MAX_DEPTH)}
+    sizes = {
+        k: _size(v) for k, v in headers.items() if not shape._depth_exceeds(v, shape.MAX_DEPTH)
+    }
+    kept_names = [k for k, size in sizes.items() if size <= MAX_KEPT_HEADER_BYTES]
+    budget = 4 * MAX_KEPT_HEADER_BYTES
+    for name in sorted(kept_names, key=sizes.__getitem__):
+        budget -= sizes[name]
+        if budget < 0:
+            kept_names.remove(name)
+    kept = {k: headers[k] for k in kept_names}
     if len(kept) < len(headers):
-        kept[DROPPED_HEADER] = sorted(str(k)[:64] for k in headers if k not in kept)
+        dropped = sorted(printable(k)[:64] for k in headers if k not in kept)
+        kept[DROPPED_HEADER] = dropped[:100]
     return kept
+
+
+def _size(value: Any) -> int:
+    """Roughly how many bytes ``value`` takes in a header table."""
+    if isinstance(value, str | bytes):
+        return len(value) + 8
+    try:
+        return len(json.dumps(value, default=repr)) + 8
+    except (ValueError, RecursionError):
+        return MAX_KEPT_HEADER_BYTES + 1
 
 
 def _text(value: Any) -> str | None:

@@ -21,6 +21,9 @@ log = logging.getLogger("celerybridge.intake")
 
 # The transport options that carry the limit (set by celery_app from the settings).
 MAX_BYTES_OPTION = "celerybridge_max_message_bytes"
+# The channel attribute naming the queue its last entry was popped from: a message's
+# envelope names a routing key of the sender's choosing, the pop names the real one.
+POPPED_FROM = "celerybridge_popped_from"
 
 
 class _RawEntryGuard:
@@ -43,6 +46,7 @@ class _RawEntryGuard:
                 queue = queue.rsplit(self.sep, 1)[0]
                 if self._refuse_raw(queue, item):
                     return None  # kombu reads "nothing popped" and polls again
+                setattr(self, POPPED_FROM, queue)  # delivered at once, on this thread
             return reply
 
         client.parse_response = checked

@@ -152,8 +152,8 @@ def guard_for(app: Celery, window: float) -> ReplayGuard:
 def _finished(sender: Any = None, task: Any = None, **_: Any) -> None:
     """A signed task that ran (to any end) is done: a later copy is a replay."""
     task = task or sender
-    request = getattr(task, "request", None)
-    signature = request.get(SIGNATURE_HEADER) if request is not None else None
+    # Read the request's own attributes: a header may shadow a method such as ``get``.
+    signature = getattr(getattr(task, "request", None), "__dict__", {}).get(SIGNATURE_HEADER)
     app = getattr(task, "app", None)
     signer = signer_of(app) if isinstance(app, Celery) else None
     if signer is not None and isinstance(app, Celery) and isinstance(signature, str):

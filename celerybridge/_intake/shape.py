@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Callable, Mapping
+from datetime import UTC
 from typing import Any, Final
 
+from celery.app.task import Context
 from dateutil.parser import isoparse
+from kombu.utils.json import loads as kombu_loads
 
 from .._constants import CONTENT_ENCODING, CONTENT_TYPE
 from .amqp import UNREADABLE, UNREADABLE_HEADER
@@ -42,21 +44,23 @@ MAX_RETRIES: Final = 1_000_000
 
 EMBED_KEYS: Final = frozenset({"callbacks", "errbacks", "chain", "chord"})
 
-# Request fields the worker fills from the body, the broker or itself: a header of the
-# same name would either be overwritten or, where the body lacks the key, win.
-RESERVED_HEADERS: Final = frozenset(
+# The headers Celery's ``as_task_v2`` writes (their types: ``_HEADER_TYPES``).
+_PROTOCOL_HEADERS: Final = frozenset(
     {
-        *EMBED_KEYS,
-        "args",
-        "kwargs",
-        "hostname",
-        "is_eager",
-        "delivery_info",
-        "reply_to",
-        "correlation_id",
-        "called_directly",
-        "utc",
+        "lang", "task", "id", "shadow", "eta", "expires", "group", "group_index",
+        "retries", "timelimit", "root_id", "parent_id", "argsrepr", "kwargsrepr",
+        "origin", "ignore_result", "replaced_task_nesting", "stamped_headers", "stamps",
     }
+)  # fmt: skip
+
+# Names a header may not have: every attribute of Celery's request context that is not a
+# protocol 2 header. Celery copies each header onto the task's request, so a header named
+# ``callbacks`` would win where the body has none, and one named ``get`` or ``_children``
+# would hide a method Celery itself calls (``headers`` stays allowed: Sentry sends it).
+RESERVED_HEADERS: Final = frozenset(
+    name
+    for name in dir(Context)
+    if not name.startswith("__") and name not in {"headers", *_PROTOCOL_HEADERS}
 )
 
 # The keys of a signature as Celery serialises one (``celery.canvas.Signature``).
@@ -64,15 +68,16 @@ _SIGNATURE_KEYS: Final = frozenset(
     {"task", "args", "kwargs", "options", "subtask_type", "immutable", "chord_size"}
 )
 
-_IDENTIFIER = re.compile(rf"[^\x00-\x1f\x7f]{{1,{MAX_NAME}}}")
 
-
-def _identifier(value: Any) -> bool:
-    return isinstance(value, str) and _IDENTIFIER.fullmatch(value) is not None
+def identifier(value: Any) -> bool:
+    """A task name, id or the like: 1 to :data:`MAX_NAME` printable characters (no
+    control characters, line separators, bidirectional overrides or lone surrogates,
+    which would forge or garble the worker's log lines and fail in result keys)."""
+    return isinstance(value, str) and 0 < len(value) <= MAX_NAME and value.isprintable()
 
 
 def _optional_identifier(value: Any) -> bool:
-    return value is None or _identifier(value)
+    return value is None or identifier(value)
 
 
 def _optional_text(value: Any) -> bool:
@@ -93,8 +98,12 @@ def _iso8601(value: Any) -> bool:
     if not isinstance(value, str) or len(value) > 64:
         return False
     try:
-        isoparse(value)  # what Celery's worker parses eta and expires with
-    except (ValueError, OverflowError):
+        moment = isoparse(value)  # what Celery's worker parses eta and expires with
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+        # What the worker then does with it: local time and a timestamp.
+        moment.astimezone(UTC).astimezone().timestamp()
+    except (ValueError, OverflowError, OSError):
         return False
     return True
 
@@ -127,8 +136,8 @@ def _optional_object(value: Any) -> bool:
 
 
 _HEADER_TYPES: Final[Mapping[str, tuple[Callable[[Any], bool], str]]] = {
-    "task": (_identifier, "a non-empty string of printable characters"),
-    "id": (_identifier, "a non-empty string of printable characters"),
+    "task": (identifier, "a non-empty string of printable characters"),
+    "id": (identifier, "a non-empty string of printable characters"),
     "lang": (_optional_text, "a string"),
     "shadow": (_optional_identifier, "a string of printable characters"),
     "root_id": (_optional_identifier, "a string of printable characters"),
@@ -136,8 +145,8 @@ _HEADER_TYPES: Final[Mapping[str, tuple[Callable[[Any], bool], str]]] = {
     "group": (_optional_identifier, "a string of printable characters"),
     "group_index": (_optional_count, "a non-negative integer"),
     "retries": (_optional_count, "a non-negative integer"),
-    "eta": (_iso8601, "an ISO 8601 date and time"),
-    "expires": (_iso8601, "an ISO 8601 date and time"),
+    "eta": (_iso8601, "an ISO 8601 date and time the worker can convert"),
+    "expires": (_iso8601, "an ISO 8601 date and time the worker can convert"),
     "timelimit": (_time_limits, "a pair of seconds (numbers >= 0) or nulls"),
     "argsrepr": (_optional_text, "a string"),
     "kwargsrepr": (_optional_text, "a string"),
@@ -234,11 +243,15 @@ def parse_body(body: Any, max_bytes: int) -> tuple[Any, str | None]:
     except UnicodeDecodeError as exc:
         return None, f"the body is not UTF-8: {exc.reason} at byte {exc.start}"
     try:
-        document = json.loads(text)
+        # kombu's decoder, as the worker's: it turns {"__type__": ...} objects into
+        # bytes, datetimes, decimals..., and what it cannot turn is refused here.
+        document = kombu_loads(text)
     except RecursionError:
         return None, f"the body nests deeper than {MAX_DEPTH} levels"
-    except ValueError as exc:
+    except json.JSONDecodeError as exc:
         return None, f"the body is not JSON: {exc}"
+    except Exception as exc:
+        return None, f"the body is JSON the worker cannot decode ({type(exc).__name__})"
     if _depth_exceeds(document, MAX_DEPTH):
         return None, f"the body nests deeper than {MAX_DEPTH} levels"
     return document, None
@@ -302,7 +315,7 @@ def signature_refusal(step: Any) -> str | None:
     unknown = set(step) - _SIGNATURE_KEYS
     if unknown:
         return f"unknown signature keys {', '.join(sorted(map(repr, unknown)))}"
-    if not _identifier(step.get("task")):
+    if not identifier(step.get("task")):
         return "a signature needs a 'task' name"
     for key, kind, expected in (
         ("args", list, "an array"),

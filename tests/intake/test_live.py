@@ -66,7 +66,8 @@ CASES: list[tuple[str, bytes, dict[str, Any], str, str, str]] = [
     ("retries a string", body([1, 2], {}, EMBED), {"retries": "1"}, "application/json",
      "header 'retries' must be a non-negative integer, not a string", "malformed"),
     ("eta not a date", body([1, 2], {}, EMBED), {"eta": "tomorrow"}, "application/json",
-     "header 'eta' must be an ISO 8601 date and time, not a string", "malformed"),
+     "header 'eta' must be an ISO 8601 date and time the worker can convert, not a string",
+     "malformed"),
     ("callbacks header", body([1, 2], {}, {}), {"callbacks": [{"task": "calc.fail"}]},
      "application/json",
      "header 'callbacks' is reserved: the worker sets it from the body or the broker",
@@ -241,8 +242,8 @@ def publish_deep_headers(broker_url: str, queue: str, depth: int, task_id: str) 
 @pytest.mark.parametrize(
     ("depth", "reason"),
     [
-        (3_000, "unreadable message: its headers nest too deep to be read"),
-        (15_000, "unreadable message: its headers nest too deep to be read"),
+        (3_000, "unreadable message: its properties or headers cannot be read"),
+        (15_000, "unreadable message: its properties or headers cannot be read"),
         (600, "the headers nest deeper than 32 levels"),
     ],
 )
@@ -264,3 +265,22 @@ async def test_amqp_headers_nested_too_deep_for_the_reader_are_dead_lettered(
     assert kept == body([1, 2], {}, EMBED)  # the body is kept
     await good_call_runs(bridge, bridge_worker)
     alive(bridge_worker, pid)
+
+
+async def test_a_protocol_1_message_is_refused(
+    bridge: Bridge, bridge_worker: Worker, broker_url: str
+) -> None:
+    """Protocol 1 carries the task in the body; Celery's worker still runs it."""
+    assert bridge_worker.process is not None
+    pid = bridge_worker.process.pid
+    task_id = str(uuid.uuid4())
+    v1 = {"task": "calc.add", "id": task_id, "args": [1, 2], "kwargs": {}, "retries": 0}
+    publish_message(broker_url, bridge_worker.queue, json.dumps(v1).encode(), {})
+
+    [dead] = await anyio.to_thread.run_sync(dead_letters, broker_url, bridge_worker.queue)
+    assert dead["x-celerybridge-dead-reason"] == (
+        "not a Celery protocol 2 task message (no 'task' header; protocol 1 is refused)"
+    )
+    await good_call_runs(bridge, bridge_worker)
+    alive(bridge_worker, pid)
+    assert f"calc.add[{task_id}]" not in bridge_worker.log()
