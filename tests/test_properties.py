@@ -12,6 +12,8 @@ from hypothesis import strategies as st
 
 from celerybridge import Bridge, CallError, MemoryTransport, remote_task
 
+from ._strategies import ANYTHING
+
 INT64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)
 # What JSON carries faithfully: the values an unannotated parameter must accept as they are.
 JSON_VALUES = st.recursive(
@@ -22,24 +24,6 @@ JSON_VALUES = st.recursive(
     | st.text(),
     lambda children: (
         st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
-    ),
-    max_leaves=20,
-)
-# Anything at all, including what JSON cannot carry.
-ANYTHING = st.recursive(
-    st.none()
-    | st.booleans()
-    | st.integers()
-    | st.floats()
-    | st.text()
-    | st.binary(max_size=8)
-    | st.datetimes()
-    | st.complex_numbers(),
-    lambda children: (
-        st.lists(children, max_size=4)
-        | st.tuples(children, children)
-        | st.frozensets(st.integers(), max_size=3)
-        | st.dictionaries(st.text(max_size=8) | st.integers(), children, max_size=4)
     ),
     max_leaves=20,
 )

@@ -68,6 +68,7 @@ from celerybridge._transports.base import OutgoingMessage
 from celerybridge._transports.kombu import client_app
 
 from ._brokers import BROKERS, RESULT_BACKEND, dead_letters, publish_message, queue_length
+from ._strategies import ANYTHING
 from ._workers import Worker
 from .workers import bindings, retry_bindings
 
@@ -592,25 +593,6 @@ def test_signature_of_reads_a_well_formed_signature_only() -> None:
         assert Signer.signature_of(bad) is None
 
 
-# Anything a broker (or an attacker writing to it) can hand over, and more.
-ANYTHING = st.recursive(
-    st.none()
-    | st.booleans()
-    | st.integers()
-    | st.floats()
-    | st.text()
-    | st.binary(max_size=8)
-    | st.datetimes()
-    | st.decimals()
-    | st.complex_numbers(),
-    lambda children: (
-        st.lists(children, max_size=4)
-        | st.tuples(children, children)
-        | st.frozensets(st.integers(), max_size=3)
-        | st.dictionaries(st.text(max_size=8) | st.integers(), children, max_size=4)
-    ),
-    max_leaves=20,
-)
 # Signature headers that get past the first checks often, so the rest is exercised too.
 SIGNATURE_PARTS = st.fixed_dictionaries(
     {

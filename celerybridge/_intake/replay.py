@@ -11,8 +11,12 @@ replay of a finished task is refused even when it claims to be a redelivery.
 
 Where the record lives, shared by every worker of the fleet: the Redis result backend,
 else a Redis broker. With neither (RabbitMQ and no Redis), each worker process keeps its
-own record, and says so at start; RabbitMQ's ``redelivered`` flag is set by the broker
-itself, so there a replay cannot pass for a redelivery.
+own record, and says so at start.
+
+The redelivered flag is the broker's word, not proof: on Redis kombu writes it into the
+message, and on RabbitMQ a client allowed to consume from the queue can take a copy and
+reject it so that the broker marks it. Either can pass a replay off as a redelivery while
+the first copy still runs (docs/security.md says so); once it has run, nothing passes.
 """
 
 from __future__ import annotations

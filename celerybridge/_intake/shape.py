@@ -8,14 +8,16 @@ let through is one that code handles (``tests/intake/test_shape.py`` generates i
 The rules follow what Celery itself writes (``celery/app/amqp.py`` ``as_task_v2``) and
 what its worker reads (``celery/worker/request.py``, ``celery/app/trace.py``):
 
-- content type ``application/json``, encoding ``utf-8``, no ``compression`` header;
-- a body of at most the configured bytes, UTF-8, JSON nested at most
-  :data:`MAX_DEPTH` deep, exactly ``[args, kwargs, embed]``: a list, an object with
-  string keys, and an object with only ``callbacks``, ``errbacks``, ``chain`` and
-  ``chord``, each null or well-formed signatures (``chord`` one, the others lists);
-- the protocol 2 headers with their types (:data:`_HEADER_TYPES`); no header named after
-  a request field the body or the broker sets (a ``callbacks`` header would reach the
-  request where the body has none);
+- content type ``application/json``, encoding ``utf-8`` (or ``binary``), no
+  ``compression`` header;
+- a body of at most the configured bytes, UTF-8, JSON (as kombu's decoder reads it)
+  nested at most :data:`MAX_DEPTH` deep, exactly ``[args, kwargs, embed]``: a list, an
+  object, and an object with only ``callbacks``, ``errbacks``, ``chain`` and ``chord``,
+  each null or well-formed signatures (``chord`` one, the others lists);
+- headers nested at most :data:`MAX_DEPTH` deep, the protocol 2 ones with their types
+  (:data:`_HEADER_TYPES`), identifiers printable; no header named after an attribute of
+  Celery's request context (:data:`RESERVED_HEADERS`: a ``callbacks`` header would reach
+  the request where the body has none, a ``get`` header would hide a method);
 - protocol 1 (the task in the body, no ``task`` header) is refused.
 """
 

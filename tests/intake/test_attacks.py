@@ -25,14 +25,13 @@ from amqp import serialization
 
 from celerybridge import Bridge, BridgeSettings, DeadLetteredError, remote_task
 
-from .._brokers import BROKERS, RESULT_BACKEND, dead_letters, publish_message
+from .._brokers import RESULT_BACKEND, dead_letters, publish_message
 from .._workers import Worker, stop_all
 from ..workers import bindings
+from .conftest import KEY
 from .test_live import EMBED, alive, body, good_call_runs, good_headers
 
 pytestmark = pytest.mark.integration
-
-KEY = "attack-test-key-" + "k" * 32
 
 
 @pytest.mark.parametrize(
@@ -218,24 +217,6 @@ async def test_a_dead_letter_queue_declared_otherwise_still_takes_letters(
         stop_all([worker])
         with kombu.Connection(broker_url) as connection:
             connection.default_channel.queue_delete(f"{worker.queue}.dead")
-
-
-@pytest.fixture(scope="module")
-def keyed_workers() -> Iterator[dict[str, Worker]]:
-    started: dict[str, Worker] = {}
-    yield started
-    stop_all(started.values())
-
-
-@pytest.fixture
-def keyed_worker(
-    keyed_workers: dict[str, Worker], broker: str, tmp_path_factory: pytest.TempPathFactory
-) -> Worker:
-    if broker not in keyed_workers:
-        worker = Worker("tests.workers.bridge_worker", BROKERS[broker], RESULT_BACKEND)
-        worker.extra_env["CELERYBRIDGE_SIGNING_KEY"] = KEY
-        keyed_workers[broker] = worker.start(tmp_path_factory.mktemp("attacks"))
-    return keyed_workers[broker]
 
 
 async def test_a_forger_cannot_fail_a_task_through_a_body_kombu_cannot_decompress(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import anyio
@@ -13,11 +12,10 @@ import pytest
 from celerybridge import Bridge, BridgeSettings
 from celerybridge._intake.replay import DONE, REPLAYED, MemorySeen, RedisSeen, ReplayGuard
 
-from .._brokers import BROKERS, RESULT_BACKEND, dead_letters, publish_message
-from .._workers import Worker, stop_all
+from .._brokers import RESULT_BACKEND, dead_letters, publish_message
+from .._workers import Worker
 from ..workers import bindings
-
-KEY = "replay-test-key-" + "k" * 32
+from .conftest import KEY
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -51,24 +49,6 @@ def test_the_record_lives_as_long_as_the_window_and_the_clock_skew() -> None:
     guard.refusal(signature, redelivered=False)
     ttl = store._client.pttl("celerybridge-seen-" + signature)
     assert 129_000 < ttl <= 130_000  # 100 s window + 30 s skew
-
-
-@pytest.fixture(scope="module")
-def keyed_workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Worker]]:
-    started: dict[str, Worker] = {}
-    yield started
-    stop_all(started.values())
-
-
-@pytest.fixture
-def keyed_worker(
-    keyed_workers: dict[str, Worker], broker: str, tmp_path_factory: pytest.TempPathFactory
-) -> Worker:
-    if broker not in keyed_workers:
-        worker = Worker("tests.workers.bridge_worker", BROKERS[broker], RESULT_BACKEND)
-        worker.extra_env["CELERYBRIDGE_SIGNING_KEY"] = KEY
-        keyed_workers[broker] = worker.start(tmp_path_factory.mktemp("replay"))
-    return keyed_workers[broker]
 
 
 def capture(broker_url: str, queue: str) -> tuple[dict[str, Any], bytes]:
