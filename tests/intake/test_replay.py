@@ -8,9 +8,12 @@ from typing import Any
 import anyio
 import kombu
 import pytest
+from kombu.message import Message
 
 from celerybridge import Bridge, BridgeSettings
+from celerybridge._intake.consumer import Gate, StoreUnavailable
 from celerybridge._intake.replay import DONE, REPLAYED, MemorySeen, RedisSeen, ReplayGuard
+from celerybridge._signing import Signer
 
 from .._brokers import RESULT_BACKEND, dead_letters, publish_message
 from .._workers import Worker
@@ -98,3 +101,37 @@ async def test_a_forged_message_naming_a_task_id_does_not_fail_that_task(
         assert await handle.result(timeout=10) == 1.0
         dead = await anyio.to_thread.run_sync(dead_letters, broker_url, keyed_worker.queue)
         assert [d["x-celerybridge-dead-kind"] for d in dead] == ["signature"]
+
+
+class DownStore:
+    """A replay record whose server does not answer."""
+
+    def add(self, key: str, ttl: float) -> bool:
+        raise ConnectionError("the record's server is down")
+
+    def state(self, key: str) -> str | None:
+        raise ConnectionError("the record's server is down")
+
+    def finish(self, key: str) -> None:
+        raise ConnectionError("the record's server is down")
+
+
+def test_a_message_waits_rather_than_being_refused_while_the_record_is_down() -> None:
+    """Genuine signed traffic was dead-lettered as malformed while Redis was down."""
+    signer = Signer(KEY, 300)
+    payload = b'[[1, 2], {}, {"callbacks": null, "errbacks": null, "chain": null, "chord": null}]'
+    headers = {"lang": "py", "task": "calc.add", "id": str(uuid.uuid4()), "retries": 0}
+    headers.update(signer.headers(headers, payload))
+    message = Message(
+        body=payload,
+        content_type="application/json",
+        content_encoding="utf-8",
+        headers=headers,
+        properties={},
+        delivery_info={"routing_key": "q"},
+    )
+    gate = Gate(signer, ReplayGuard(DownStore(), window=300), max_bytes=1 << 20)
+    with pytest.raises(StoreUnavailable, match="goes back to its queue"):
+        gate.refusal(message)
+    healthy = Gate(signer, ReplayGuard(MemorySeen(), window=300), max_bytes=1 << 20)
+    assert healthy.refusal(message) is None
