@@ -226,6 +226,20 @@ def broker_transport_options(url: str) -> dict[str, Any]:
     }
 
 
+def kombu_url(url: str) -> str:
+    """The broker URL as handed to kombu and Celery.
+
+    ``filesystem:///some/dir`` gets kombu's default host, ``filesystem://localhost/some/dir``:
+    the host means nothing to the filesystem transport (its folders come from
+    :func:`broker_transport_options`), but without one kombu logs "No hostname was
+    supplied. Reverting to default 'localhost'" each time it connects. Other URLs are
+    returned as they are.
+    """
+    if scheme_of(url) != "filesystem":
+        return url
+    return "filesystem://localhost" + url.split("://", 1)[1]
+
+
 def scheme_of(url: str) -> str:
     """The scheme of a broker or backend URL (``redis``, ``amqp``...), or ``""``."""
     return url.split("://", 1)[0].lower() if "://" in url else ""

@@ -26,7 +26,7 @@ from typing import Any
 
 import kombu
 
-from ._config import broker_transport_options
+from ._config import broker_transport_options, kombu_url
 from ._constants import (
     CONTENT_TYPE,
     DEAD_FROM_HEADER,
@@ -204,7 +204,7 @@ def _taken(broker_url: str, queue: str) -> Iterator[_Taken]:
     options = broker_transport_options(broker_url)
     with (
         translate(DelegationError, f"reading {target!r}"),
-        kombu.Connection(broker_url, transport_options=options) as connection,
+        kombu.Connection(kombu_url(broker_url), transport_options=options) as connection,
     ):
         if connection.transport.driver_type == "redis":
             redis_channel: Any = connection.default_channel
@@ -395,7 +395,7 @@ def purge(broker_url: str, queue: str) -> int:
     options = broker_transport_options(broker_url)
     with (
         translate(DelegationError, f"purging {target!r}"),
-        kombu.Connection(broker_url, transport_options=options) as connection,
+        kombu.Connection(kombu_url(broker_url), transport_options=options) as connection,
     ):
         channel: Any = connection.default_channel
         kombu.Queue(target, durable=True)(channel).declare()

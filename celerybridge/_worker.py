@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from celery import Celery, current_task, shared_task
 
-from ._config import BridgeSettings, broker_transport_options, load_settings
+from ._config import BridgeSettings, broker_transport_options, kombu_url, load_settings
 from ._constants import SERIALIZER, SERVICE_HEADER
 from ._dead_letter import DeadLetterTask
 from ._exceptions import ContractError, SignatureMismatchError
@@ -74,7 +74,7 @@ def celery_app(main: str, settings: BridgeSettings | None = None, **conf: Any) -
     app = signing_app(
         main,
         settings,
-        broker=settings.broker_url,
+        broker=kombu_url(settings.broker_url),
         backend=settings.result_backend,
         loader=FinalStateLoader,
     )

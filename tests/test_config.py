@@ -6,8 +6,10 @@ import string
 import traceback
 from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
 from urllib.parse import urlsplit
 
+import kombu
 import pytest
 from click.testing import CliRunner
 from hypothesis import example, given, settings
@@ -16,7 +18,7 @@ from kombu.utils.url import url_to_parts
 
 from celerybridge import Bridge, BridgeSettings, ConfigurationError
 from celerybridge._cli import main as cli
-from celerybridge._config import load_settings, mask_url
+from celerybridge._config import broker_transport_options, kombu_url, load_settings, mask_url
 from celerybridge._utils import to_seconds
 
 from ._brokers import BROKERS
@@ -367,3 +369,25 @@ def test_the_cli_does_not_show_a_refused_password() -> None:
     assert result.exit_code == 1
     assert "ACCESS_REFUSED" in result.output
     assert "SECRETPASS" not in result.output
+
+
+def test_the_filesystem_broker_gets_a_host_kombu_does_not_warn_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = f"filesystem://{tmp_path}"
+    assert kombu_url(url) == f"filesystem://localhost{tmp_path}"
+    assert kombu_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+    options = broker_transport_options(url)
+    for passed in (url, kombu_url(url)):
+        caplog.clear()
+        with kombu.Connection(passed, transport_options=options) as connection:
+            connection.SimpleQueue("q").put({"via": passed})
+            connection.as_uri()
+        warned = "No hostname was supplied" in caplog.text
+        assert warned is (passed == url)  # kombu's own warning, gone with the host
+    with kombu.Connection(url, transport_options=options) as connection:
+        queue = connection.SimpleQueue("q")
+        assert [queue.get(timeout=1).payload for _ in range(2)] == [
+            {"via": url},
+            {"via": kombu_url(url)},
+        ]

@@ -14,7 +14,7 @@ from celery import Celery
 from celery.backends.base import BaseKeyValueStoreBackend
 from celery.result import AsyncResult
 
-from .._config import BridgeSettings, broker_transport_options, scheme_of
+from .._config import BridgeSettings, broker_transport_options, kombu_url, scheme_of
 from .._constants import (
     KOMBU_THREADS,
     POLL_FACTOR,
@@ -38,7 +38,7 @@ def client_app(settings: BridgeSettings, *, with_backend: bool, main: str) -> Ce
     app = signing_app(
         main,
         settings,
-        broker=settings.broker_url,
+        broker=kombu_url(settings.broker_url),
         backend=settings.result_backend if with_backend else None,
         set_as_current=False,
     )
