@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -71,3 +72,34 @@ def test_every_example_is_shown() -> None:
     shown = {path for _, path, _ in snippets()}
     missing = [e.name for e in EXAMPLES if str(e.relative_to(ROOT)) not in shown]
     assert not missing, f"examples no page includes: {missing}"
+
+
+def mkdocs_build(config: Path, site: Path) -> subprocess.CompletedProcess[str]:
+    """``mkdocs build --strict`` as the README says, into ``site``."""
+    return subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(config), "-d", str(site)],
+        cwd=ROOT,
+        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
+
+
+def test_the_docs_build_strict(tmp_path: Path) -> None:
+    # mkdocs.yml validates every link and anchor; in strict mode a warning fails the build.
+    done = mkdocs_build(ROOT / "mkdocs.yml", tmp_path)
+    assert done.returncode == 0, f"mkdocs build --strict failed:\n{done.stdout}\n{done.stderr}"
+    assert (tmp_path / "quickstart" / "index.html").is_file()
+
+
+def test_a_broken_link_fails_the_docs_build(tmp_path: Path) -> None:
+    # The check above can fail: the same build, with one page linking to a missing one.
+    docs = tmp_path / "docs"
+    shutil.copytree(DOCS, docs)
+    (docs / "index.md").write_text((docs / "index.md").read_text() + "\n[gone](nowhere.md)\n")
+    config = (ROOT / "mkdocs.yml").read_text().replace("docs_dir: docs", f"docs_dir: {docs}")
+    (tmp_path / "mkdocs.yml").write_text(config)
+    done = mkdocs_build(tmp_path / "mkdocs.yml", tmp_path / "site")
+    assert done.returncode != 0
+    assert "nowhere.md" in done.stderr
