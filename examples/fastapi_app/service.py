@@ -54,6 +54,8 @@ class Service:
 
     name: str
     """Also the S3 key prefix: ``<name>/items/<id>.json``."""
+    title: str
+    """What people see: "Service A"."""
     stub: RemoteTask[Any, Receipt]
     """The pusher contract version it calls."""
     backup: Backup
@@ -221,8 +223,19 @@ def create_app(
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> str:
-        name, contract = html.escape(service.name), html.escape(service.contract)
-        return PAGE.replace("{{service}}", name).replace("{{contract}}", contract)
+        text = PAGE
+        for placeholder, value in (
+            ("{{title}}", service.title),
+            ("{{service}}", service.name),
+            ("{{contract}}", service.contract),
+        ):
+            text = text.replace(placeholder, html.escape(value))
+        return text
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        """Which service answers: the demo calls it up only when its own name comes back."""
+        return {"service": service.name}
 
     @app.post("/items", status_code=201)
     async def save(new: ItemIn, bridge: BridgeDep, backups: BackupsDep) -> ItemOut:

@@ -18,6 +18,7 @@ async def backup(bridge: Bridge, key: str, content: str, item: ItemRecord) -> Ta
 
 SERVICE = Service(
     name="service-a",
+    title="Service A",
     stub=send_to_s3,
     backup=backup,
 )

@@ -20,6 +20,7 @@ async def backup(bridge: Bridge, key: str, content: str, item: ItemRecord) -> Ta
 
 SERVICE = Service(
     name="service-b",
+    title="Service B",
     stub=send_to_s3_v2,
     backup=backup,
 )

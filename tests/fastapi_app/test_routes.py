@@ -164,10 +164,23 @@ async def test_the_page_and_unknown_items(service_client: ServiceClient) -> None
     async with service_client(service_b.SERVICE, publisher=transport, results=transport) as http:
         page = await http.get("/")
         assert page.headers["content-type"].startswith("text/html")
-        assert "<h1>service-b</h1>" in page.text
+        assert "<title>Service B — items</title>" in page.text
+        assert "<h1>Service B — items</h1>" in page.text
+        assert "<code>service-b</code>" in page.text
         assert "pusher.send_to_s3 v2 (key, content, meta)" in page.text
         missing = await http.get("/items/42/backup")
         assert (missing.status_code, missing.json()) == (404, {"detail": "no item 42"})
+
+
+@pytest.mark.parametrize("which", [service_a.SERVICE, service_b.SERVICE], ids=lambda s: s.name)
+async def test_healthz_names_the_service(
+    service_client: ServiceClient, which: service.Service
+) -> None:
+    # What the demo waits for: no other server on the port answers this.
+    transport = MemoryTransport(execute=False)
+    async with service_client(which, publisher=transport, results=transport) as http:
+        response = await http.get("/healthz")
+        assert (response.status_code, response.json()) == (200, {"service": which.name})
 
 
 async def test_an_unreachable_broker_is_never_a_500(service_client: ServiceClient) -> None:
