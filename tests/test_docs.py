@@ -6,6 +6,7 @@ process-wide registry, and the examples share theirs (they import docs/examples/
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -14,6 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from examples.fastapi_app.models import BackupOut, ItemOut
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -103,3 +106,22 @@ def test_a_broken_link_fails_the_docs_build(tmp_path: Path) -> None:
     done = mkdocs_build(tmp_path / "mkdocs.yml", tmp_path / "site")
     assert done.returncode != 0
     assert "nowhere.md" in done.stderr
+
+
+def quickstart_json() -> list[dict[str, object]]:
+    """Each line of the quickstart's ```json blocks, parsed."""
+    blocks = re.findall(r"^```json\n(.*?)^```", (DOCS / "quickstart.md").read_text(), re.M | re.S)
+    return [json.loads(line) for block in blocks for line in block.splitlines()]
+
+
+def test_the_quickstart_answers_are_complete() -> None:
+    # Each sample as the API would answer it, every field there: a missing one (as "written"
+    # once was) fails here; tests/fastapi_app/test_demo.py compares them with a real run.
+    samples = quickstart_json()
+    assert len(samples) >= 4
+    for sample in samples:
+        model = BackupOut if "state" in sample else ItemOut
+        assert model.model_validate(sample).model_dump(mode="json") == sample
+    receipts = [s["receipt"] for s in samples if isinstance(s.get("receipt"), dict)]
+    assert receipts
+    assert all(receipt["written"] is True for receipt in receipts)

@@ -7,11 +7,18 @@ and ``AWS_ENDPOINT_URL_S3`` (plus the usual AWS variables and ``PUSHER_BUCKET``)
 to Redis, RabbitMQ, MinIO or real S3. Children's logs are shown with a name prefix,
 as foreman and honcho do; Ctrl-C stops every child.
 
-Run: ``make demo`` or ``python -m examples.fastapi_app``.
+Before starting anything the demo makes sure the services' ports are free (a busy one
+stops it at once, naming the option and variable that move it), and it calls a service
+up only once its ``/healthz`` names it: another server on the port cannot pass for it.
+
+Run: ``./scripts/demo`` (in a venv of its own, with the ``demo`` extra only) or
+``python -m examples.fastapi_app``.
 """
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import signal
 import socket
@@ -20,6 +27,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from contextlib import ExitStack, suppress
 from dataclasses import dataclass, field
@@ -27,7 +35,6 @@ from pathlib import Path
 from types import FrameType
 
 import click
-import httpx
 
 ROOT = Path(__file__).resolve().parents[2]
 STOP_GRACE = 10.0
@@ -122,11 +129,65 @@ def wait_until(what: str, check: Callable[[], bool], children: list[Child]) -> N
         time.sleep(0.1)
 
 
-def answers(url: str) -> bool:
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+"""Straight to loopback, whatever ``http_proxy`` says."""
+
+
+def get_json(url: str) -> object:
+    """The JSON ``url`` answers with a 200, or ``None`` (no answer, an error, not JSON)."""
     try:
-        return httpx.get(url, timeout=1).status_code < 500
-    except httpx.HTTPError:
-        return False
+        with _DIRECT.open(url, timeout=1) as response:
+            return json.load(response) if response.status == 200 else None
+    except (OSError, ValueError):  # URLError and HTTPError are OSErrors
+        return None
+
+
+def is_service(url: str, name: str) -> bool:
+    """Whether ``url`` is our service ``name``: only it answers ``/healthz`` with its name."""
+    return get_json(f"{url}/healthz") == {"service": name}
+
+
+def is_moto(url: str) -> bool:
+    """Whether ``url`` is moto's server (its own API, not S3's, answers there)."""
+    return isinstance(get_json(f"{url}/moto-api/data.json"), dict)
+
+
+@dataclass(frozen=True)
+class Port:
+    """A port the demo listens on, and how a user moves it."""
+
+    service: str
+    number: int
+    option: str
+    variable: str
+
+
+def port_problem(port: Port) -> str | None:
+    """Why the service cannot listen on ``port`` (as uvicorn will: 127.0.0.1, SO_REUSEADDR)."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port.number))
+        except OSError as exc:
+            in_use = exc.errno == errno.EADDRINUSE
+            why = "is in use by another program" if in_use else f"cannot be used: {exc}"
+            return (
+                f"port {port.number} ({port.service}) {why}; stop that program or move "
+                f"{port.service} to a free port with {port.option} or {port.variable}, e.g. "
+                f"{port.variable}={port.number + 1000} ./scripts/demo"
+            )
+    return None
+
+
+def check_ports(ports: list[Port]) -> None:
+    """Refuse to start, before starting anything, when a service could not listen."""
+    if ports[0].number == ports[1].number:
+        raise DemoError(
+            f"{ports[0].service} and {ports[1].service} cannot share port {ports[0].number}"
+        )
+    problems = [problem for port in ports if (problem := port_problem(port))]
+    if problems:
+        raise DemoError("\n".join(problems))
 
 
 def create_bucket(endpoint: str, bucket: str, env: dict[str, str]) -> None:
@@ -143,8 +204,12 @@ def create_bucket(endpoint: str, bucket: str, env: dict[str, str]) -> None:
 
 
 @click.command()
-@click.option("--port-a", default=8001, show_default=True, help="Service A's port.")
-@click.option("--port-b", default=8002, show_default=True, help="Service B's port.")
+@click.option(
+    "--port-a", default=8001, show_default=True, envvar="DEMO_PORT_A", help="Service A's port."
+)
+@click.option(
+    "--port-b", default=8002, show_default=True, envvar="DEMO_PORT_B", help="Service B's port."
+)
 @click.option(
     "--data",
     type=click.Path(file_okay=False, path_type=Path),
@@ -152,6 +217,12 @@ def create_bucket(endpoint: str, bucket: str, env: dict[str, str]) -> None:
 )
 def main(port_a: int, port_b: int, data: Path | None) -> None:
     """Run the pusher and Services A and B; Ctrl-C stops them all."""
+    check_ports(
+        [
+            Port("Service A", port_a, "--port-a", "DEMO_PORT_A"),
+            Port("Service B", port_b, "--port-b", "DEMO_PORT_B"),
+        ]
+    )
     signal.signal(signal.SIGTERM, _interrupt)  # stop on SIGTERM as on Ctrl-C
     children: list[Child] = []
     with ExitStack() as stack:
@@ -164,6 +235,9 @@ def main(port_a: int, port_b: int, data: Path | None) -> None:
             _run(dict(os.environ, PYTHONUNBUFFERED="1"), data, port_a, port_b, children)
         except KeyboardInterrupt:
             echo("stopping: the services first, then the pusher, then S3")
+        except DemoError as exc:  # said first, not only after every child's "stopped" line
+            echo(click.style(f"error: {exc.message}", fg="red", bold=True))
+            raise
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
@@ -206,13 +280,19 @@ def _run(env: dict[str, str], data: Path, port_a: int, port_b: int, children: li
             AWS_SECRET_ACCESS_KEY="demo",
             AWS_DEFAULT_REGION="us-east-1",
         )
-        spawn("s3", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)])
-        wait_until("the embedded S3 server", lambda: answers(endpoint), children)
+        s3server = [sys.executable, "-m", "examples.fastapi_app.s3server"]
+        spawn("s3", [*s3server, "-H", "127.0.0.1", "-p", str(port)])
+        wait_until("the embedded S3 server", lambda: is_moto(endpoint), children)
         create_bucket(endpoint, env["PUSHER_BUCKET"], env)
         echo(f"S3: embedded moto server at {endpoint}, bucket {env['PUSHER_BUCKET']!r} created")
     else:
         echo(f"S3: {env['AWS_ENDPOINT_URL_S3']}, bucket {env['PUSHER_BUCKET']!r}")
 
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        echo(
+            "running as root: the pusher's Celery will warn that this is not recommended; "
+            "it is right (run the demo as a user), and the demo works all the same"
+        )
     celery = [sys.executable, "-m", "celery", "-A", "pusher", "worker", "-Q", "pusher"]
     pusher = spawn("pusher", [*celery, "--loglevel=info"], ready_line=" ready.")
     urls = {}
@@ -223,7 +303,7 @@ def _run(env: dict[str, str], data: Path, port_a: int, port_b: int, children: li
 
     wait_until("the pusher worker", pusher.ready.is_set, children)
     for name, url in urls.items():
-        wait_until(name, lambda url=url: answers(url + "/items"), children)  # type: ignore[misc]
+        wait_until(name, lambda url=url, name=name: is_service(url, name), children)  # type: ignore[misc]
     echo(click.style("the demo is up:", bold=True))
     echo(f"  Service A (pusher.send_to_s3 v1): {urls['service-a']}")
     echo(f"  Service B (pusher.send_to_s3 v2): {urls['service-b']}")

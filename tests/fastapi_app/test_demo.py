@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -65,17 +68,50 @@ class Demo:
         return item
 
 
+QUICKSTART = ROOT / "docs" / "quickstart.md"
+VARYING = frozenset({"task_id", "etag", "checksum_sha256", "created_at"})
+"""What differs from run to run in the quickstart's samples."""
+
+
+def quickstart_json() -> list[Any]:
+    """Each line of the quickstart's ```json blocks, parsed."""
+    blocks = re.findall(r"^```json\n(.*?)^```", QUICKSTART.read_text(), re.M | re.S)
+    return [json.loads(line) for block in blocks for line in block.splitlines()]
+
+
+def comparable(value: Any) -> Any:
+    """``value`` with what varies from run to run blanked out."""
+    if isinstance(value, dict):
+        return {k: "..." if k in VARYING and v else comparable(v) for k, v in value.items()}
+    return value
+
+
+def check_the_quickstart_samples(demo: Demo) -> None:
+    """The quickstart's first item, saved as it says: the samples are what the API answers."""
+    samples = quickstart_json()
+    answered = httpx.post(f"{demo.url_a}/items", json={"name": "bolts", "quantity": 40}).json()
+    assert comparable(answered) == comparable(samples[0])
+    url = f"{demo.url_a}/items/{answered['id']}/backup"
+    pending, done = samples[1], samples[2]
+    assert comparable(pending) == comparable({**answered["backup"], "state": "pending"})
+    deadline = time.monotonic() + 30
+    while (backup := httpx.get(url).json())["state"] == "pending" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert comparable(backup) == comparable(done), demo.output()
+    assert done["receipt"]["written"] is True
+
+
 @contextmanager
-def run_demo(tmp_path: Path, **config: str) -> Iterator[Demo]:
+def run_demo(tmp_path: Path, python: str = sys.executable, **config: str) -> Iterator[Demo]:
     """``python -m examples.fastapi_app`` with only ``config`` set; SIGINT it on exit."""
     env = {
         name: value
         for name, value in os.environ.items()
-        if not name.startswith(("CELERYBRIDGE_", "AWS_", "PUSHER_", "SERVICE_"))
+        if not name.startswith(("CELERYBRIDGE_", "AWS_", "PUSHER_", "SERVICE_", "DEMO_"))
     }
     env.update(config)
     port_a, port_b = free_port(), free_port()
-    command = [sys.executable, "-m", "examples.fastapi_app", "--data", str(tmp_path / "data")]
+    command = [python, "-m", "examples.fastapi_app", "--data", str(tmp_path / "data")]
     log = tmp_path / "demo.log"
     with log.open("wb") as out:
         process = subprocess.Popen(
@@ -86,18 +122,29 @@ def run_demo(tmp_path: Path, **config: str) -> Iterator[Demo]:
             stderr=subprocess.STDOUT,
         )
     demo = Demo(process, log, f"http://127.0.0.1:{port_a}")
+    children: list[psutil.Process] = []
     try:
         demo.wait_for(r"(Press CTRL\+C to stop)")
         children = psutil.Process(process.pid).children(recursive=True)
         assert len(children) >= 3  # the pusher, two services (and S3 when embedded)
+        for url, name in ((demo.url_a, "service-a"), (f"http://127.0.0.1:{port_b}", "service-b")):
+            assert httpx.get(f"{url}/healthz").json() == {"service": name}
         yield demo
         process.send_signal(signal.SIGINT)
         assert process.wait(30) == 0, demo.output()
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    assert [child.pid for child in children if alive(child)] == []
+        if process.poll() is None:  # a failed test: the demo still stops its children
+            children = children or psutil.Process(process.pid).children(recursive=True)
+            process.terminate()
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        left = [child for child in children if alive(child)]
+        for child in left:  # never leave a pusher consuming a shared broker's queue
+            child.kill()
+    assert [child.pid for child in left] == []
     for name in ("service-a", "service-b", "pusher"):
         assert f"demo | {name} stopped" in demo.output()
 
@@ -108,8 +155,14 @@ def test_demo_runs_embedded_lands_an_item_in_s3_and_stops_every_child(tmp_path: 
         assert "broker: embedded, kombu's filesystem transport" in output
         assert "results: embedded, Celery's file backend" in output
         endpoint = demo.wait_for(r"embedded moto server at (http://\S+),")
+        check_the_quickstart_samples(demo)
         item = demo.save_and_wait()
         assert item["backup"]["state"] == "done", demo.output()
+        # What is ours to silence is silent (docs/quickstart.md explains what is left).
+        assert "No hostname was supplied" not in demo.output()
+        assert "This is a development server" not in demo.output()
+        root = os.geteuid() == 0
+        assert ("running as root: the pusher's Celery will warn" in demo.output()) is root
         s3 = boto3.client(
             "s3",
             endpoint_url=endpoint,
@@ -143,3 +196,45 @@ def test_demo_uses_the_configured_broker_and_s3(
         key = f"service-a/items/{item['id']}.json"
         assert b'"name":"demo"' in s3.get_object(Bucket=bucket, Key=key)["Body"].read()
     assert "demo | s3" not in demo.output()
+
+
+def requirement_names(extra: str) -> set[str]:
+    """The packages ``extra`` names in pyproject.toml (not the extras it includes)."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    names = (
+        re.split(r"[\s\[<>=!~;]", r, maxsplit=1)[0] for r in project["optional-dependencies"][extra]
+    )
+    return {canonical(name) for name in names if name != "celerybridge"}
+
+
+def canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+@pytest.mark.timeout(900)
+def test_the_demo_venv_gets_the_demo_extra_only_and_runs_the_demo(tmp_path: Path) -> None:
+    # What ./scripts/demo sets up, in a folder of our own: a fresh venv from the index.
+    dev_only = requirement_names("dev") - requirement_names("demo")
+    assert {"playwright", "mypy", "hypothesis", "matplotlib", "mkdocs-material"} <= dev_only
+    venv = tmp_path / "venv"
+    try:
+        subprocess.run(
+            [str(ROOT / "scripts" / "venv"), "--demo"],
+            env={**os.environ, "CELERYBRIDGE_VENV": str(venv)},
+            check=True,
+            capture_output=True,
+            timeout=800,
+        )
+        listed = subprocess.run(
+            [str(venv / "bin" / "python"), "-m", "pip", "list", "--format=json"],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        installed = {canonical(package["name"]) for package in json.loads(listed.stdout)}
+        assert {"celerybridge", "fastapi", "uvicorn", "moto", "aiobotocore"} <= installed
+        assert sorted(installed & dev_only) == []
+        with run_demo(tmp_path, python=str(venv / "bin" / "python")) as demo:
+            assert demo.save_and_wait()["backup"]["state"] == "done", demo.output()
+    finally:
+        shutil.rmtree(venv, ignore_errors=True)  # some 400 MB
