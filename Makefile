@@ -1,13 +1,24 @@
-.PHONY: test lint typecheck bench demo brokers faults
+.PHONY: test unit lint typecheck docs docs-serve bench demo brokers faults
 
 test:
 	./scripts/test
+
+# The unit tests only: no broker, no browser (see scripts/test).
+unit:
+	./scripts/test --unit
 
 lint:
 	./scripts/lint
 
 typecheck:
 	.venv/bin/mypy --strict celerybridge pusher examples tests/typing
+
+# The docs into site/, strict: a broken link or anchor fails (tests/test_docs.py does the same).
+docs:
+	NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs build --strict
+
+docs-serve:
+	NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs serve
 
 bench:
 	.venv/bin/python -m bench
