@@ -32,6 +32,11 @@ DEAD_KINDS_NEVER_RESIGNED: Final = frozenset({DEAD_KIND_SIGNATURE, DEAD_KIND_REP
 # and the record of signed messages already taken, kept as long as a signature is valid.
 DEFAULT_MAX_MESSAGE_BYTES: Final = 32 * 1024 * 1024
 SEEN_KEY_PREFIX: Final = "celerybridge-seen-"
+# The only header of the stand-in for an AMQP message whose properties py-amqp cannot
+# read (_intake/amqp.py), and what it says; a dead letter names the headers it had to drop.
+UNREADABLE_HEADER: Final = "x-celerybridge-unreadable-headers"
+UNREADABLE: Final = "its properties or headers cannot be read"
+DROPPED_HEADER: Final = "x-celerybridge-dropped-headers"
 
 # Signed messages (CELERYBRIDGE_SIGNING_KEY): the headers a signing caller adds, what the
 # HMAC-SHA256 covers (see _signing.py), and the limits a verifying worker applies.

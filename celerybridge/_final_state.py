@@ -46,7 +46,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from celery import states
-from celery.backends.base import KeyValueStoreBackend
+from celery.backends.base import BaseKeyValueStoreBackend
 from celery.backends.filesystem import FilesystemBackend
 from celery.backends.redis import RedisBackend, SentinelBackend
 from celery.exceptions import BackendStoreError
@@ -58,7 +58,7 @@ log = logging.getLogger("celerybridge.final_state")
 LOCK_FILE = b".celerybridge-results.lock"
 
 
-def is_final(backend: KeyValueStoreBackend, raw: bytes | None) -> bool:
+def is_final(backend: BaseKeyValueStoreBackend, raw: bytes | None) -> bool:
     """Whether ``raw``, a task meta as ``backend`` stores it (or nothing), is final."""
     if not raw:  # as Celery reads it: no meta is PENDING
         return False

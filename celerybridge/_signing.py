@@ -22,7 +22,8 @@ transport has undone its own framing (base64 on Redis): the arguments and the em
 it, and a body re-encoded after signing (other whitespace, key order, escapes) is
 refused even though it decodes to the same values: only the signer's bytes are
 vouched for. Headers outside the list (``traceparent``, ``sentry-trace``, ``baggage``,
-Celery's ``origin`` and ``stamps``...) are not signed, so instrumentation may add them.
+Celery's ``origin``...) are not signed, so instrumentation may add them; ``stamps`` and
+``headers`` are, since Celery hands both to the task's retries.
 
 Both publishing paths sign the final message: the native publishers in
 ``_transports/_protocol.task_message``, the kombu path and keyed workers' own publishes
@@ -345,18 +346,6 @@ class Signer:
         except UnsignableError:
             return None
         return {**kept, **fresh}
-
-    @staticmethod
-    def signature_of(headers: object) -> str | None:
-        """The signature a message carries, if well-formed (64 lowercase hex digits),
-        else ``None``. Cheap, and checks nothing: call :meth:`refusal` first; two
-        messages with the same good signature are the same signed message."""
-        if not isinstance(headers, Mapping):
-            return None
-        signature = headers.get(SIGNATURE_HEADER)
-        if isinstance(signature, str) and _HEX_SIGNATURE.fullmatch(signature):
-            return signature
-        return None
 
 
 # The signer of each Celery app built by celerybridge with a key: kept off ``app.conf``,

@@ -24,10 +24,10 @@ from amqp.basic_message import Message
 from amqp.method_framing import frame_handler
 from kombu.transport import pyamqp
 
+from .._constants import UNREADABLE, UNREADABLE_HEADER
+
 log = logging.getLogger("celerybridge.intake")
 
-UNREADABLE_HEADER = "x-celerybridge-unreadable-headers"
-UNREADABLE = "its properties or headers cannot be read"
 
 _HEADER_FRAME = 2
 

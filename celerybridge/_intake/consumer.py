@@ -28,6 +28,7 @@ from .._constants import (
     DEAD_KIND_SIGNATURE,
     DEAD_KIND_UNKNOWN_TASK,
     DEFAULT_MAX_MESSAGE_BYTES,
+    DROPPED_HEADER,
     SIGNATURE_HEADER,
 )
 from .._dead_letter import DeadLettered, consumed_queue, move_to_dead_letters
@@ -35,11 +36,10 @@ from .._signing import Signer, signer_of
 from .._utils import printable
 from . import shape
 from .redis import MAX_BYTES_OPTION, POPPED_FROM
-from .replay import ReplayGuard, guard_for
+from .replay import ReplayGuard
 
 log = logging.getLogger("celerybridge.intake")
 
-DROPPED_HEADER = "x-celerybridge-dropped-headers"
 # Seconds a message waits before it goes back to its queue when the replay record is down.
 STORE_RETRY_PAUSE = 1.0
 # A dead letter's headers, as a broker frame, must stay under RabbitMQ's frame size
@@ -110,7 +110,7 @@ class Gate:
         if self.guard is not None:
             redelivered = bool((message.delivery_info or {}).get("redelivered"))
             try:
-                reason = self.guard.refusal(headers[SIGNATURE_HEADER], redelivered)
+                reason = self.guard.refusal(headers[SIGNATURE_HEADER], redelivered, headers["id"])
             except Exception as exc:
                 raise StoreUnavailable(
                     f"the replay record cannot be read ({type(exc).__name__}); "
@@ -142,7 +142,7 @@ class IntakeConsumer(Consumer):
             options = self.app.conf.broker_transport_options or {}
             self._gate = Gate(
                 signer,
-                None if signer is None else guard_for(self.app, signer.max_age),
+                None if signer is None else ReplayGuard.for_app(self.app, signer.max_age),
                 int(options.get(MAX_BYTES_OPTION, DEFAULT_MAX_MESSAGE_BYTES)),
             )
         return self._gate
@@ -303,16 +303,14 @@ def _keepable(headers: Any) -> dict[str, Any]:
     named in :data:`DROPPED_HEADER`, not kept."""
     if not isinstance(headers, dict):
         return {}
-    sizes = {
-        k: _size(v) for k, v in headers.items() if not shape._depth_exceeds(v, shape.MAX_DEPTH)
-    }
-    kept_names = [k for k, size in sizes.items() if size <= MAX_KEPT_HEADER_BYTES]
+    sizes = {k: _size(v) for k, v in headers.items() if not shape.depth_exceeds(v, shape.MAX_DEPTH)}
+    kept: dict[str, Any] = {}
     budget = 4 * MAX_KEPT_HEADER_BYTES
-    for name in sorted(kept_names, key=sizes.__getitem__):
+    for name in sorted(sizes, key=sizes.__getitem__):  # the smallest first, while they fit
+        if sizes[name] > min(budget, MAX_KEPT_HEADER_BYTES):
+            break
         budget -= sizes[name]
-        if budget < 0:
-            kept_names.remove(name)
-    kept = {k: headers[k] for k in kept_names}
+        kept[name] = headers[name]
     if len(kept) < len(headers):
         dropped = sorted(printable(k)[:64] for k in headers if k not in kept)
         kept[DROPPED_HEADER] = dropped[:100]

@@ -24,7 +24,7 @@ from .._constants import (
     DEAD_REASON_HEADER,
 )
 from .._utils import uuid4_str
-from .shape import MAX_DEPTH, _depth_exceeds, _kind
+from .shape import MAX_DEPTH, depth_exceeds, kind_of
 
 RAW_CONTENT_TYPE = "application/octet-stream"
 
@@ -54,12 +54,12 @@ def envelope_refusal(item: bytes | str, max_message_bytes: int) -> str | None:
     except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError alike
         return f"not a kombu message: not UTF-8 JSON ({type(exc).__name__})"
     if not isinstance(payload, dict):
-        return f"not a kombu message: a JSON {_kind(payload).split()[-1]}, not an object"
-    if _depth_exceeds(payload, _ENVELOPE_DEPTH):
+        return f"not a kombu message: a JSON {kind_of(payload).split()[-1]}, not an object"
+    if depth_exceeds(payload, _ENVELOPE_DEPTH):
         return f"not a kombu message: JSON nested deeper than {_ENVELOPE_DEPTH} levels"
     properties = payload.get("properties")
     if not isinstance(properties, dict):
-        return f"not a kombu message: 'properties' is {_kind(properties)}, not an object"
+        return f"not a kombu message: 'properties' is {kind_of(properties)}, not an object"
     if not isinstance(properties.get("delivery_tag"), str):
         return "not a kombu message: no string 'delivery_tag' in its properties"
     info = properties.get("delivery_info")
@@ -71,16 +71,16 @@ def envelope_refusal(item: bytes | str, max_message_bytes: int) -> str | None:
         return "not a kombu message: 'delivery_info' lacks a string exchange and routing key"
     # kombu's restore marks a message redelivered in its headers: they must be an object.
     if not isinstance(payload.get("headers"), dict):
-        return f"not a kombu message: 'headers' is {_kind(payload.get('headers'))}, not an object"
+        return f"not a kombu message: 'headers' is {kind_of(payload.get('headers'))}, not an object"
     for name in ("content-type", "content-encoding"):
         if payload.get(name) is not None and not isinstance(payload[name], str):
-            return f"not a kombu message: {name!r} is {_kind(payload[name])}, not a string"
+            return f"not a kombu message: {name!r} is {kind_of(payload[name])}, not a string"
     body = payload.get("body")
     if body is not None and not isinstance(body, str):
-        return f"not a kombu message: the body is {_kind(body)}, not a string"
+        return f"not a kombu message: the body is {kind_of(body)}, not a string"
     encoding = properties.get("body_encoding")
     if encoding is not None and encoding != "base64":
-        return f"not a kombu message: unknown body encoding ({_kind(encoding)})"
+        return f"not a kombu message: unknown body encoding ({kind_of(encoding)})"
     if encoding == "base64" and body:
         try:
             base64.b64decode(body, validate=True)
@@ -88,7 +88,7 @@ def envelope_refusal(item: bytes | str, max_message_bytes: int) -> str | None:
             return "not a kombu message: the body is not base64"
     priority = properties.get("priority")
     if priority is not None and (not isinstance(priority, int) or isinstance(priority, bool)):
-        return f"not a kombu message: 'priority' is {_kind(priority)}, not an integer"
+        return f"not a kombu message: 'priority' is {kind_of(priority)}, not an integer"
     return None
 
 

@@ -33,8 +33,7 @@ from celery.app.task import Context
 from dateutil.parser import isoparse
 from kombu.utils.json import loads as kombu_loads
 
-from .._constants import CONTENT_ENCODING, CONTENT_TYPE
-from .amqp import UNREADABLE, UNREADABLE_HEADER
+from .._constants import CONTENT_ENCODING, CONTENT_TYPE, UNREADABLE, UNREADABLE_HEADER
 
 MAX_DEPTH: Final = 32
 """How deep JSON may nest in a body (arrays and objects); Celery's own messages use 4."""
@@ -45,25 +44,6 @@ MAX_NAME: Final = 255
 MAX_RETRIES: Final = 1_000_000
 
 EMBED_KEYS: Final = frozenset({"callbacks", "errbacks", "chain", "chord"})
-
-# The headers Celery's ``as_task_v2`` writes (their types: ``_HEADER_TYPES``).
-_PROTOCOL_HEADERS: Final = frozenset(
-    {
-        "lang", "task", "id", "shadow", "eta", "expires", "group", "group_index",
-        "retries", "timelimit", "root_id", "parent_id", "argsrepr", "kwargsrepr",
-        "origin", "ignore_result", "replaced_task_nesting", "stamped_headers", "stamps",
-    }
-)  # fmt: skip
-
-# Names a header may not have: every attribute of Celery's request context that is not a
-# protocol 2 header. Celery copies each header onto the task's request, so a header named
-# ``callbacks`` would win where the body has none, and one named ``get`` or ``_children``
-# would hide a method Celery itself calls (``headers`` stays allowed: Sentry sends it).
-RESERVED_HEADERS: Final = frozenset(
-    name
-    for name in dir(Context)
-    if not name.startswith("__") and name not in {"headers", *_PROTOCOL_HEADERS}
-)
 
 # The keys of a signature as Celery serialises one (``celery.canvas.Signature``).
 _SIGNATURE_KEYS: Final = frozenset(
@@ -160,13 +140,24 @@ _HEADER_TYPES: Final[Mapping[str, tuple[Callable[[Any], bool], str]]] = {
 }
 
 
+# Names a header may not have: every attribute of Celery's request context that is not a
+# protocol 2 header. Celery copies each header onto the task's request, so a header named
+# ``callbacks`` would win where the body has none, and one named ``get`` or ``_children``
+# would hide a method Celery itself calls (``headers`` stays allowed: Sentry sends it).
+RESERVED_HEADERS: Final = frozenset(
+    name
+    for name in dir(Context)
+    if not name.startswith("__") and name not in {"headers", *_HEADER_TYPES}
+)
+
+
 def readable_refusal(headers: Any) -> str | None:
     """Why these headers cannot even be looked at (not a table, nested too deep)."""
     if not isinstance(headers, dict):
-        return f"headers must be a table, not {_kind(headers)}"
+        return f"headers must be a table, not {kind_of(headers)}"
     if UNREADABLE_HEADER in headers:
         return f"unreadable message: {UNREADABLE}"
-    if _depth_exceeds(headers, MAX_DEPTH):
+    if depth_exceeds(headers, MAX_DEPTH):
         return f"the headers nest deeper than {MAX_DEPTH} levels"
     return None
 
@@ -181,7 +172,7 @@ def header_refusal(headers: Any) -> str | None:
         return "no 'id' header"
     for name, (valid, expected) in _HEADER_TYPES.items():
         if name in headers and not valid(headers[name]):
-            return f"header {name!r} must be {expected}, not {_kind(headers[name])}"
+            return f"header {name!r} must be {expected}, not {kind_of(headers[name])}"
     for name in headers:
         if not isinstance(name, str):
             return "header names must be strings"
@@ -193,14 +184,14 @@ def header_refusal(headers: Any) -> str | None:
 def property_refusal(properties: Any) -> str | None:
     """Why these message properties cannot come with a task message, or ``None``."""
     if not isinstance(properties, Mapping):
-        return f"properties must be a table, not {_kind(properties)}"
+        return f"properties must be a table, not {kind_of(properties)}"
     for name in ("correlation_id", "reply_to"):
         value = properties.get(name)
         if value is not None and not isinstance(value, str):
-            return f"property {name!r} must be a string, not {_kind(value)}"
+            return f"property {name!r} must be a string, not {kind_of(value)}"
     priority = properties.get("priority")
     if priority is not None and not _count(priority, 255):
-        return f"property 'priority' must be an integer from 0 to 255, not {_kind(priority)}"
+        return f"property 'priority' must be an integer from 0 to 255, not {kind_of(priority)}"
     return None
 
 
@@ -234,7 +225,7 @@ def parse_body(body: Any, max_bytes: int) -> tuple[Any, str | None]:
     if isinstance(body, str):
         body = body.encode(CONTENT_ENCODING, "surrogatepass")
     if not isinstance(body, bytes | bytearray | memoryview):
-        return None, f"the body must be bytes, not {_kind(body)}"
+        return None, f"the body must be bytes, not {kind_of(body)}"
     if len(body) > max_bytes:
         return None, (
             f"the body has {len(body)} bytes, more than the {max_bytes} this worker accepts "
@@ -254,12 +245,12 @@ def parse_body(body: Any, max_bytes: int) -> tuple[Any, str | None]:
         return None, f"the body is not JSON: {exc}"
     except Exception as exc:
         return None, f"the body is JSON the worker cannot decode ({type(exc).__name__})"
-    if _depth_exceeds(document, MAX_DEPTH):
+    if depth_exceeds(document, MAX_DEPTH):
         return None, f"the body nests deeper than {MAX_DEPTH} levels"
     return document, None
 
 
-def _depth_exceeds(document: Any, limit: int) -> bool:
+def depth_exceeds(document: Any, limit: int) -> bool:
     """Whether ``document`` nests arrays and objects more than ``limit`` deep (no recursion)."""
     stack: list[tuple[Any, int]] = [(document, 1)]
     while stack:
@@ -282,11 +273,11 @@ def body_refusal(document: Any) -> str | None:
         return "the body must be a JSON array [args, kwargs, embed]"
     args, kwargs, embed = document
     if not isinstance(args, list):
-        return f"args must be a JSON array, not {_kind(args)}"
+        return f"args must be a JSON array, not {kind_of(args)}"
     if not isinstance(kwargs, dict):
-        return f"kwargs must be a JSON object, not {_kind(kwargs)}"
+        return f"kwargs must be a JSON object, not {kind_of(kwargs)}"
     if not isinstance(embed, dict):
-        return f"the body's third part must be a JSON object, not {_kind(embed)}"
+        return f"the body's third part must be a JSON object, not {kind_of(embed)}"
     unknown = set(embed) - EMBED_KEYS
     if unknown:
         return f"unknown keys in the body's third part: {', '.join(sorted(map(repr, unknown)))}"
@@ -295,7 +286,7 @@ def body_refusal(document: Any) -> str | None:
         if steps is None:
             continue
         if not isinstance(steps, list):
-            return f"{key} must be null or a list of signatures, not {_kind(steps)}"
+            return f"{key} must be null or a list of signatures, not {kind_of(steps)}"
         for step in steps:
             if (problem := signature_refusal(step)) is not None:
                 return f"{key}: {problem}"
@@ -313,7 +304,7 @@ def signature_refusal(step: Any) -> str | None:
     their keys again when they are applied.
     """
     if not isinstance(step, dict):
-        return f"a signature must be an object, not {_kind(step)}"
+        return f"a signature must be an object, not {kind_of(step)}"
     unknown = set(step) - _SIGNATURE_KEYS
     if unknown:
         return f"unknown signature keys {', '.join(sorted(map(repr, unknown)))}"
@@ -335,7 +326,7 @@ def signature_refusal(step: Any) -> str | None:
     return None
 
 
-def _kind(value: Any) -> str:
+def kind_of(value: Any) -> str:
     """A short, safe description of a value's type for a reason (never the value)."""
     if value is None:
         return "null"
@@ -352,5 +343,5 @@ def _kind(value: Any) -> str:
 
 def _shown(value: Any) -> str:
     """A value for a reason: short, printable, quoted."""
-    text = value if isinstance(value, str) else _kind(value)
+    text = value if isinstance(value, str) else kind_of(value)
     return ascii(text[:64])

@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import anyio
 import kombu
 import pytest
+from celery import Celery
 from kombu.message import Message
 
 from celerybridge import Bridge, BridgeSettings
 from celerybridge._intake.consumer import Gate, StoreUnavailable
-from celerybridge._intake.replay import DONE, REPLAYED, MemorySeen, RedisSeen, ReplayGuard
+from celerybridge._intake.replay import (
+    REPLAYED,
+    MemorySeen,
+    RedisSeen,
+    ReplayGuard,
+    finished_in,
+)
 from celerybridge._signing import Signer
 
 from .._brokers import RESULT_BACKEND, dead_letters, publish_message
@@ -21,35 +29,52 @@ from ..workers import bindings
 from .conftest import KEY
 
 
+@pytest.fixture(scope="module")
+def results() -> Iterator[Celery]:
+    """An app on the test result backend: where a worker reads whether a task finished."""
+    app = Celery("replay-test", backend=RESULT_BACKEND, set_as_current=False)
+    yield app
+    app.close()
+
+
 @pytest.fixture(params=["memory", "redis"])
-def guard(request: pytest.FixtureRequest) -> ReplayGuard:
+def guard(request: pytest.FixtureRequest, results: Celery) -> ReplayGuard:
     store = MemorySeen() if request.param == "memory" else RedisSeen(RESULT_BACKEND)
-    return ReplayGuard(store, window=60)
+    return ReplayGuard(store, window=60, finished=finished_in(results))
 
 
+@pytest.mark.integration
 def test_a_signature_passes_once(guard: ReplayGuard) -> None:
-    signature = uuid.uuid4().hex
-    assert guard.refusal(signature, redelivered=False) is None
-    assert guard.refusal(signature, redelivered=False) == REPLAYED
-    assert guard.refusal(uuid.uuid4().hex, redelivered=False) is None
+    signature, task_id = uuid.uuid4().hex, str(uuid.uuid4())
+    assert guard.refusal(signature, redelivered=False, task_id=task_id) is None
+    assert guard.refusal(signature, redelivered=False, task_id=task_id) == REPLAYED
+    assert guard.refusal(uuid.uuid4().hex, redelivered=False, task_id=task_id) is None
 
 
-def test_a_redelivery_of_a_message_that_never_finished_passes(guard: ReplayGuard) -> None:
-    signature = uuid.uuid4().hex
-    assert guard.refusal(signature, redelivered=False) is None
+@pytest.mark.integration
+# Celery's Redis backend stores with SETEX, which redis-py deprecates.
+@pytest.mark.filterwarnings("ignore:Call to deprecated setex:DeprecationWarning")
+def test_a_redelivery_of_a_message_that_never_finished_passes(
+    guard: ReplayGuard, results: Celery
+) -> None:
+    signature, task_id = uuid.uuid4().hex, str(uuid.uuid4())
+    assert guard.refusal(signature, redelivered=False, task_id=task_id) is None
     # The worker died while the task ran: the broker hands the message out again.
-    assert guard.refusal(signature, redelivered=True) is None
-    guard.finish(signature)
-    assert guard.store.state("celerybridge-seen-" + signature) == DONE
+    assert guard.refusal(signature, redelivered=True, task_id=task_id) is None
+    results.backend.mark_as_retry(task_id, ValueError("again"))  # not finished yet
+    assert guard.refusal(signature, redelivered=True, task_id=task_id) is None
+    results.backend.mark_as_done(task_id, 42)
     # Once it ran, a copy is a replay, whatever it claims.
-    assert guard.refusal(signature, redelivered=True) == REPLAYED
+    assert guard.refusal(signature, redelivered=True, task_id=task_id) == REPLAYED
+    assert guard.refusal(signature, redelivered=False, task_id=task_id) == REPLAYED
 
 
+@pytest.mark.integration
 def test_the_record_lives_as_long_as_the_window_and_the_clock_skew() -> None:
     store = RedisSeen(RESULT_BACKEND)
-    guard = ReplayGuard(store, window=100)
+    guard = ReplayGuard(store, window=100, finished=lambda task_id: False)
     signature = uuid.uuid4().hex
-    guard.refusal(signature, redelivered=False)
+    guard.refusal(signature, redelivered=False, task_id="t")
     ttl = store._client.pttl("celerybridge-seen-" + signature)
     assert 129_000 < ttl <= 130_000  # 100 s window + 30 s skew
 
@@ -109,12 +134,6 @@ class DownStore:
     def add(self, key: str, ttl: float) -> bool:
         raise ConnectionError("the record's server is down")
 
-    def state(self, key: str) -> str | None:
-        raise ConnectionError("the record's server is down")
-
-    def finish(self, key: str) -> None:
-        raise ConnectionError("the record's server is down")
-
 
 def test_a_message_waits_rather_than_being_refused_while_the_record_is_down() -> None:
     """Genuine signed traffic was dead-lettered as malformed while Redis was down."""
@@ -130,8 +149,16 @@ def test_a_message_waits_rather_than_being_refused_while_the_record_is_down() ->
         properties={},
         delivery_info={"routing_key": "q"},
     )
-    gate = Gate(signer, ReplayGuard(DownStore(), window=300), max_bytes=1 << 20)
+    gate = Gate(
+        signer,
+        ReplayGuard(DownStore(), window=300, finished=lambda task_id: False),
+        max_bytes=1 << 20,
+    )
     with pytest.raises(StoreUnavailable, match="goes back to its queue"):
         gate.refusal(message)
-    healthy = Gate(signer, ReplayGuard(MemorySeen(), window=300), max_bytes=1 << 20)
+    healthy = Gate(
+        signer,
+        ReplayGuard(MemorySeen(), window=300, finished=lambda task_id: False),
+        max_bytes=1 << 20,
+    )
     assert healthy.refusal(message) is None
