@@ -6,11 +6,23 @@ and from it rather than the work.
 
 from __future__ import annotations
 
+import os
+
 from celerybridge import celery_app
 
 from ._common import echo
 
-app = celery_app("bench_echo_worker")
+# bench.intake compares with Celery's own consumer and kombu's own transport: no gate.
+STOCK = {"worker_consumer": "celery.worker.consumer:Consumer", "broker_transport": None}
+
+if os.environ.get("BENCH_MEMORY_REPLAY"):
+    # bench.intake: the replay record in this process's memory, to tell its Redis round
+    # trips from the signature check in the cost of signing.
+    from celerybridge._intake import replay
+
+    replay.store_for = lambda app: replay.MemorySeen()
+
+app = celery_app("bench_echo_worker", **(STOCK if os.environ.get("BENCH_STOCK_INTAKE") else {}))
 
 
 @echo.implement(app)
