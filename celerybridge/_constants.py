@@ -111,6 +111,14 @@ POLL_MAX: Final = 0.1
 
 # Attempts kombu makes to publish one message (Celery's publish retry policy).
 PUBLISH_ATTEMPTS: Final = 4
+# That policy (Celery's task_publish_retry_policy) on the kombu path, and as the publish
+# signals tell it on both paths.
+PUBLISH_RETRY_POLICY: Final = {
+    "max_retries": PUBLISH_ATTEMPTS - 1,
+    "interval_start": 0,
+    "interval_step": 0.2,
+    "interval_max": 0.5,
+}
 
 # Threads the kombu path may occupy at once, per bridge.
 KOMBU_THREADS: Final = 16

@@ -374,48 +374,64 @@ class SigningAMQP(AMQP):
     The kombu path (``Celery.send_task`` in the bridge's client app) and a keyed
     worker's own publishes (retries, ``autoretry_for``, tasks sent from tasks) go
     through Celery's ``send_task_message``, which merges the custom ``headers=`` into
-    the built message's headers and has kombu serialise the body. The signature is
-    computed there, over exactly that: the merged headers and the body bytes kombu will
-    publish (``kombu.serialization.dumps`` with the serializer Celery passes it).
+    the built message's headers, sends ``before_task_publish`` (whose receivers may
+    change those headers) and has its producer publish. The signature is computed at
+    that last step (:class:`_SigningProducer`), over exactly what is published: the
+    final headers and the body bytes, serialised there once, as kombu would
+    (``kombu.serialization.dumps`` with the serializer Celery passes).
 
     A retry carries its request's custom headers over, the old signature among them:
-    those are dropped and replaced by the fresh ones. ``before_task_publish`` receivers
-    run after this: they may add headers, but one changing a signed header has its
-    message refused.
+    those are replaced by the fresh ones.
     """
 
     def _create_task_sender(self) -> Any:
         send = super()._create_task_sender()  # type: ignore[misc]
         app = self.app
-        default_serializer = app.conf.task_serializer  # read when Celery reads it
 
-        def send_task_message(
-            producer: Any,
-            name: str,
-            message: Any,
-            *args: Any,
-            headers: Mapping[str, Any] | None = None,
-            serializer: str | None = None,
-            **kw: Any,
-        ) -> Any:
-            custom = {k: v for k, v in (headers or {}).items() if k not in SIGNATURE_HEADERS}
+        def send_task_message(producer: Any, name: str, message: Any, *args: Any, **kw: Any) -> Any:
             signer = signer_of(app)
             if signer is not None:
-                # Celery: headers2.update(headers); producer.publish(body, serializer=...)
-                final = {**message.headers, **custom}
-                content_type, content_encoding, payload = kombu_dumps(
-                    message.body, serializer=serializer or default_serializer
-                )
-                # kombu sends a text payload encoded so (py-amqp; str_to_bytes on Redis).
-                body = payload.encode(content_encoding) if isinstance(payload, str) else payload
-                custom.update(
-                    signer.headers(
-                        final,
-                        body,
-                        content_type=content_type,
-                        content_encoding=content_encoding,
-                    )
-                )
-            return send(producer, name, message, *args, headers=custom, serializer=serializer, **kw)
+                producer = _SigningProducer(producer, signer)
+            return send(producer, name, message, *args, **kw)
 
         return send_task_message
+
+
+class _SigningProducer:
+    """A kombu ``Producer`` whose ``publish`` signs the message it is given, then
+    publishes it already serialised; everything else is the producer's own."""
+
+    def __init__(self, producer: Any, signer: Signer) -> None:
+        self._producer = producer
+        self._signer = signer
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._producer, name)
+
+    def publish(
+        self,
+        body: Any,
+        *,
+        headers: dict[str, Any],
+        serializer: str | None = None,
+        **kw: Any,
+    ) -> Any:
+        content_type, content_encoding, payload = kombu_dumps(
+            body, serializer=serializer or self._producer.serializer
+        )
+        # kombu sends a text payload encoded so (py-amqp; str_to_bytes on Redis).
+        data = payload.encode(content_encoding) if isinstance(payload, str) else payload
+        for stale in SIGNATURE_HEADERS:  # a retry's, carried over from its request
+            headers.pop(stale, None)
+        headers.update(
+            self._signer.headers(
+                headers, data, content_type=content_type, content_encoding=content_encoding
+            )
+        )
+        return self._producer.publish(
+            data,
+            headers=headers,
+            content_type=content_type,
+            content_encoding=content_encoding,
+            **kw,
+        )

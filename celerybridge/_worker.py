@@ -14,7 +14,7 @@ from ._constants import SERIALIZER, SERVICE_HEADER
 from ._dead_letter import DeadLetterTask
 from ._exceptions import ContractError, SignatureMismatchError
 from ._final_state import FinalStateLoader
-from ._intake import MAX_BYTES_OPTION, intake_transport
+from ._intake import CONSUMER, MAX_BYTES_OPTION, intake_transport
 from ._registry import registry
 from ._signing import signing_app
 from ._worker_loop import worker_loop
@@ -83,7 +83,7 @@ def celery_app(main: str, settings: BridgeSettings | None = None, **conf: Any) -
         MAX_BYTES_OPTION: settings.max_message_bytes,
         **conf.pop("broker_transport_options", {}),
     }
-    conf.setdefault("worker_consumer", "celerybridge._intake:IntakeConsumer")
+    conf.setdefault("worker_consumer", CONSUMER)
     if settings.signing_key is not None:
         # Celery's remote control (revoke, shutdown, cancel_consumer...) is not signed:
         # a worker that runs only signed tasks does not obey it unless asked to.

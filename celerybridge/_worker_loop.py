@@ -58,7 +58,13 @@ class WorkerLoop:
         return self._loop if self._pid == os.getpid() else None
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run ``coro`` on the loop and block the calling (task) thread until it finishes."""
+        """Run ``coro`` on the loop and block the calling (task) thread until it finishes.
+
+        The coroutine runs in a copy of the calling thread's context (``call_soon_threadsafe``
+        schedules in the caller's current context), as a coroutine awaited there would:
+        the worker's tracing span and Sentry's scope for the task are current inside it
+        (``tests/ecosystem``).
+        """
         future = asyncio.run_coroutine_threadsafe(coro, self._ensure())
         try:
             return future.result()

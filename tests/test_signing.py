@@ -31,6 +31,7 @@ import pytest
 import redis
 from celery import Celery
 from celery import _state as celery_state
+from celery.signals import before_task_publish
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from kombu.messaging import Producer
@@ -786,16 +787,15 @@ def test_the_native_message_signs_custom_headers_that_replace_celerys() -> None:
 
 
 class Published:
-    """What kombu's ``Producer.publish`` was given, and what it sent on."""
+    """The body Celery built (as ``before_task_publish`` sees it), and what kombu sent."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.given: list[Any] = []
         self.sent: list[tuple[bytes, str, str, dict[str, Any]]] = []
-        publish, send = Producer.publish, Producer._publish
+        send = Producer._publish
 
-        def spy_publish(producer: Producer, body: Any, *args: Any, **kwargs: Any) -> Any:
+        def spy_before(body: Any, **_: Any) -> None:
             self.given.append(copy.deepcopy(body))
-            return publish(producer, body, *args, **kwargs)
 
         def spy_send(
             producer: Producer,
@@ -813,8 +813,12 @@ class Published:
                 producer, body, priority, content_type, content_encoding, headers, *args, **kwargs
             )
 
-        monkeypatch.setattr(Producer, "publish", spy_publish)
+        self._before = spy_before  # the signal holds its receivers weakly
+        before_task_publish.connect(spy_before)
         monkeypatch.setattr(Producer, "_publish", spy_send)
+
+    def close(self) -> None:
+        before_task_publish.disconnect(self._before)
 
 
 def _received(app: Celery, queue: str) -> Any:
@@ -844,6 +848,7 @@ def test_the_kombu_path_signs_the_bytes_kombu_publishes(monkeypatch: pytest.Monk
         message = _received(app, queue)
     finally:
         app.close()
+        published.close()
     [given], [(sent, content_type, content_encoding, headers)] = published.given, published.sent
     # kombu's json serializer: kombu.utils.json.dumps, UTF-8.
     assert sent == kombu_json_dumps(given).encode("utf-8")

@@ -5,15 +5,23 @@
 - ``amqp``: AMQP headers py-amqp could not read, set apart;
 - ``replay``: a signed message runs once while its signature is valid;
 - ``consumer``: the gate in front of Celery's task handler, and the dead letters.
+
+``consumer`` is not imported here: it imports ``celery.worker.consumer``, which binds
+``celery.app.trace.build_tracer`` when imported. Celery imports it (by the name in
+``worker_consumer``) only when a worker starts, after the app's module ran, so whatever
+patches the tracer there (``sentry_sdk.init`` with its Celery integration) still takes
+effect, as on a plain Celery worker.
 """
 
 from __future__ import annotations
 
 from .._config import scheme_of
-from .consumer import Gate, IntakeConsumer, Refusal
 from .redis import MAX_BYTES_OPTION
 
-__all__ = ["MAX_BYTES_OPTION", "Gate", "IntakeConsumer", "Refusal", "intake_transport"]
+__all__ = ["CONSUMER", "MAX_BYTES_OPTION", "intake_transport"]
+
+CONSUMER = "celerybridge._intake.consumer:IntakeConsumer"
+"""Celery's ``worker_consumer`` for every worker :func:`~celerybridge.celery_app` builds."""
 
 _TRANSPORTS = {
     "amqp": "celerybridge._intake.amqp:Transport",

@@ -35,11 +35,12 @@ from .._constants import (
     KOMBU_REDIS_SEP,
 )
 from .._utils import uuid4_str
+from ._hooks import before_publish
 from ._repr import args_repr, kwargs_repr
-from .base import OutgoingMessage
 
 if TYPE_CHECKING:
     from .._signing import Signer
+    from .base import OutgoingMessage
 
 BODY_ENCODING = "base64"
 """kombu's virtual transports (Redis among them) base64 the serialised body."""
@@ -62,6 +63,10 @@ class TaskMessage:
     content_encoding: str
     priority: int
     """The AMQP priority property: kombu's ``Producer.publish`` default is 0."""
+    payload: tuple[Any, Any, Any]
+    """``(args, kwargs, embed)``: the body before encoding, as publish signals see it."""
+    routing_key: str
+    """The queue: Celery sends to the default exchange (``""``) with this routing key."""
 
 
 class Origin:
@@ -85,9 +90,12 @@ def task_message(
 ) -> TaskMessage:
     """The protocol v2 message Celery's ``send_task`` builds for ``message``.
 
-    With a ``signer`` the signature headers follow Celery's own and the custom ones,
-    signing the final headers and body bytes, as the kombu path adds them
-    (``_signing.SigningAMQP``); without one nothing differs from Celery's.
+    ``before_task_publish`` is sent on the way, as ``send_task`` sends it: its receivers
+    (OpenTelemetry's Celery instrumentation, for one) see the headers, the properties
+    and the unencoded body, and what they change there is what is sent. With a
+    ``signer`` the signature headers come last, over the final headers and body bytes,
+    as the kombu path adds them (``_signing.SigningAMQP``); without one nothing differs
+    from Celery's.
     """
     options = message.options
     args, kwargs = message.args, message.kwargs
@@ -123,29 +131,44 @@ def task_message(
         "stamps": {},
     }
     headers.update(options.get("headers") or {})  # send_task merges custom headers in last
-    properties: dict[str, Any] = {
-        "correlation_id": message.task_id,
-        "reply_to": origin.reply_to,
-        "delivery_mode": CELERY_PERSISTENT_DELIVERY_MODE,
-    }
+    # The properties as send_task hands them to the signal: the message's own, then its
+    # publish options (expiration in seconds; kombu turns it into milliseconds).
+    properties: dict[str, Any] = {"correlation_id": message.task_id, "reply_to": origin.reply_to}
+    if options.get("priority") is not None:
+        properties["priority"] = options["priority"]
     if expires is not None:
         # send_task passes expires as the broker TTL too (Producer.publish's expiration).
-        properties["expiration"] = str(int(max(expires, 0) * 1000))
+        properties["expiration"] = max(expires, 0)
     embed = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
-    body = _KOMBU_JSON.encode([args, kwargs, embed]).encode(CONTENT_ENCODING)
+    payload = (args, kwargs, embed)
+    before_publish(message.queue, message.task_name, payload, headers, properties)
+    body = _KOMBU_JSON.encode(payload).encode(CONTENT_ENCODING)
     if signer is not None:  # the final message: every header merged, the body's bytes
         headers.update(
             signer.headers(
-                headers, body, content_type=CONTENT_TYPE, content_encoding=CONTENT_ENCODING
+                headers,
+                body,
+                content_type=CONTENT_TYPE,
+                content_encoding=CONTENT_ENCODING,
             )
         )
+    framed: dict[str, Any] = {
+        "correlation_id": properties.get("correlation_id"),
+        "reply_to": properties.get("reply_to"),
+        "delivery_mode": CELERY_PERSISTENT_DELIVERY_MODE,
+    }
+    expiration = properties.get("expiration")
+    if expiration is not None:
+        framed["expiration"] = str(int(expiration * 1000))
     return TaskMessage(
         headers=headers,
-        properties=properties,
+        properties=framed,
         body=body,
         content_type=CONTENT_TYPE,
         content_encoding=CONTENT_ENCODING,
-        priority=int(options.get("priority") or 0),
+        priority=int(properties.get("priority") or 0),
+        payload=payload,
+        routing_key=message.queue,
     )
 
 

@@ -35,7 +35,7 @@ from .._constants import (
 from .._exceptions import DelegationError
 from .._signing import Signer
 from ._errors import translate
-from ._protocol import Origin, TaskMessage, task_message
+from ._protocol import TaskMessage
 from .base import NativePublisher, OutgoingMessage
 
 logger = logging.getLogger(__name__)
@@ -121,11 +121,9 @@ class AmqpPublisher(NativePublisher):
     """
 
     def __init__(self, broker_url: str, *, timeout: float, signer: Signer | None = None) -> None:
-        super().__init__()
-        self._signer = signer
+        super().__init__(signer=signer)
         self._url = amqp_url(broker_url)
         self._timeout = timeout
-        self._origin = Origin()
         self.connection_name = f"celerybridge-publisher {self._origin.origin} {uuid.uuid4()}"
         """How RabbitMQ lists this publisher's connection (``rabbitmqctl list_connections``)."""
         self._connection: aio_pika.abc.AbstractRobustConnection | None = None
@@ -137,8 +135,7 @@ class AmqpPublisher(NativePublisher):
         self._declaring: dict[str, asyncio.Future[None]] = {}
         self._declared_on: aiormq.abc.AbstractChannel | None = None
 
-    async def _publish(self, message: OutgoingMessage) -> None:
-        wire = task_message(message, self._origin, signer=self._signer)
+    async def _send(self, message: OutgoingMessage, wire: TaskMessage) -> None:
         properties = properties_for(wire)
         doing = f"publishing {message.task_name!r} to {message.queue!r}"
         with translate(DelegationError, doing):

@@ -21,6 +21,7 @@ from .._constants import (
     POLL_INITIAL,
     POLL_MAX,
     PUBLISH_ATTEMPTS,
+    PUBLISH_RETRY_POLICY,
     SERIALIZER,
 )
 from .._exceptions import ConfigurationError, DelegationError, ResultBackendError
@@ -58,12 +59,7 @@ def client_app(settings: BridgeSettings, *, with_backend: bool, main: str) -> Ce
         result_accept_content=[SERIALIZER],
         broker_connection_timeout=timeout,
         broker_transport_options=transport_options,
-        task_publish_retry_policy={
-            "max_retries": PUBLISH_ATTEMPTS - 1,
-            "interval_start": 0,
-            "interval_step": 0.2,
-            "interval_max": 0.5,
-        },
+        task_publish_retry_policy=dict(PUBLISH_RETRY_POLICY),
     )
     return app
 

@@ -34,7 +34,7 @@ from .._constants import (
 from .._exceptions import DelegationError, PublishTimeoutError
 from .._signing import Signer
 from ._errors import translate
-from ._protocol import Origin, redis_binding, redis_payload, redis_queue_key, task_message
+from ._protocol import TaskMessage, redis_binding, redis_payload, redis_queue_key
 from .base import NativePublisher, OutgoingMessage
 
 logger = logging.getLogger(__name__)
@@ -89,8 +89,7 @@ class RedisPublisher(NativePublisher):
     """
 
     def __init__(self, broker_url: str, *, timeout: float, signer: Signer | None = None) -> None:
-        super().__init__()
-        self._signer = signer
+        super().__init__(signer=signer)
         self._timeout = timeout
         # Every command is bounded here: a lone LPUSH by its caller's publish timeout,
         # a batch by ``timeout`` (the flusher has no caller to time it out).
@@ -99,14 +98,12 @@ class RedisPublisher(NativePublisher):
         # much as the command itself (110 vs 70 us per LPUSH here): a lone publish talks
         # to its own connection, with the client's retry policy.
         self._lone: AbstractConnection = self._client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
-        self._origin = Origin()
         self._declared: set[str] = set()
         self._pending: list[_Push] = []
         self._flusher: asyncio.Task[None] | None = None
         self._alone = False  # a publish sent on its own is not answered yet
 
-    async def _publish(self, message: OutgoingMessage) -> None:
-        wire = task_message(message, self._origin, signer=self._signer)
+    async def _send(self, message: OutgoingMessage, wire: TaskMessage) -> None:
         key = redis_queue_key(message.queue, wire.priority)
         payload = redis_payload(wire, message.queue)
         with translate(DelegationError, f"publishing {message.task_name!r} to {message.queue!r}"):

@@ -1,0 +1,190 @@
+"""Celery's publish signals on the fast path, exactly as ``send_task`` sends them.
+
+The same message goes through Celery's own ``send_task`` (the kombu path) and through
+the native publisher of each broker; a receiver records what it is given and changes
+the headers, properties and arguments, and the message read back from the broker must
+carry those changes, signed.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import kombu
+import pytest
+from celery.signals import after_task_publish, before_task_publish
+
+from celerybridge import BridgeSettings, DelegationError
+from celerybridge._constants import SERVICE_HEADER
+from celerybridge._signing import Signer
+from celerybridge._transports.amqp import AmqpPublisher
+from celerybridge._transports.base import OutgoingMessage, Publisher
+from celerybridge._transports.kombu import KombuPublisher
+from celerybridge._transports.redis import RedisPublisher
+
+from ._brokers import BROKERS, purge
+
+pytestmark = pytest.mark.integration
+KEY = "signals-test-key-" + "s" * 32
+
+
+class Receivers:
+    """Connected to both publish signals: records each call, and (``change``) changes a
+    header, a property and an argument of the message, as instrumentation may."""
+
+    def __init__(self, *, change: bool) -> None:
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+        self.change = change
+
+    def before(self, signal: object, **kwargs: Any) -> None:
+        self.calls.append(("before", copy.deepcopy(kwargs)))
+        if self.change:
+            kwargs["headers"]["traceparent"] = "00-" + "ab" * 16 + "-" + "cd" * 8 + "-01"
+            kwargs["headers"][SERVICE_HEADER] = "changed-by-receiver"  # a signed header
+            kwargs["properties"]["priority"] = 7
+            kwargs["body"][1]["added"] = "by a receiver"
+
+    def after(self, signal: object, **kwargs: Any) -> None:
+        self.calls.append(("after", copy.deepcopy(kwargs)))
+
+
+@pytest.fixture
+def receivers(request: pytest.FixtureRequest) -> Iterator[Receivers]:
+    spy = Receivers(change=getattr(request, "param", False))
+    before_task_publish.connect(spy.before)
+    after_task_publish.connect(spy.after)
+    yield spy
+    before_task_publish.disconnect(spy.before)
+    after_task_publish.disconnect(spy.after)
+
+
+def _publisher(path: str, broker_url: str, signer: Signer | None) -> Publisher:
+    if path == "kombu":
+        key = signer and KEY
+        return KombuPublisher(BridgeSettings(broker_url=broker_url, signing_key=key))
+    if broker_url.startswith("redis"):
+        return RedisPublisher(broker_url, timeout=5, signer=signer)
+    return AmqpPublisher(broker_url, timeout=5, signer=signer)
+
+
+def _message(queue: str) -> OutgoingMessage:
+    return OutgoingMessage(
+        task_id=str(uuid.uuid4()),
+        task_name="calc.add",
+        queue=queue,
+        args=(1, "two"),
+        kwargs={"z": [3]},
+        options={"countdown": 5, "expires": 60, "priority": 3, "headers": {"custom": "x"}},
+    )
+
+
+def _take(broker_url: str, queue: str) -> kombu.Message:
+    """The one message on ``queue``, as a worker's kombu receives it."""
+    with kombu.Connection(broker_url) as connection:
+        message = connection.default_channel.basic_get(queue, no_ack=True)
+        assert message is not None, f"nothing on {queue}"
+        return message
+
+
+def _normalised(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Signal arguments with what must differ between two publishers blanked: the
+    ``reply_to`` oid (one per publisher), the eta/expires instants, and so the
+    signature over them."""
+    kwargs = copy.deepcopy(kwargs)
+    if "properties" in kwargs:  # before_task_publish only
+        uuid.UUID(kwargs["properties"].pop("reply_to"))
+    for field in ("eta", "expires"):
+        assert kwargs["headers"][field] is not None
+        kwargs["headers"][field] = "<instant>"
+    if "x-celerybridge-signature" in kwargs["headers"]:
+        kwargs["headers"]["x-celerybridge-signature"] = "<signature>"
+    if "declare" in kwargs:
+        kwargs["declare"] = [
+            (q.name, q.exchange.name, q.exchange.type, q.routing_key, q.queue_arguments)
+            for q in kwargs["declare"]
+        ]
+    return kwargs
+
+
+async def _publish(path: str, broker: str, queue: str, message: OutgoingMessage) -> None:
+    signer = Signer(KEY, 300)
+    publisher = _publisher(path, BROKERS[broker], signer)
+    try:
+        await publisher.publish(message)
+    finally:
+        await publisher.aclose()
+
+
+@pytest.mark.parametrize("broker", sorted(BROKERS))
+async def test_the_fast_path_sends_the_signals_send_task_sends(
+    broker: str, receivers: Receivers
+) -> None:
+    queue = f"cb-signals-{uuid.uuid4().hex[:8]}"
+    message = _message(queue)
+    try:
+        await _publish("kombu", broker, queue, message)
+        kombus, receivers.calls[:] = list(receivers.calls), []
+        await _publish("fast", broker, queue, message)
+        natives = list(receivers.calls)
+    finally:
+        purge(BROKERS[broker], queue)
+    assert [name for name, _ in kombus] == ["before", "after"]
+    assert [name for name, _ in natives] == ["before", "after"]
+    for (_, native), (_, kombu_) in zip(natives, kombus, strict=True):
+        assert _normalised(native) == _normalised(kombu_)
+    before = natives[0][1]
+    assert before["sender"] == "calc.add"
+    assert before["body"] == ((1, "two"), {"z": [3]}, {
+        "callbacks": None, "errbacks": None, "chain": None, "chord": None,
+    })  # fmt: skip
+    assert (before["exchange"], before["routing_key"]) == ("", queue)
+    assert before["properties"]["priority"] == 3
+    assert before["properties"]["expiration"] == 60
+    assert before["headers"]["custom"] == "x"
+    # The signature is the last thing added, after every receiver ran: after_task_publish
+    # sees it, before_task_publish does not.
+    assert "x-celerybridge-signature" not in before["headers"]
+    assert "x-celerybridge-signature" in natives[1][1]["headers"]
+
+
+@pytest.mark.parametrize("receivers", [True], indirect=True)
+@pytest.mark.parametrize("path", ["fast", "kombu"])
+@pytest.mark.parametrize("broker", sorted(BROKERS))
+async def test_what_a_receiver_changes_is_sent_and_signed(
+    broker: str, path: str, receivers: Receivers
+) -> None:
+    queue = f"cb-signals-{uuid.uuid4().hex[:8]}"
+    try:
+        await _publish(path, broker, queue, _message(queue))
+        sent = _take(BROKERS[broker], queue)
+    finally:
+        purge(BROKERS[broker], queue)
+    assert sent.headers["traceparent"].startswith("00-abab")
+    assert sent.headers[SERVICE_HEADER] == "changed-by-receiver"
+    assert json.loads(sent.body)[1] == {"z": [3], "added": "by a receiver"}
+    assert sent.properties["priority"] == 7
+    refusal = Signer(KEY, 300).refusal(
+        sent.headers,
+        sent.body,
+        content_type=sent.content_type,
+        content_encoding=sent.content_encoding,
+    )
+    assert refusal is None
+
+
+@pytest.mark.parametrize("broker", sorted(BROKERS))
+async def test_after_task_publish_is_not_sent_for_a_message_the_broker_never_took(
+    broker: str, receivers: Receivers
+) -> None:
+    closed_port = BROKERS[broker].replace("6379", "1").replace("5672", "1")
+    publisher = _publisher("fast", closed_port, None)
+    try:
+        with pytest.raises(DelegationError):
+            await publisher.publish(_message("cb-signals-nowhere"))
+    finally:
+        await publisher.aclose()
+    assert [name for name, _ in receivers.calls] == ["before"]
