@@ -22,6 +22,15 @@ def test_import_pulls_in_neither_aiobotocore_nor_fastapi() -> None:
     assert loaded_by("celerybridge.fastapi", ("fastapi",)) == ["fastapi"]
 
 
+def test_import_leaves_celerys_tracer_unbound() -> None:
+    # celery.worker.consumer binds celery.app.trace.build_tracer when imported: imported
+    # before sentry_sdk.init, it would keep the unpatched tracer and the worker would
+    # record no transactions. A worker imports it when it starts, as plain Celery does.
+    worker_side = ("celery.worker.consumer", "celery.worker.consumer.consumer", "celery.app.trace")
+    for module in ("celerybridge", "pusher", "pusher.bindings"):
+        assert loaded_by(module, worker_side) == [], module
+
+
 def test_fastapi_integration_names_the_extra_when_missing() -> None:
     code = (
         "import sys; sys.modules['fastapi'] = None\n"
