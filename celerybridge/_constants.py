@@ -137,6 +137,10 @@ KOMBU_BINDING_PERMANENT_PREFIX: Final = "_kombu.binding_permanent."
 # Celery's queue for ``send_task(queue=q)`` on AMQP (celery/app/amqp.py ``Queues.new_missing``):
 # ``Queue(q, Exchange(q, "direct"), routing_key=q)``, both durable.
 AMQP_EXCHANGE_TYPE: Final = "direct"
+# Bytes of an AMQP content header frame besides its headers table, at most: frame header
+# and end (8), class, weight, body size, flags (14), the other properties (short strings
+# of at most 255 bytes: content type and encoding, correlation id, reply-to, expiration).
+AMQP_HEADER_FRAME_OVERHEAD: Final = 8 + 14 + 5 * 256 + 16
 
 # Celery's Redis result backend: the key holding a task's meta, also the pub/sub channel
 # its ``set`` PUBLISHes the meta on (celery/backends/base.py, backends/redis.py).

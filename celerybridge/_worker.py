@@ -12,7 +12,7 @@ from celery import Celery, current_task, shared_task
 from ._config import BridgeSettings, broker_transport_options, kombu_url, load_settings
 from ._constants import SERIALIZER, SERVICE_HEADER
 from ._dead_letter import DeadLetterTask
-from ._exceptions import ContractError, SignatureMismatchError
+from ._exceptions import ConfigurationError, ContractError, SignatureMismatchError
 from ._final_state import FinalStateLoader
 from ._intake import CONSUMER, MAX_BYTES_OPTION, intake_transport
 from ._registry import registry
@@ -70,6 +70,13 @@ def celery_app(main: str, settings: BridgeSettings | None = None, **conf: Any) -
     that key within ``CELERYBRIDGE_SIGNING_MAX_AGE`` seconds; the rest go to
     ``<queue>.dead`` too. What the app sends itself (retries) is signed."""
     settings = load_settings(settings)
+    if conf.get("task_compression"):
+        # The intake gate reads uncompressed JSON only (and signatures cover the body as
+        # serialised): a worker's own retries and sends would all be dead-lettered.
+        raise ConfigurationError(
+            "celery_app() does not support task_compression: workers accept uncompressed "
+            "JSON messages only, and would dead-letter their own retries"
+        )
     # The loader guards the result backend: no late RETRY over a FAILURE (_final_state.py).
     app = signing_app(
         main,

@@ -16,6 +16,7 @@ import redis
 
 from celerybridge import Bridge, BridgeSettings, PublishTimeoutError, RemoteTask, remote_task
 from celerybridge._constants import PUBLISH_SLOTS
+from celerybridge._transports._protocol import TaskMessage
 from celerybridge._transports.amqp import AmqpPublisher
 from celerybridge._transports.base import NativePublisher, OutgoingMessage
 from celerybridge._transports.kombu import KombuPublisher, KombuResultSource
@@ -55,7 +56,7 @@ async def test_loop_lag_with_1000_delegations_in_flight(
     assert p99 < 0.1
 
 
-class _Gate(NativePublisher):
+class _Gate(NativePublisher[None]):
     """A native publisher that sends nothing until its gate opens."""
 
     def __init__(self) -> None:
@@ -63,7 +64,10 @@ class _Gate(NativePublisher):
         self.open = asyncio.Event()
         self.sent: list[OutgoingMessage] = []
 
-    async def _publish(self, message: OutgoingMessage) -> None:
+    def _frame(self, message: OutgoingMessage, wire: TaskMessage) -> None:
+        return None
+
+    async def _send(self, message: OutgoingMessage, framed: None) -> None:
         await self.open.wait()
         self.sent.append(message)
 

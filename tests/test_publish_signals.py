@@ -8,25 +8,34 @@ carry those changes, signed.
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import copy
 import json
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from datetime import UTC, datetime
 from typing import Any
 
 import kombu
 import pytest
+from amqp.serialization import loads as amqp_loads
 from celery.signals import after_task_publish, before_task_publish
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from celerybridge import BridgeSettings, DelegationError
 from celerybridge._constants import SERVICE_HEADER
 from celerybridge._signing import Signer
+from celerybridge._transports._errors import UNBUILDABLE
 from celerybridge._transports.amqp import AmqpPublisher
-from celerybridge._transports.base import OutgoingMessage, Publisher
+from celerybridge._transports.base import NativePublisher, OutgoingMessage, Publisher
 from celerybridge._transports.kombu import KombuPublisher
 from celerybridge._transports.redis import RedisPublisher
 
 from ._brokers import BROKERS, purge
+from ._strategies import ANYTHING
 
 pytestmark = pytest.mark.integration
 KEY = "signals-test-key-" + "s" * 32
@@ -188,3 +197,199 @@ async def test_after_task_publish_is_not_sent_for_a_message_the_broker_never_too
     finally:
         await publisher.aclose()
     assert [name for name, _ in receivers.calls] == ["before"]
+
+
+# -- receivers that break the message ---------------------------------------------------
+
+
+def _object_in_kwargs(**kwargs: Any) -> None:
+    kwargs["body"][1]["when"] = object()  # JSON cannot carry it
+
+
+def _object_in_header(**kwargs: Any) -> None:
+    kwargs["headers"]["x-opaque"] = object()
+
+
+def _datetime_in_signed_header(**kwargs: Any) -> None:
+    kwargs["headers"]["headers"] = {"sent": datetime.now(UTC)}
+
+
+def _priority_word(**kwargs: Any) -> None:
+    kwargs["properties"]["priority"] = "high"
+
+
+def _expiration_word(**kwargs: Any) -> None:
+    kwargs["properties"]["expiration"] = "soon"
+
+
+def _priority_too_large(**kwargs: Any) -> None:
+    kwargs["properties"]["priority"] = 300  # AMQP's priority is one octet
+
+
+@pytest.fixture
+def receiver(request: pytest.FixtureRequest) -> Iterator[Callable[..., None]]:
+    """Connects ``request.param`` (a function of the signal's arguments) to
+    ``before_task_publish`` for one test."""
+    change: Callable[..., None] = request.param
+
+    def before(signal: object, **kwargs: Any) -> None:
+        change(**kwargs)
+
+    before_task_publish.connect(before, weak=False)
+    yield change
+    before_task_publish.disconnect(before)
+
+
+@pytest.mark.parametrize(
+    "receiver",
+    [
+        _object_in_kwargs,
+        _object_in_header,
+        _datetime_in_signed_header,
+        _priority_word,
+        _expiration_word,
+        _priority_too_large,
+    ],
+    indirect=True,
+    ids=lambda f: f.__name__.strip("_"),
+)
+@pytest.mark.parametrize("path", ["fast", "kombu"])
+@pytest.mark.parametrize("broker", sorted(BROKERS))
+async def test_a_receiver_breaking_the_message_is_a_delegation_error(
+    broker: str, path: str, receiver: Callable[..., None]
+) -> None:
+    queue = f"cb-signals-{uuid.uuid4().hex[:8]}"
+    publisher = _publisher(path, BROKERS[broker], Signer(KEY, 300))
+    try:
+        try:
+            await asyncio.wait_for(publisher.publish(_message(queue)), 10)
+        except DelegationError:
+            return  # refused, nothing sent (the kombu path may turn some values into JSON)
+        sent = _take(BROKERS[broker], queue)
+    finally:
+        await publisher.aclose()
+        purge(BROKERS[broker], queue)
+    # Sent: then exactly as signed.
+    refusal = Signer(KEY, 300).refusal(
+        sent.headers,
+        sent.body,
+        content_type=sent.content_type,
+        content_encoding=sent.content_encoding,
+    )
+    assert refusal is None
+
+
+def _native(kind: str) -> NativePublisher[Any]:
+    """A native publisher, never connected: only its message building is used."""
+    if kind == "redis":
+        return RedisPublisher(BROKERS["redis"], timeout=5, signer=Signer(KEY, 300))
+    return AmqpPublisher(BROKERS["amqp"], timeout=5, signer=Signer(KEY, 300))
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    kind=st.sampled_from(["redis", "amqp"]),
+    header=ANYTHING,
+    prop=st.sampled_from(["priority", "expiration", "correlation_id", "reply_to", "other"]),
+    value=ANYTHING,
+    argument=ANYTHING,
+)
+def test_whatever_a_receiver_leaves_is_built_and_signed_or_refused(
+    kind: str, header: Any, prop: str, value: Any, argument: Any
+) -> None:
+    def before(signal: object, **kwargs: Any) -> None:
+        kwargs["headers"]["x-anything"] = header
+        kwargs["properties"][prop] = value
+        kwargs["body"][1]["anything"] = argument
+
+    publisher = _native(kind)
+    message = _message("cb-signals-built")
+    before_task_publish.connect(before, weak=False)
+    try:
+        _, framed = publisher._build(message)
+    except UNBUILDABLE:
+        return  # publish() turns it into a DelegationError; nothing was built
+    finally:
+        before_task_publish.disconnect(before)
+    if kind == "redis":
+        document = json.loads(framed[1])
+        headers, body = document["headers"], base64.b64decode(document["body"])
+    else:
+        headers, body = amqp_loads("F", framed[1].encoded_headers, 0)[0][0], framed[0]
+    refusal = Signer(KEY, 300).refusal(headers, body)
+    assert refusal is None
+
+
+@pytest.mark.parametrize(
+    "poison",
+    [
+        pytest.param({"headers": {"x-context": "b" * 200_000}}, id="header-over-frame-max"),
+        pytest.param({"properties": {"expiration": -5}}, id="negative-expiration"),
+    ],
+)
+@pytest.mark.parametrize("path", ["fast", "kombu"])
+async def test_one_message_a_receiver_broke_fails_alone(path: str, poison: dict[str, Any]) -> None:
+    """RabbitMQ closes the connection for a header frame over ``frame_max`` and the
+    channel for a negative TTL: every publish sharing them would fail with it. Such a
+    message is refused before it is sent."""
+    url, queue = BROKERS["amqp"], f"cb-signals-{uuid.uuid4().hex[:8]}"
+
+    def bad(signal: object, **kwargs: Any) -> None:
+        if kwargs["headers"]["id"].startswith("bad-"):
+            for part, values in poison.items():
+                kwargs[part].update(values)
+
+    before_task_publish.connect(bad, weak=False)
+    publisher = _publisher(path, url, None)
+    try:
+        await publisher.publish(_message(queue))  # connected, the queue declared
+        poisoned = replace(_message(queue), task_id="bad-" + str(uuid.uuid4()))
+
+        async def outcome(message: OutgoingMessage) -> str:
+            try:
+                await asyncio.wait_for(publisher.publish(message), 20)
+            except DelegationError:
+                return "refused"
+            return "sent"
+
+        results = await asyncio.gather(
+            outcome(poisoned), *(outcome(_message(queue)) for _ in range(20))
+        )
+    finally:
+        before_task_publish.disconnect(bad)
+        await publisher.aclose()
+        purge(url, queue)
+    assert results == ["refused"] + ["sent"] * 20
+
+
+@pytest.mark.parametrize("path", ["fast", "kombu"])
+async def test_a_failed_publish_leaves_no_opentelemetry_span_current(path: str) -> None:
+    """OpenTelemetry's receiver keeps its publish span current until
+    ``after_task_publish``, which a failed publish never gets: the span must stay with
+    that publish, not become the parent of everything the caller does next. (It does so
+    for a task the process's current Celery app knows, as a worker delegating to a task
+    it also serves.)"""
+    from celery import current_app
+    from opentelemetry import trace
+    from opentelemetry.instrumentation.celery import CeleryInstrumentor
+    from opentelemetry.sdk.trace import TracerProvider
+
+    name = f"signals.registered_{uuid.uuid4().hex[:6]}"
+    def body() -> None:
+        pass
+
+    current_app.task(name=name)(body)
+    provider = TracerProvider()
+    instrumentor = CeleryInstrumentor()
+    instrumentor.instrument(tracer_provider=provider)
+    publisher = _publisher(path, BROKERS["redis"].replace("6379", "1"), None)  # closed port
+    try:
+        with provider.get_tracer("test").start_as_current_span("request") as request:
+            with pytest.raises(DelegationError):
+                await publisher.publish(replace(_message("cb-signals-nowhere"), task_name=name))
+            current = trace.get_current_span()
+    finally:
+        await publisher.aclose()
+        instrumentor.uninstrument()
+        current_app.tasks.pop(name, None)
+    assert current is request

@@ -8,7 +8,7 @@ import anyio
 import pytest
 from celery import Celery
 
-from celerybridge import Bridge, BridgeSettings
+from celerybridge import Bridge, BridgeSettings, ConfigurationError, celery_app
 from celerybridge._transports.kombu import client_app, close_celery_app
 
 from ._brokers import BROKERS, RESULT_BACKEND, dead_letters
@@ -65,3 +65,12 @@ def test_amqp_publishes_with_publisher_confirms() -> None:
         # py-amqp swaps in the publish that waits for the broker's ack (basic.ack/nack).
         assert channel.basic_publish == channel.basic_publish_confirm
     app.close()
+
+
+def test_a_worker_refuses_compression_its_intake_would_refuse() -> None:
+    with pytest.raises(ConfigurationError) as raised:
+        celery_app("compressing", task_compression="gzip")
+    assert str(raised.value) == (
+        "celery_app() does not support task_compression: workers accept uncompressed "
+        "JSON messages only, and would dead-letter their own retries"
+    )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+
 import aiormq.exceptions
 import amqp.exceptions
 import celery.exceptions
@@ -9,7 +11,7 @@ import kombu.exceptions
 import pamqp.exceptions
 import redis.exceptions
 
-from .._exceptions import CeleryBridgeError
+from .._exceptions import CeleryBridgeError, DelegationError
 
 FOREIGN_ERRORS: tuple[type[BaseException], ...] = (
     kombu.exceptions.KombuError,  # OperationalError, EncodeError, DecodeError, ContentDisallowed
@@ -28,6 +30,26 @@ FOREIGN_ERRORS: tuple[type[BaseException], ...] = (
     OSError,  # sockets: refused, reset, unreachable, DNS
 )
 """Every family of exception our transports can see from the libraries they call."""
+
+UNBUILDABLE: tuple[type[BaseException], ...] = (
+    TypeError,  # a value JSON or AMQP's table encoder cannot carry
+    ValueError,  # ... or one out of range, a property of the wrong kind; UnsignableError
+    OverflowError,  # an integer too large for its AMQP field
+    struct.error,  # ... as py-amqp's encoder reports it
+    amqp.exceptions.FrameSyntaxError,  # a value py-amqp's table encoder has no type for
+    RecursionError,  # a structure nested too deeply to encode
+)
+"""What building a message may raise when what it carries cannot be sent: the caller's
+(or a ``before_task_publish`` receiver's) doing, not the broker's."""
+
+
+def unbuildable(task_name: str, exc: BaseException) -> DelegationError:
+    """The error for a message of ``task_name`` that ``exc`` (one of ``UNBUILDABLE``)
+    kept from being built; nothing was sent."""
+    return DelegationError(
+        f"task {task_name!r} cannot be sent as built (a before_task_publish receiver may "
+        f"have changed it): {type(exc).__name__}: {exc}"
+    )
 
 
 def translate(target: type[CeleryBridgeError], doing: str) -> _Translate:

@@ -20,7 +20,7 @@ import uuid
 from bisect import bisect
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from celery.utils.nodenames import anon_nodename
 from kombu.utils.json import JSONEncoder
@@ -153,23 +153,49 @@ def task_message(
             )
         )
     framed: dict[str, Any] = {
-        "correlation_id": properties.get("correlation_id"),
-        "reply_to": properties.get("reply_to"),
+        "correlation_id": _text(properties, "correlation_id"),
+        "reply_to": _text(properties, "reply_to"),
         "delivery_mode": CELERY_PERSISTENT_DELIVERY_MODE,
     }
-    expiration = properties.get("expiration")
+    expiration = _number(properties, "expiration", MAX_EXPIRATION)
     if expiration is not None:
         framed["expiration"] = str(int(expiration * 1000))
+    priority = _number(properties, "priority", MAX_PRIORITY)
     return TaskMessage(
         headers=headers,
         properties=framed,
         body=body,
         content_type=CONTENT_TYPE,
         content_encoding=CONTENT_ENCODING,
-        priority=int(properties.get("priority") or 0),
+        priority=int(priority or 0),
         payload=payload,
         routing_key=message.queue,
     )
+
+
+MAX_PRIORITY: Final = 255
+"""AMQP's priority is one octet (kombu's Redis transport clamps it to 0..9)."""
+MAX_EXPIRATION: Final = (2**32 - 1) / 1000
+"""Seconds: RabbitMQ reads a message TTL as milliseconds below 2**32."""
+
+
+def _text(properties: dict[str, Any], name: str) -> str | None:
+    value = properties.get(name)
+    if value is not None and not isinstance(value, str):
+        raise TypeError(f"the {name} property must be a string, not {type(value).__name__}")
+    return value
+
+
+def _number(properties: dict[str, Any], name: str, largest: float) -> float | None:
+    """A numeric property as a receiver may have left it: a number from 0 to ``largest``."""
+    value = properties.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= largest:
+        raise ValueError(
+            f"the {name} property must be a number from 0 to {largest:g}, not {value!r}"
+        )
+    return value
 
 
 def redis_payload(message: TaskMessage, queue: str) -> bytes:

@@ -28,6 +28,7 @@ from yarl import URL
 
 from .._constants import (
     AMQP_EXCHANGE_TYPE,
+    AMQP_HEADER_FRAME_OVERHEAD,
     PUBLISH_RETRIES,
     RECONNECT_INITIAL,
     RECONNECT_MAX,
@@ -71,10 +72,12 @@ class CeleryProperties(aiormq.spec.Basic.Properties):
     def message_id(self, value: object) -> None:
         pass  # aiormq's random id: see above
 
+    encoded_headers: bytes = b""
+    """The headers table as py-amqp encodes it (set by :func:`properties_for`)."""
+
     def encode_property(self, name: str, value: Any) -> bytes:
         if name == "headers":
-            encoded: bytes = amqp_dumps("F", (value,))
-            return encoded
+            return self.encoded_headers or bytes(amqp_dumps("F", (value,)))
         return super().encode_property(name, value)
 
 
@@ -91,9 +94,13 @@ def amqp_url(broker_url: str) -> str:
 
 
 def properties_for(wire: TaskMessage) -> CeleryProperties:
-    """The basic properties kombu's ``Producer.publish`` gives ``wire`` on py-amqp."""
+    """The basic properties kombu's ``Producer.publish`` gives ``wire`` on py-amqp.
+
+    The headers table is encoded here, once: a value AMQP cannot carry raises now
+    (``UNBUILDABLE``), before anything is sent.
+    """
     props = wire.properties
-    return CeleryProperties(
+    properties = CeleryProperties(
         content_type=wire.content_type,
         content_encoding=wire.content_encoding,
         headers=wire.headers,
@@ -103,9 +110,25 @@ def properties_for(wire: TaskMessage) -> CeleryProperties:
         reply_to=props["reply_to"],
         expiration=props.get("expiration"),
     )
+    properties.encoded_headers = bytes(amqp_dumps("F", (wire.headers,)))
+    return properties
 
 
-class AmqpPublisher(NativePublisher):
+def _check_fits(
+    channel: aiormq.abc.AbstractChannel, properties: CeleryProperties, message: OutgoingMessage
+) -> None:
+    """Refuse a message whose content header cannot fit in one frame: RabbitMQ would
+    close the connection (``FRAME_ERROR``) under every publish sharing it."""
+    frame_max = channel.connection.connection_tune.frame_max
+    size = len(properties.encoded_headers) + AMQP_HEADER_FRAME_OVERHEAD
+    if frame_max and size > frame_max:
+        raise DelegationError(
+            f"task {message.task_name!r}: its headers take {size:,} bytes, more than the "
+            f"{frame_max:,} bytes RabbitMQ allows in one frame; nothing was sent"
+        )
+
+
+class AmqpPublisher(NativePublisher[tuple[bytes, CeleryProperties]]):
     """Publishes Celery task messages to RabbitMQ with aio-pika, one confirm per message.
 
     One robust connection and one channel in confirm mode per publisher, opened on the
@@ -135,16 +158,20 @@ class AmqpPublisher(NativePublisher):
         self._declaring: dict[str, asyncio.Future[None]] = {}
         self._declared_on: aiormq.abc.AbstractChannel | None = None
 
-    async def _send(self, message: OutgoingMessage, wire: TaskMessage) -> None:
-        properties = properties_for(wire)
+    def _frame(self, message: OutgoingMessage, wire: TaskMessage) -> tuple[bytes, CeleryProperties]:
+        return wire.body, properties_for(wire)
+
+    async def _send(self, message: OutgoingMessage, framed: tuple[bytes, CeleryProperties]) -> None:
+        body, properties = framed
         doing = f"publishing {message.task_name!r} to {message.queue!r}"
         with translate(DelegationError, doing):
             for attempt in range(PUBLISH_RETRIES + 1):
                 try:
                     channel = await self._underlay()
+                    _check_fits(channel, properties, message)
                     await self._declare(channel, message.queue)
                     await channel.basic_publish(
-                        wire.body,
+                        body,
                         exchange="",  # Celery: the default exchange, routing key = queue
                         routing_key=message.queue,
                         properties=properties,

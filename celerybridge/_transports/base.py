@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from abc import ABC, abstractmethod
 from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from .._constants import PUBLISH_SLOTS, READY_STATES, SERVICE_HEADER
 from .._exceptions import DelegationError
 from .._utils import uuid4_str
+from ._errors import UNBUILDABLE, unbuildable
 from ._hooks import after_publish, sentry_headers
 from ._protocol import Origin, TaskMessage, task_message
+
+F = TypeVar("F")
 
 if TYPE_CHECKING:
     from .._contracts import SendOptions
@@ -96,12 +100,18 @@ class Publisher(ABC):
         """Release connections. Idempotent."""
 
 
-class NativePublisher(Publisher):
+class NativePublisher(Publisher, Generic[F]):
     """A publisher on the event loop (the fast path).
 
     Builds each message as ``send_task`` would, with what the ecosystem adds to it
     there (``_hooks``: Sentry's trace headers, ``before_task_publish``), signs it with
-    ``signer`` if any, has the subclass send it, then sends ``after_task_publish``.
+    ``signer`` if any, has the subclass frame it (``F``: what its broker is sent) and
+    send it, then sends ``after_task_publish``. The hooks run in a copy of the caller's
+    context: what they make current (OpenTelemetry keeps its publish span current until
+    ``after_task_publish``, which a failed publish never sends) stays with the publish.
+    A message that cannot be built or framed (a receiver put something there JSON or
+    AMQP cannot carry) is a :class:`DelegationError`, and nothing is sent.
+
     Refuses once closed, and admits at most ``PUBLISH_SLOTS`` publishes at a time; the
     rest wait before they are validated and encoded, so a thousand delegations started
     at once do not all do that work in one iteration of the loop.
@@ -119,18 +129,30 @@ class NativePublisher(Publisher):
     async def publish(self, message: OutgoingMessage) -> None:
         if self._closed:
             raise DelegationError("the publisher is closed")
+        context = contextvars.copy_context()
+        try:
+            wire, framed = context.run(self._build, message)
+        except UNBUILDABLE as exc:
+            raise unbuildable(message.task_name, exc) from exc
+        await self._send(message, framed)
+        context.run(after_publish, message.queue, message.task_name, wire.payload, wire.headers)
+
+    def _build(self, message: OutgoingMessage) -> tuple[TaskMessage, F]:
         headers = message.options.get("headers") or {}
         traced = sentry_headers(message.task_name, headers)
         if traced is not headers:
             message = replace(message, options={**message.options, "headers": traced})
         wire = task_message(message, self._origin, signer=self._signer)
-        await self._send(message, wire)
-        after_publish(message.queue, message.task_name, wire.payload, wire.headers)
+        return wire, self._frame(message, wire)
 
     @abstractmethod
-    async def _send(self, message: OutgoingMessage, wire: TaskMessage) -> None:
-        """Send ``wire``, the message built for ``message``; return once the broker has
-        accepted it."""
+    def _frame(self, message: OutgoingMessage, wire: TaskMessage) -> F:
+        """``wire`` as this broker is sent it; raises what ``UNBUILDABLE`` lists if it
+        cannot carry it."""
+
+    @abstractmethod
+    async def _send(self, message: OutgoingMessage, framed: F) -> None:
+        """Send ``framed``, built for ``message``; return once the broker accepted it."""
 
 
 class ResultSource(ABC):

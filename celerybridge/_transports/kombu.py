@@ -26,7 +26,7 @@ from .._constants import (
 )
 from .._exceptions import ConfigurationError, DelegationError, ResultBackendError
 from .._signing import signing_app
-from ._errors import translate
+from ._errors import UNBUILDABLE, translate, unbuildable
 from ._threads import ThreadCalls
 from .base import OutgoingMessage, Publisher, ResultSource, TaskOutcome, outcome_from_meta
 
@@ -128,16 +128,23 @@ class KombuPublisher(Publisher):
 
     def send(self, message: OutgoingMessage) -> AsyncResult[Any]:
         """Publish from the calling thread (blocking) and return Celery's handle."""
-        with translate(DelegationError, f"publishing {message.task_name!r} to {message.queue!r}"):
-            return self._app.send_task(
-                message.task_name,
-                args=message.args,
-                kwargs=message.kwargs,
-                task_id=message.task_id,
-                queue=message.queue,
-                serializer=SERIALIZER,
-                **message.options,
-            )
+        doing = f"publishing {message.task_name!r} to {message.queue!r}"
+        try:
+            with translate(DelegationError, doing):
+                return self._send_task(message)
+        except UNBUILDABLE as exc:
+            raise unbuildable(message.task_name, exc) from exc
+
+    def _send_task(self, message: OutgoingMessage) -> AsyncResult[Any]:
+        return self._app.send_task(
+            message.task_name,
+            args=message.args,
+            kwargs=message.kwargs,
+            task_id=message.task_id,
+            queue=message.queue,
+            serializer=SERIALIZER,
+            **message.options,
+        )
 
     async def publish(self, message: OutgoingMessage) -> None:
         await self._threads.run(self.send, message)

@@ -71,7 +71,7 @@ def redis_client(url: str, timeout: float, *, command_timeout: bool = True) -> r
     return redis.asyncio.Redis.from_pool(pool)
 
 
-class RedisPublisher(NativePublisher):
+class RedisPublisher(NativePublisher[tuple[str, bytes]]):
     """Publishes Celery task messages to a Redis broker with ``redis.asyncio``.
 
     Follows kombu's Redis transport with its default transport options: the message
@@ -103,9 +103,11 @@ class RedisPublisher(NativePublisher):
         self._flusher: asyncio.Task[None] | None = None
         self._alone = False  # a publish sent on its own is not answered yet
 
-    async def _send(self, message: OutgoingMessage, wire: TaskMessage) -> None:
-        key = redis_queue_key(message.queue, wire.priority)
-        payload = redis_payload(wire, message.queue)
+    def _frame(self, message: OutgoingMessage, wire: TaskMessage) -> tuple[str, bytes]:
+        return redis_queue_key(message.queue, wire.priority), redis_payload(wire, message.queue)
+
+    async def _send(self, message: OutgoingMessage, framed: tuple[str, bytes]) -> None:
+        key, payload = framed
         with translate(DelegationError, f"publishing {message.task_name!r} to {message.queue!r}"):
             if message.queue in self._declared and self._idle():
                 await self._send_alone(key, payload)
