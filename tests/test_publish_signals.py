@@ -375,6 +375,7 @@ async def test_a_failed_publish_leaves_no_opentelemetry_span_current(path: str) 
     from opentelemetry.sdk.trace import TracerProvider
 
     name = f"signals.registered_{uuid.uuid4().hex[:6]}"
+
     def body() -> None:
         pass
 
