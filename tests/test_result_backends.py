@@ -51,16 +51,19 @@ def backend_worker(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Callable[..., Worker]]:
     """Start (once per module and configuration) a worker storing results in ``backend``."""
-    started: dict[tuple[str, str], Worker] = {}
+    started: dict[tuple[str, str, str], Worker] = {}
     log_dir = tmp_path_factory.mktemp("backend-workers")
 
-    def start(broker_url: str, backend: str, env: dict[str, str] | None = None) -> Worker:
-        if (broker_url, backend) not in started:
-            worker = Worker(
-                "tests.workers.results_worker", broker_url, backend, extra_env=env or {}
-            )
-            started[broker_url, backend] = worker.start(log_dir)
-        return started[broker_url, backend]
+    def start(
+        broker_url: str,
+        backend: str,
+        env: dict[str, str] | None = None,
+        module: str = "tests.workers.results_worker",
+    ) -> Worker:
+        key = (module, broker_url, backend)
+        if key not in started:
+            started[key] = Worker(module, broker_url, backend, extra_env=env or {}).start(log_dir)
+        return started[key]
 
     yield start
     stop_all(started.values())
@@ -187,6 +190,34 @@ async def test_rpc_stock_celery_client_beside_the_bridge(
         assert (await handle.result(timeout=20)).value == 3
     finally:
         await anyio.to_thread.run_sync(close_celery_app, app)
+
+
+async def test_rpc_plain_celery_worker_replies_to_the_bridge(
+    rpc_bridge: Bridge, backend_worker: Callable[..., Worker], rpc_setup: tuple[str, bool, Any]
+) -> None:
+    # A worker that never imports celerybridge: Celery's own rpc backend replies.
+    plain = backend_worker(BROKERS[rpc_setup[0]], "rpc://", module="tests.workers.plain_worker")
+    handle = await rpc_bridge.send(on(plain, bindings.store), ("k", "v"), {})
+    assert await handle.result(timeout=20) == {"key": "k", "content": "v", "bridge_loaded": "False"}
+
+
+async def test_rpc_reply_queue_is_declared_as_celery_declares_it(
+    rpc_bridge: Bridge, rpc_setup: tuple[str, bool, Any]
+) -> None:
+    if rpc_setup[0] != "amqp":
+        pytest.skip("RabbitMQ compares declarations; Redis has none")
+    source = rpc_bridge._get_results()
+    await source.prepare()
+    assert isinstance(source, RpcResultSource | KombuRpcResultSource)
+    app = Celery("stock-client", broker=BROKERS["amqp"], backend="rpc://")
+    try:
+        binding = app.backend.binding  # what Celery's client declares for its own queue
+        binding.name = binding.routing_key = source.reply_to
+        with app.connection_for_write() as connection:
+            # RabbitMQ refuses (PRECONDITION_FAILED) a declaration whose arguments differ.
+            assert binding(connection.default_channel).declare() == source.reply_to
+    finally:
+        close_celery_app(app)  # its rpc:// consumer never started: closing must not fail
 
 
 def _rabbit(*command: str) -> str:
@@ -323,6 +354,22 @@ async def test_database_row_is_never_unpickled(
         with pytest.raises(ResultBackendError, match="reading the result of task legacy-"):
             await bridge.poll(task_id)
     assert not marker.exists()
+
+
+async def test_sqlite_results_written_by_celery_are_read(tmp_path: Path) -> None:
+    # Any SQLAlchemy database: what Celery's own backend stored, read back by the bridge.
+    url = f"db+sqlite:///{tmp_path / 'results.sqlite'}"
+    app = Celery("writer", backend=url)
+    app.conf.update(result_serializer="json", accept_content=["json"])
+    app.backend.store_result("sqlite-ok", {"value": 5, "pid": 1}, "SUCCESS")
+    app.backend.mark_as_failure("sqlite-failed", KeyError("missing"), traceback="Traceback...")
+    app.close()
+    async with Bridge(broker_url="memory://", result_backend=url) as bridge:
+        assert (await bridge.handle(bindings.add, "sqlite-ok").result(timeout=5)).value == 5
+        with pytest.raises(RemoteTaskError) as caught:
+            await bridge.handle(bindings.add, "sqlite-failed").result(timeout=5)
+        assert (caught.value.remote_type, caught.value.remote_message) == ("KeyError", "missing")
+        assert not await bridge.handle(bindings.add, "sqlite-unknown").done()
 
 
 # -- Redis Sentinel -------------------------------------------------------------------------

@@ -76,7 +76,9 @@ def close_celery_app(app: Celery, *backends: Any) -> None:
     own = getattr(getattr(app, "_local", None), "backend", None)
     for backend in {id(b): b for b in (*backends, own) if b is not None}.values():
         consumer = getattr(backend, "result_consumer", None)
-        if consumer is not None and hasattr(consumer, "stop"):
+        # The rpc:// consumer's stop() fails unless it was started (no connection yet).
+        started = getattr(consumer, "_connection", True) is not None
+        if consumer is not None and hasattr(consumer, "stop") and started:
             consumer.stop()
             # An AsyncResult collected later unsubscribes from its channel in __del__,
             # which would reconnect the closed pub/sub and leak that socket.
