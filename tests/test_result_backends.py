@@ -25,6 +25,7 @@ from celery import Celery
 
 from celerybridge import (
     Bridge,
+    DelegationError,
     RemoteTaskError,
     ResultBackendError,
     ResultTimeoutError,
@@ -444,3 +445,27 @@ async def test_sentinel_broker_and_backend(
         assert (await handle.result(timeout=20)).value == 42
         assert isinstance(bridge._results, CeleryResultSource)
         await assert_failure_stays_data(bridge, worker)
+
+
+async def test_sentinel_with_an_unknown_master_is_our_error(sentinel: int) -> None:
+    url = f"sentinel://127.0.0.1:{sentinel}/3"
+    unknown = {"master_name": "nosuchmaster"}
+    async with Bridge(
+        broker_url=url,
+        result_backend=url,
+        broker_transport_options=unknown,
+        result_backend_transport_options=unknown,
+        publish_timeout=2,
+    ) as bridge:
+        with pytest.raises(ResultBackendError) as caught:
+            await bridge.poll("some-task")
+        assert str(caught.value).startswith(
+            "reading the result of task some-task: MasterNotFoundError: No master found for "
+            "'nosuchmaster'"
+        )
+        with pytest.raises(DelegationError) as refused:
+            await bridge.send(bindings.add, (1, 2), {})
+        assert str(refused.value) == (
+            "publishing 'calc.add' to 'cb-test': OperationalError: No master found for "
+            "'nosuchmaster'"
+        )
