@@ -75,6 +75,12 @@ class Bridge:
         # rpc://: the reply queue every task message names and the result source consumes.
         self._reply_to: str | None = None
         if results is None and scheme_of(self.settings.result_backend or "") == "rpc":
+            if publisher is not None:
+                raise ConfigurationError(
+                    "result backend rpc:// needs the bridge's own publisher, which names the "
+                    "bridge's reply queue in every message; pass results= along with "
+                    "publisher=, or use another result backend"
+                )
             self._reply_to = f"celerybridge.reply.{uuid.uuid4()}"
         self._pid = os.getpid()
         self._closed = False

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from celerybridge import Bridge, BridgeSettings, ConfigurationError, celery_app
+from celerybridge import Bridge, BridgeSettings, ConfigurationError, MemoryTransport, celery_app
 from celerybridge._config import mask_url, url_problem
 
 SENTINEL = "sentinel://127.0.0.1:26379"
@@ -141,3 +141,15 @@ def test_a_backend_that_cannot_be_awaited_is_refused_by_bridge(
     with pytest.raises(ConfigurationError) as caught:
         Bridge(**settings)
     assert str(caught.value) == message
+
+
+def test_rpc_results_need_the_bridges_own_publisher() -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        Bridge(result_backend="rpc://", publisher=MemoryTransport())
+    assert str(caught.value) == (
+        "result backend rpc:// needs the bridge's own publisher, which names the bridge's reply "
+        "queue in every message; pass results= along with publisher=, or use another result "
+        "backend"
+    )
+    transport = MemoryTransport()
+    Bridge(result_backend="rpc://", publisher=transport, results=transport)  # both replaced
