@@ -193,6 +193,33 @@ async def test_rpc_stock_celery_client_beside_the_bridge(
         await anyio.to_thread.run_sync(close_celery_app, app)
 
 
+async def test_rpc_junk_on_the_reply_queue_is_ignored(
+    rpc_bridge: Bridge,
+    rpc_worker: Worker,
+    rpc_setup: tuple[str, bool, Any],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    source = rpc_bridge._get_results()
+    assert isinstance(source, RpcResultSource | KombuRpcResultSource)
+    await source.prepare()
+
+    def send_junk() -> None:  # a pickle: never read, whoever sent it
+        with kombu.Connection(BROKERS[rpc_setup[0]]) as connection:
+            connection.Producer().publish(
+                b"\x80\x04K\x01.",
+                exchange="",
+                routing_key=source.reply_to,
+                content_type="application/x-python-serialize",
+                content_encoding="binary",
+                correlation_id="junk",
+            )
+
+    await anyio.to_thread.run_sync(send_junk)
+    handle = await rpc_bridge.send(on(rpc_worker, bindings.add), (5, 5), {})
+    assert (await handle.result(timeout=20)).value == 10
+    assert f"ignored a message on {source.reply_to}: decoding a reply" in caplog.text
+
+
 async def test_rpc_plain_celery_worker_replies_to_the_bridge(
     rpc_bridge: Bridge, backend_worker: Callable[..., Worker], rpc_setup: tuple[str, bool, Any]
 ) -> None:

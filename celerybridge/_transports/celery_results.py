@@ -14,6 +14,7 @@ polls with growing pauses, from ``POLL_INITIAL`` up to ``POLL_MAX`` seconds.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from typing import Any
@@ -38,6 +39,8 @@ from ._errors import translate
 from ._replies import Replies, decode_reply
 from ._threads import ThreadCalls
 from .base import ResultSource, TaskOutcome, outcome_from_meta
+
+logger = logging.getLogger(__name__)
 
 
 def _as_data(meta: Any) -> Any:
@@ -232,23 +235,35 @@ class KombuRpcResultSource(ResultSource):
         """
         with self._drain_lock:
             if time.monotonic() - self._drained_at >= POLL_INITIAL:
-                bound = self._declare()
-                with translate(ResultBackendError, f"reading the reply queue {self.reply_to}"):
-                    for _ in range(RPC_DRAIN_LIMIT):
-                        message = bound.get(no_ack=True, accept=[SERIALIZER])
-                        if message is None:
-                            break
-                        body = message.body or b""
-                        meta = decode_reply(
-                            body.encode() if isinstance(body, str) else body,
-                            message.content_type,
-                            message.content_encoding,
-                        )
-                        if meta is not None:
-                            correlation = message.properties.get("correlation_id")
-                            self._replies.add(correlation, meta)
+                try:
+                    self._drain()
+                except ResultBackendError:
+                    # The next drain connects again and declares the queue again.
+                    self._bound = None
+                    self._connection.collect()
+                    raise
                 self._drained_at = time.monotonic()
             return self._replies.get(task_id)
+
+    def _drain(self) -> None:
+        bound = self._declare()
+        with translate(ResultBackendError, f"reading the reply queue {self.reply_to}"):
+            for _ in range(RPC_DRAIN_LIMIT):
+                message = bound.get(no_ack=True, accept=[SERIALIZER])
+                if message is None:
+                    break
+                body = message.body or b""
+                try:
+                    meta = decode_reply(
+                        body.encode() if isinstance(body, str) else body,
+                        message.content_type,
+                        message.content_encoding,
+                    )
+                except ResultBackendError as exc:  # not a reply: nobody's result to fail
+                    logger.warning("ignored a message on %s: %s", self.reply_to, exc)
+                    continue
+                if meta is not None:
+                    self._replies.add(message.properties.get("correlation_id"), meta)
 
     async def prepare(self) -> None:
         if self._bound is None:

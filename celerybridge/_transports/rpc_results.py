@@ -105,7 +105,7 @@ class RpcResultSource(ResultSource):
         try:
             meta = decode_reply(message.body, message.content_type, message.content_encoding)
         except ResultBackendError as exc:  # not ours to fail on: someone else's message
-            logger.warning("ignored a reply on %s: %s", self.reply_to, exc)
+            logger.warning("ignored a message on %s: %s", self.reply_to, exc)
             return
         if meta is None:
             return
