@@ -32,7 +32,7 @@ from ._exceptions import ConfigurationError
 
 # Schemes we can publish to (kombu transports) and await results from: every result
 # backend Celery knows by URL (celery/app/backends.py BACKEND_ALIASES), see
-# Bridge._get_results for which source awaits which.
+# Bridge._result_source for which source awaits which.
 BROKER_SCHEMES = frozenset(
     {"amqp", "amqps", "pyamqp", "redis", "rediss", "sentinel", "memory", "filesystem"}
 )
