@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, TypeVar, overload
@@ -10,10 +11,13 @@ from typing import TYPE_CHECKING, Any, Self, TypeVar, overload
 import sniffio
 
 from ._config import (
+    AMQP_SCHEMES,
     FAST_PATH_BROKER_SCHEMES,
     FAST_PATH_RESULT_SCHEMES,
+    KEY_VALUE_RESULT_SCHEMES,
     BridgeSettings,
     load_settings,
+    result_backend_problem,
     scheme_of,
 )
 from ._exceptions import (
@@ -46,6 +50,13 @@ class Bridge:
 
     ``publisher`` and ``results`` replace the transports, e.g. with
     :class:`~celerybridge.MemoryTransport` in a service's unit tests.
+
+    Every result backend Celery can read by task id is awaited: Redis natively (pushed,
+    pub/sub), ``rpc://`` natively on RabbitMQ (pushed to a reply queue of this bridge),
+    the others (``db+postgresql://``, ``sentinel://``...) through Celery's own backend
+    classes, polled in threads. One that cannot be (``cache+memory://``: in-process) is a
+    :class:`ConfigurationError` here. With ``rpc://`` a result is a message consumed by
+    the bridge that sent the task: a task sent by another bridge cannot be awaited.
     """
 
     def __init__(
@@ -57,8 +68,20 @@ class Bridge:
         **overrides: Any,
     ) -> None:
         self.settings = load_settings(settings, **overrides)
+        if results is None and (problem := result_backend_problem(self.settings)) is not None:
+            raise ConfigurationError(problem)
         self._publisher = publisher
         self._results = results
+        # rpc://: the reply queue every task message names and the result source consumes.
+        self._reply_to: str | None = None
+        if results is None and scheme_of(self.settings.result_backend or "") == "rpc":
+            if publisher is not None:
+                raise ConfigurationError(
+                    "result backend rpc:// needs the bridge's own publisher, which names the "
+                    "bridge's reply queue in every message; pass results= along with "
+                    "publisher=, or use another result backend"
+                )
+            self._reply_to = f"celerybridge.reply.{uuid.uuid4()}"
         self._pid = os.getpid()
         self._closed = False
 
@@ -103,6 +126,8 @@ class Bridge:
         message: OutgoingMessage | None = None
         try:
             native = isinstance(publisher, NativePublisher)  # asyncio only
+            if self._reply_to is not None:
+                await self._prepare_results(stub, timeout)
             async with fail_after(timeout, on_asyncio=native), publisher.admit():
                 call = stub.bind(args, kwargs, stacklevel=stacklevel + 1)
                 message = stub.message(call).from_service(self.settings.service)
@@ -118,6 +143,17 @@ class Bridge:
                 f"({message.task_id}) within {timeout:g} s; it may or may not have been delivered"
             ) from None
         return TaskHandle(self, stub, message.task_id)
+
+    async def _prepare_results(self, stub: RemoteTask[Any, Any], timeout: float) -> None:
+        """rpc://: declare the reply queue before the first task that names it is sent."""
+        try:
+            async with fail_after(timeout):
+                await self._get_results().prepare()
+        except TimeoutError:
+            raise ResultBackendError(
+                f"the rpc:// reply queue was not ready within {timeout:g} s; "
+                f"task {stub.name!r} v{stub.version} was not sent"
+            ) from None
 
     @overload
     def handle(self, task: RemoteTask[Any, R], task_id: str) -> TaskHandle[R]: ...
@@ -200,21 +236,28 @@ class Bridge:
         self._check_usable()
         if self._publisher is None:
             url, timeout = self.settings.broker_url, self.settings.publish_timeout
+            reply_to = self._reply_to
             if not self._fast_path(url, FAST_PATH_BROKER_SCHEMES):
                 from ._transports.kombu import KombuPublisher
 
-                self._publisher = KombuPublisher(self.settings)
+                self._publisher = KombuPublisher(self.settings, reply_to=reply_to)
             elif scheme_of(url) in ("redis", "rediss"):
                 from ._transports.redis import RedisPublisher
 
                 self._publisher = RedisPublisher(
-                    url, timeout=timeout, signer=Signer.from_settings(self.settings)
+                    url,
+                    timeout=timeout,
+                    signer=Signer.from_settings(self.settings),
+                    reply_to=reply_to,
                 )
             else:
                 from ._transports.amqp import AmqpPublisher
 
                 self._publisher = AmqpPublisher(
-                    url, timeout=timeout, signer=Signer.from_settings(self.settings)
+                    url,
+                    timeout=timeout,
+                    signer=Signer.from_settings(self.settings),
+                    reply_to=reply_to,
                 )
         return self._publisher
 
@@ -226,13 +269,29 @@ class Bridge:
                     "no result backend is configured; set CELERYBRIDGE_RESULT_BACKEND "
                     "(e.g. redis://127.0.0.1:6379/1) to await results"
                 )
-            backend = self.settings.result_backend
-            if self._fast_path(backend, FAST_PATH_RESULT_SCHEMES):
-                from ._transports.redis_results import RedisResultSource
-
-                self._results = RedisResultSource(backend, timeout=self.settings.publish_timeout)
-            else:
-                from ._transports.kombu import KombuResultSource
-
-                self._results = KombuResultSource(backend, io_timeout=self.settings.publish_timeout)
+            self._results = self._result_source(self.settings.result_backend)
         return self._results
+
+    def _result_source(self, backend: str) -> ResultSource:
+        """The source that awaits results on ``backend``: pushed where a native client
+        can be told (Redis pub/sub, rpc:// on RabbitMQ), polled in threads otherwise."""
+        timeout = self.settings.publish_timeout
+        if self._reply_to is not None:  # rpc://
+            if self._fast_path(self.settings.broker_url, AMQP_SCHEMES):
+                from ._transports.rpc_results import RpcResultSource
+
+                return RpcResultSource(self.settings.broker_url, self._reply_to, timeout=timeout)
+            from ._transports.celery_results import KombuRpcResultSource
+
+            return KombuRpcResultSource(self.settings, self._reply_to)
+        if self._fast_path(backend, FAST_PATH_RESULT_SCHEMES):
+            from ._transports.redis_results import RedisResultSource
+
+            return RedisResultSource(backend, timeout=timeout)
+        if scheme_of(backend) in KEY_VALUE_RESULT_SCHEMES:
+            from ._transports.kombu import KombuResultSource
+
+            return KombuResultSource(backend, io_timeout=timeout)
+        from ._transports.celery_results import CeleryResultSource
+
+        return CeleryResultSource(self.settings)

@@ -30,16 +30,30 @@ from ._constants import (
 )
 from ._exceptions import ConfigurationError
 
-# Schemes we can publish to (kombu transports) and await results from (Celery backends
-# whose values we can read as plain key/value pairs, see _transports/kombu.py).
+# Schemes we can publish to (kombu transports) and await results from: every result
+# backend Celery knows by URL (celery/app/backends.py BACKEND_ALIASES), see
+# Bridge._result_source for which source awaits which.
 BROKER_SCHEMES = frozenset(
     {"amqp", "amqps", "pyamqp", "redis", "rediss", "sentinel", "memory", "filesystem"}
 )
-RESULT_SCHEMES = frozenset({"redis", "rediss", "sentinel", "file"})
+RESULT_SCHEMES = frozenset(
+    {
+        "redis", "rediss", "sentinel", "file", "rpc", "mongodb", "elasticsearch",
+        "cassandra", "couchbase", "couchdb", "cosmosdbsql", "consul", "dynamodb",
+        "azureblockblob", "arangodb", "s3", "gs",
+    }
+)  # fmt: skip
+# Result backends named "<backend>+<url>": db+postgresql://..., cache+memcached://...
+RESULT_PREFIXES = frozenset({"db", "cache"})
 # Schemes with a native asyncio client (the fast path): brokers (_transports/redis.py,
 # _transports/amqp.py) and result backends (_transports/redis_results.py).
 FAST_PATH_BROKER_SCHEMES = frozenset({"redis", "rediss", "amqp", "amqps", "pyamqp"})
 FAST_PATH_RESULT_SCHEMES = frozenset({"redis", "rediss"})
+# Result backends read as plain key/value pairs (_transports/kombu.py); the others are
+# read through Celery's own backend classes (_transports/celery_results.py).
+KEY_VALUE_RESULT_SCHEMES = frozenset({"redis", "rediss", "file"})
+AMQP_SCHEMES = frozenset({"amqp", "amqps", "pyamqp"})
+_AWAITABLE_INSTEAD = "use redis://, rpc:// (with RabbitMQ) or db+postgresql:// instead"
 # Schemes whose URL names a folder (or nothing), not a server: no credentials to read.
 _FOLDER_SCHEMES = frozenset({"filesystem", "file", "memory"})
 # RFC 3986: a letter, then letters, digits, "+", "-" and ".".
@@ -61,7 +75,8 @@ class BridgeSettings(BaseSettings):
     ``CELERYBRIDGE_RESULT_BACKEND``, ``CELERYBRIDGE_PUBLISH_TIMEOUT``,
     ``CELERYBRIDGE_RESULT_TIMEOUT``, ``CELERYBRIDGE_FAST_PATH``,
     ``CELERYBRIDGE_SIGNING_KEY``, ``CELERYBRIDGE_SIGNING_VERIFY_KEYS``,
-    ``CELERYBRIDGE_SIGNING_MAX_AGE``. Values are checked
+    ``CELERYBRIDGE_SIGNING_MAX_AGE``, ``CELERYBRIDGE_BROKER_TRANSPORT_OPTIONS``,
+    ``CELERYBRIDGE_RESULT_BACKEND_TRANSPORT_OPTIONS``. Values are checked
     when the settings are built. Credentials in URLs are masked in ``repr`` and a URL
     is never quoted in an error message (a malformed one could show its password where
     a parser expects a host or a port); the signing key never appears in ``repr`` or
@@ -78,7 +93,25 @@ class BridgeSettings(BaseSettings):
     """The Celery broker, e.g. ``redis://127.0.0.1:6379/0`` or ``amqp://guest:guest@host//``."""
 
     result_backend: str | None = Field(default=None, repr=False)
-    """Where workers store results, e.g. ``redis://127.0.0.1:6379/1``; ``None`` disables results."""
+    """Where workers store results, e.g. ``redis://127.0.0.1:6379/1``, ``rpc://`` or
+    ``db+postgresql://user:password@host/db``; ``None`` disables results."""
+
+    # After both URLs: their checks see the URLs (a sentinel:// one needs a master_name).
+    broker_transport_options: Annotated[dict[str, Any], NoDecode] = Field(
+        default_factory=dict, repr=False, validate_default=True
+    )
+    """kombu transport options for the broker (Celery's ``broker_transport_options``), for
+    the bridge and for workers built with :func:`~celerybridge.celery_app`. In the
+    environment a JSON object, e.g.
+    ``CELERYBRIDGE_BROKER_TRANSPORT_OPTIONS='{"master_name": "mymaster"}'``; a
+    ``sentinel://`` broker needs ``master_name``."""
+
+    result_backend_transport_options: Annotated[dict[str, Any], NoDecode] = Field(
+        default_factory=dict, repr=False, validate_default=True
+    )
+    """Options for the result backend's connection (Celery's
+    ``result_backend_transport_options``), a JSON object like
+    ``broker_transport_options``; a ``sentinel://`` result backend needs ``master_name``."""
 
     publish_timeout: PositiveFloat = DEFAULT_PUBLISH_TIMEOUT
     """Seconds ``delegate`` may take to have the broker accept a message."""
@@ -142,10 +175,45 @@ class BridgeSettings(BaseSettings):
     @field_validator("result_backend")
     @classmethod
     def _check_backend(cls, url: str | None) -> str | None:
-        problem = None if url is None else url_problem(url, RESULT_SCHEMES)
+        problem = None if url is None else url_problem(url, RESULT_SCHEMES, RESULT_PREFIXES)
         if problem is not None:
             raise ValueError(problem)
         return url
+
+    @field_validator("broker_transport_options", "result_backend_transport_options", mode="before")
+    @classmethod
+    def _parse_transport_options(cls, options: Any) -> Any:
+        if isinstance(options, str):
+            try:
+                options = json.loads(options) if options.strip() else {}
+            except ValueError:
+                options = None
+        if not isinstance(options, dict):
+            # Not even the part that parsed: it may hold a password (sentinel_kwargs).
+            raise ValueError(
+                """must be a JSON object, e.g. '{"master_name": "mymaster"}' """
+                "(the value is not shown: it may hold a password)"
+            )
+        return options
+
+    @field_validator("broker_transport_options", "result_backend_transport_options")
+    @classmethod
+    def _check_master_name(cls, options: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        url_field = (
+            "broker_url" if info.field_name == "broker_transport_options" else "result_backend"
+        )
+        url = info.data.get(url_field)
+        if url is None or scheme_of(url) != "sentinel":
+            return options
+        master = options.get("master_name")
+        if not isinstance(master, str) or not master:
+            setting = f"{ENV_PREFIX}{str(info.field_name).upper()}"
+            raise ValueError(
+                f"a sentinel:// {'broker' if url_field == 'broker_url' else 'result backend'} "
+                f"needs the name of the Redis master its Sentinels watch: set {setting}="
+                """'{"master_name": "mymaster"}' (the name in the Sentinels' configuration)"""
+            )
+        return options
 
     @field_validator("signing_key")
     @classmethod
@@ -226,6 +294,36 @@ def broker_transport_options(url: str) -> dict[str, Any]:
     }
 
 
+def result_backend_problem(settings: BridgeSettings) -> str | None:
+    """Why the bridge could never await a result on the settings' backend, or ``None``.
+
+    Checked when a :class:`~celerybridge.Bridge` is built (a worker may use such a
+    backend, e.g. in eager tests); the scheme alone tells, nothing is imported.
+    """
+    url = settings.result_backend
+    if url is None:
+        return None
+    scheme = scheme_of(url)
+    if scheme == "cache+memory":
+        return (
+            "result backend cache+memory:// keeps results in the memory of each process, so "
+            f"a worker's results never reach this bridge; {_AWAITABLE_INSTEAD}"
+        )
+    if scheme == "rpc" and scheme_of(settings.broker_url) == "memory":
+        return (
+            "result backend rpc:// sends results through the broker, and a memory:// broker "
+            "lives in one process: a worker's results never reach this bridge; "
+            + _AWAITABLE_INSTEAD
+        )
+    return None
+
+
+def client_transport_options(settings: BridgeSettings) -> dict[str, Any]:
+    """The broker's kombu transport options: what its URL implies
+    (:func:`broker_transport_options`), then ``CELERYBRIDGE_BROKER_TRANSPORT_OPTIONS``."""
+    return {**broker_transport_options(settings.broker_url), **settings.broker_transport_options}
+
+
 def kombu_url(url: str) -> str:
     """The broker URL as handed to kombu and Celery.
 
@@ -245,8 +343,13 @@ def scheme_of(url: str) -> str:
     return url.split("://", 1)[0].lower() if "://" in url else ""
 
 
-def url_problem(url: str, allowed: frozenset[str]) -> str | None:
+def url_problem(
+    url: str, allowed: frozenset[str], prefixes: frozenset[str] = frozenset()
+) -> str | None:
     """Why ``url`` is not a broker or backend URL with a scheme in ``allowed``, or ``None``.
+
+    A scheme ``<prefix>+<anything>`` is allowed too for a prefix in ``prefixes`` (Celery's
+    ``db+postgresql://``: SQLAlchemy's URL after the ``db+``).
 
     The answer never quotes ``url``, which may hold a password; it names a scheme only
     when it is one of ours. A URL that kombu or redis-py would read differently from
@@ -262,8 +365,10 @@ def url_problem(url: str, allowed: frozenset[str]) -> str | None:
             else ""
         )
         return f"not a URL of the form {_URL_SHAPE}{hint} {_NOT_SHOWN}"
-    if scheme.lower() not in allowed:
-        return f"unsupported scheme {scheme.lower()!r}; supported: {', '.join(sorted(allowed))}"
+    prefix, plus, rest = scheme.lower().partition("+")
+    if not (scheme.lower() in allowed or (plus and rest and prefix in prefixes)):
+        supported = [*sorted(allowed), *(f"{p}+<url>" for p in sorted(prefixes))]
+        return f"unsupported scheme {scheme.lower()!r}; supported: {', '.join(supported)}"
     if scheme.lower() in _FOLDER_SCHEMES:
         return None
     # kombu reads "a;b" as a failover list of URLs (Redis Sentinel, RabbitMQ).

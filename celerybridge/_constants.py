@@ -104,6 +104,17 @@ READY_STATES: Final = frozenset({STATE_SUCCESS, STATE_FAILURE, STATE_REVOKED})
 # The keyword delegate() reserves for version selection (the seed's ``version=``).
 VERSION_KEYWORD: Final = "version"
 
+# The rpc:// result backend: Celery's worker publishes a task's states to the queue named
+# by the task message's ``reply_to``, through the default exchange, with the task id as
+# ``correlation_id`` (celery/backends/rpc.py). A bridge declares one reply queue as
+# Celery's ``RPCBackend.binding`` does: durable, auto-delete, and ``x-expires`` of
+# ``result_expires`` (Celery's default: one day). Final results that arrive before
+# anyone waits for them are kept, the latest RPC_REPLIES_KEPT of them; one drain of the
+# polling path reads at most RPC_DRAIN_LIMIT messages (Celery's backlog_limit).
+RPC_REPLY_QUEUE_EXPIRES: Final = 86400.0  # seconds
+RPC_REPLIES_KEPT: Final = 10_000
+RPC_DRAIN_LIMIT: Final = 1000
+
 # Polling the result backend (kombu path): first wait, growth factor, ceiling, in seconds.
 POLL_INITIAL: Final = 0.002
 POLL_FACTOR: Final = 1.5

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from celery import Celery, current_task, shared_task
 
-from ._config import BridgeSettings, broker_transport_options, kombu_url, load_settings
+from ._config import BridgeSettings, client_transport_options, kombu_url, load_settings
 from ._constants import SERIALIZER, SERVICE_HEADER
 from ._dead_letter import DeadLetterTask
 from ._exceptions import ConfigurationError, ContractError, SignatureMismatchError
@@ -86,7 +86,7 @@ def celery_app(main: str, settings: BridgeSettings | None = None, **conf: Any) -
         loader=FinalStateLoader,
     )
     transport_options = {
-        **broker_transport_options(settings.broker_url),
+        **client_transport_options(settings),
         MAX_BYTES_OPTION: settings.max_message_bytes,
         **conf.pop("broker_transport_options", {}),
     }
@@ -98,6 +98,7 @@ def celery_app(main: str, settings: BridgeSettings | None = None, **conf: Any) -
     transport = intake_transport(settings.broker_url)
     if transport is not None:
         conf.setdefault("broker_transport", transport)
+    conf.setdefault("result_backend_transport_options", settings.result_backend_transport_options)
     app.conf.update(_JSON_ONLY, broker_transport_options=transport_options, **conf)
     return app
 

@@ -59,9 +59,11 @@ def test_repr_masks_credentials() -> None:
             "transport needs an absolute folder, e.g. filesystem:///var/spool/cb",
         ),
         (
-            {"result_backend": "rpc://"},
+            {"result_backend": "mysql://x"},
             "invalid celerybridge settings: CELERYBRIDGE_RESULT_BACKEND (result_backend): "
-            "unsupported scheme 'rpc'; supported: file, redis, rediss, sentinel",
+            "unsupported scheme 'mysql'; supported: arangodb, azureblockblob, cassandra, consul, "
+            "cosmosdbsql, couchbase, couchdb, dynamodb, elasticsearch, file, gs, mongodb, redis, "
+            "rediss, rpc, s3, sentinel, cache+<url>, db+<url>",
         ),
         (
             {"publish_timeout": 0},

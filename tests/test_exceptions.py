@@ -12,11 +12,14 @@ import amqp.exceptions
 import celery.exceptions
 import kombu.exceptions
 import pamqp.exceptions
+import psycopg2
+import psycopg2.errors
 import pytest
 import redis.asyncio.client
 import redis.asyncio.connection
 import redis.asyncio.sentinel
 import redis.exceptions
+import sqlalchemy.exc
 from aiormq import spec
 from pamqp.header import ContentHeader
 
@@ -37,6 +40,10 @@ FOREIGN_MODULES = [
     aio_pika.exceptions,
     aiormq.exceptions,
     pamqp.exceptions,
+    # Celery's database backend (db+postgresql://): SQLAlchemy, and psycopg2 under it.
+    sqlalchemy.exc,
+    psycopg2,
+    psycopg2.errors,
 ]
 
 
@@ -78,6 +85,11 @@ REAL_INSTANCES: dict[type[BaseException], Callable[[], BaseException]] = {
 def _instance(cls: type[BaseException]) -> BaseException:
     if cls in REAL_INSTANCES:
         return REAL_INSTANCES[cls]()
+    # SQLAlchemy's errors about a statement carry it, as the database backend raises them.
+    if issubclass(cls, sqlalchemy.exc.DBAPIError):
+        return cls("SELECT 1", {}, Exception("boom"))
+    if issubclass(cls, sqlalchemy.exc.StatementError):
+        return cls("boom", "SELECT 1", {}, Exception("boom"))
     try:
         return cls("boom")
     except (TypeError, ValueError):  # some take several constructor arguments

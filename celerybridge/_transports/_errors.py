@@ -52,6 +52,22 @@ def unbuildable(task_name: str, exc: BaseException) -> DelegationError:
     )
 
 
+OPTIONAL_FOREIGN_PACKAGES = frozenset({"sqlalchemy", "psycopg2"})
+"""Optional clients whose every exception is foreign too, known by the package that
+defines it: Celery's database backend goes through SQLAlchemy, and psycopg2
+(PostgreSQL) under it. Recognised by name, so neither is imported for it."""
+
+
+def is_foreign(exc: BaseException) -> bool:
+    """Whether ``exc`` comes from a library we call (and is not one of ours)."""
+    if isinstance(exc, CeleryBridgeError):
+        return False
+    if isinstance(exc, FOREIGN_ERRORS):
+        return True
+    package = type(exc).__module__.partition(".")[0]
+    return package in OPTIONAL_FOREIGN_PACKAGES and isinstance(exc, Exception)
+
+
 def translate(target: type[CeleryBridgeError], doing: str) -> _Translate:
     """Re-raise any foreign error from the ``with`` block as ``target``, chained with
     ``from``; celerybridge's own errors and anything else pass through."""
@@ -72,5 +88,5 @@ class _Translate:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object
     ) -> None:
-        if isinstance(exc, FOREIGN_ERRORS) and not isinstance(exc, CeleryBridgeError):
+        if exc is not None and is_foreign(exc):
             raise self.target(f"{self.doing}: {type(exc).__name__}: {exc}") from exc

@@ -74,12 +74,13 @@ class Origin:
 
     Celery sets ``origin`` to ``gen<pid>@<host>`` and ``reply_to`` to a per-app,
     per-thread oid (only the ``rpc://`` backend reads it); one publisher has one of each.
+    ``reply_to`` names the bridge's reply queue when its result backend is ``rpc://``.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, reply_to: str | None = None) -> None:
         self.pid = os.getpid()
         self.origin = anon_nodename()
-        self.reply_to = str(uuid.uuid4())
+        self.reply_to = reply_to or str(uuid.uuid4())
 
 
 def task_message(

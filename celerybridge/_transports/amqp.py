@@ -143,8 +143,15 @@ class AmqpPublisher(NativePublisher[tuple[bytes, CeleryProperties]]):
     With a ``signer`` every message carries its signature headers (``_signing``).
     """
 
-    def __init__(self, broker_url: str, *, timeout: float, signer: Signer | None = None) -> None:
-        super().__init__(signer=signer)
+    def __init__(
+        self,
+        broker_url: str,
+        *,
+        timeout: float,
+        signer: Signer | None = None,
+        reply_to: str | None = None,
+    ) -> None:
+        super().__init__(signer=signer, reply_to=reply_to)
         self._url = amqp_url(broker_url)
         self._timeout = timeout
         self.connection_name = f"celerybridge-publisher {self._origin.origin} {uuid.uuid4()}"

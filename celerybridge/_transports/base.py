@@ -117,11 +117,11 @@ class NativePublisher(Publisher, Generic[F]):
     at once do not all do that work in one iteration of the loop.
     """
 
-    def __init__(self, *, signer: Signer | None = None) -> None:
+    def __init__(self, *, signer: Signer | None = None, reply_to: str | None = None) -> None:
         self._closed = False
         self._slots = asyncio.Semaphore(PUBLISH_SLOTS)
         self._signer = signer
-        self._origin = Origin()
+        self._origin = Origin(reply_to)  # reply_to: the bridge's rpc:// reply queue, if any
 
     def admit(self) -> AbstractAsyncContextManager[object]:
         return self._slots
@@ -168,6 +168,12 @@ class ResultSource(ABC):
     @abstractmethod
     async def poll(self, task_id: str) -> TaskOutcome | None:
         """The task's final outcome if it has one now, else ``None``; never waits for it."""
+
+    async def prepare(self) -> None:
+        """Get ready for the results of tasks about to be sent; the bridge calls it before
+        each publish when the backend needs it (``rpc://``: the reply queue must exist
+        before a worker replies to it). The default does nothing."""
+        return None
 
     @property
     @abstractmethod

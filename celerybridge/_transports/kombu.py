@@ -14,7 +14,7 @@ from celery import Celery
 from celery.backends.base import BaseKeyValueStoreBackend
 from celery.result import AsyncResult
 
-from .._config import BridgeSettings, broker_transport_options, kombu_url, scheme_of
+from .._config import BridgeSettings, client_transport_options, kombu_url, scheme_of
 from .._constants import (
     KOMBU_THREADS,
     POLL_FACTOR,
@@ -51,7 +51,7 @@ def client_app(settings: BridgeSettings, *, with_backend: bool, main: str) -> Ce
     if scheme_of(settings.broker_url) in _AMQP_SCHEMES:
         # Publisher confirms: basic_publish returns once RabbitMQ has taken the message.
         transport_options = {"confirm_publish": True, "connect_timeout": timeout}
-    transport_options.update(broker_transport_options(settings.broker_url))
+    transport_options.update(client_transport_options(settings))
     app.conf.update(
         task_serializer=SERIALIZER,
         accept_content=[SERIALIZER],
@@ -76,7 +76,9 @@ def close_celery_app(app: Celery, *backends: Any) -> None:
     own = getattr(getattr(app, "_local", None), "backend", None)
     for backend in {id(b): b for b in (*backends, own) if b is not None}.values():
         consumer = getattr(backend, "result_consumer", None)
-        if consumer is not None and hasattr(consumer, "stop"):
+        # The rpc:// consumer's stop() fails unless it was started (no connection yet).
+        started = getattr(consumer, "_connection", True) is not None
+        if consumer is not None and hasattr(consumer, "stop") and started:
             consumer.stop()
             # An AsyncResult collected later unsubscribes from its channel in __del__,
             # which would reconnect the closed pub/sub and leak that socket.
@@ -116,11 +118,15 @@ class KombuPublisher(Publisher):
 
     ``with_backend`` attaches the result backend, for the sync ``apply_async`` path
     whose callers expect a working ``AsyncResult.get()``; the async path leaves it off,
-    so fire-and-forget creates no result-waiting state.
+    so fire-and-forget creates no result-waiting state. ``reply_to`` names the bridge's
+    ``rpc://`` reply queue (Celery's default: the app's per-thread oid).
     """
 
-    def __init__(self, settings: BridgeSettings, *, with_backend: bool = False) -> None:
+    def __init__(
+        self, settings: BridgeSettings, *, with_backend: bool = False, reply_to: str | None = None
+    ) -> None:
         self.settings = settings
+        self._reply_to: dict[str, Any] = {} if reply_to is None else {"reply_to": reply_to}
         self._app = client_app(settings, with_backend=with_backend, main="celerybridge-publisher")
         # One publish: up to PUBLISH_ATTEMPTS connects/sends, each bounded by the timeout.
         grace = settings.publish_timeout * PUBLISH_ATTEMPTS + 1
@@ -143,6 +149,7 @@ class KombuPublisher(Publisher):
             task_id=message.task_id,
             queue=message.queue,
             serializer=SERIALIZER,
+            **self._reply_to,
             **message.options,
         )
 

@@ -88,8 +88,15 @@ class RedisPublisher(NativePublisher[tuple[str, bytes]]):
     ``signer`` every message carries its signature headers (``_signing``).
     """
 
-    def __init__(self, broker_url: str, *, timeout: float, signer: Signer | None = None) -> None:
-        super().__init__(signer=signer)
+    def __init__(
+        self,
+        broker_url: str,
+        *,
+        timeout: float,
+        signer: Signer | None = None,
+        reply_to: str | None = None,
+    ) -> None:
+        super().__init__(signer=signer, reply_to=reply_to)
         self._timeout = timeout
         # Every command is bounded here: a lone LPUSH by its caller's publish timeout,
         # a batch by ``timeout`` (the flusher has no caller to time it out).

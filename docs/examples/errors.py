@@ -202,10 +202,19 @@ async def main() -> None:
     # --8<-- [start:config]
     with expect(
         ConfigurationError,
-        "invalid celerybridge settings: CELERYBRIDGE_RESULT_BACKEND (result_backend): "
-        "unsupported scheme 'rpc'; supported: file, redis, rediss, sentinel",
+        "invalid celerybridge settings: CELERYBRIDGE_BROKER_TRANSPORT_OPTIONS "
+        "(broker_transport_options): a sentinel:// broker needs the name of the Redis master "
+        "its Sentinels watch: set CELERYBRIDGE_BROKER_TRANSPORT_OPTIONS="
+        """'{"master_name": "mymaster"}' (the name in the Sentinels' configuration)""",
     ):
-        Bridge(result_backend="rpc://")
+        Bridge(broker_url="sentinel://127.0.0.1:26379")
+    with expect(
+        ConfigurationError,
+        "result backend cache+memory:// keeps results in the memory of each process, so a "
+        "worker's results never reach this bridge; use redis://, rpc:// (with RabbitMQ) or "
+        "db+postgresql:// instead",
+    ):
+        Bridge(result_backend="cache+memory://")
     with expect(
         ConfigurationError,
         "invalid celerybridge settings: CELERYBRIDGE_PUBLISH_TIMEOUT (publish_timeout): "
