@@ -229,11 +229,13 @@ async def test_rpc_plain_celery_worker_replies_to_the_bridge(
     assert await handle.result(timeout=20) == {"key": "k", "content": "v", "bridge_loaded": "False"}
 
 
-async def test_rpc_reply_queue_is_declared_as_celery_declares_it(
-    rpc_bridge: Bridge, rpc_setup: tuple[str, bool, Any]
-) -> None:
-    if rpc_setup[0] != "amqp":
-        pytest.skip("RabbitMQ compares declarations; Redis has none")
+# RabbitMQ only: it compares declarations (Redis has none), and lists queues and
+# connections (on Redis the reply list is a key).
+ON_RABBITMQ = pytest.mark.parametrize("rpc_setup", ["amqp-native", "amqp-kombu"], indirect=True)
+
+
+@ON_RABBITMQ
+async def test_rpc_reply_queue_is_declared_as_celery_declares_it(rpc_bridge: Bridge) -> None:
     source = rpc_bridge._get_results()
     await source.prepare()
     assert isinstance(source, RpcResultSource | KombuRpcResultSource)
@@ -262,12 +264,11 @@ def _queue_exists(broker_url: str, queue: str) -> bool:
         return True
 
 
+@ON_RABBITMQ
 async def test_rpc_close_leaves_no_queue_and_no_connection(
     rpc_worker: Worker, rpc_setup: tuple[str, bool, Any]
 ) -> None:
     broker, fast_path, _ = rpc_setup
-    if broker != "amqp":
-        pytest.skip("queues and connections are RabbitMQ's; on Redis the reply list is a key")
     bridge = Bridge(broker_url=BROKERS[broker], result_backend="rpc://", fast_path=fast_path)
     assert (await (await bridge.send(on(rpc_worker, bindings.add), (1, 1), {}))).value == 2
     source = bridge._results
