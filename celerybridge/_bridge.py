@@ -27,6 +27,7 @@ from ._exceptions import (
     ResultBackendError,
     ResultTimeoutError,
 )
+from ._queues import QueuePlan
 from ._registry import registry
 from ._result import TaskHandle
 from ._signing import Signer
@@ -34,6 +35,8 @@ from ._transports.base import NativePublisher
 from ._utils import Timeout, fail_after, to_seconds
 
 if TYPE_CHECKING:
+    from celery import Celery
+
     from ._contracts import RemoteTask
     from ._transports.base import OutgoingMessage, Publisher, ResultSource, TaskOutcome
 
@@ -57,6 +60,12 @@ class Bridge:
     classes, polled in threads. One that cannot be (``cache+memory://``: in-process) is a
     :class:`ConfigurationError` here. With ``rpc://`` a result is a message consumed by
     the bridge that sent the task: a task sent by another bridge cannot be awaited.
+
+    ``celery`` is a Celery app configured as the workers are (``task_queues``,
+    ``task_default_queue_type``, ``task_create_missing_queue_type``,
+    ``task_queue_max_priority``): on RabbitMQ a queue that does not exist yet is then
+    declared as that app's workers declare it, unless ``CELERYBRIDGE_QUEUES`` names it.
+    Only its queue definitions are read; it publishes nothing. See docs/delegation.md.
     """
 
     def __init__(
@@ -65,11 +74,13 @@ class Bridge:
         *,
         publisher: Publisher | None = None,
         results: ResultSource | None = None,
+        celery: Celery | None = None,
         **overrides: Any,
     ) -> None:
         self.settings = load_settings(settings, **overrides)
         if results is None and (problem := result_backend_problem(self.settings)) is not None:
             raise ConfigurationError(problem)
+        self._queues = QueuePlan.from_settings(self.settings, celery)
         self._publisher = publisher
         self._results = results
         # rpc://: the reply queue every task message names and the result source consumes.
@@ -240,7 +251,9 @@ class Bridge:
             if not self._fast_path(url, FAST_PATH_BROKER_SCHEMES):
                 from ._transports.kombu import KombuPublisher
 
-                self._publisher = KombuPublisher(self.settings, reply_to=reply_to)
+                self._publisher = KombuPublisher(
+                    self.settings, reply_to=reply_to, queues=self._queues
+                )
             elif scheme_of(url) in ("redis", "rediss"):
                 from ._transports.redis import RedisPublisher
 
@@ -258,6 +271,7 @@ class Bridge:
                     timeout=timeout,
                     signer=Signer.from_settings(self.settings),
                     reply_to=reply_to,
+                    queues=self._queues,
                 )
         return self._publisher
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -19,6 +20,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from ._constants import (
+    AMQP_SHORTSTR_BYTES,
     DEFAULT_BROKER_URL,
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_PUBLISH_TIMEOUT,
@@ -26,6 +28,11 @@ from ._constants import (
     DEFAULT_SIGNING_MAX_AGE,
     ENV_PREFIX,
     FILESYSTEM_POLLING_INTERVAL,
+    MAX_PRIORITY,
+    MAX_PRIORITY_ARGUMENT,
+    QUEUE_TYPE_ARGUMENT,
+    QUEUE_TYPE_QUORUM,
+    QUEUE_TYPES,
     SIGNING_KEY_MIN_LENGTH,
 )
 from ._exceptions import ConfigurationError
@@ -76,7 +83,8 @@ class BridgeSettings(BaseSettings):
     ``CELERYBRIDGE_RESULT_TIMEOUT``, ``CELERYBRIDGE_FAST_PATH``,
     ``CELERYBRIDGE_SIGNING_KEY``, ``CELERYBRIDGE_SIGNING_VERIFY_KEYS``,
     ``CELERYBRIDGE_SIGNING_MAX_AGE``, ``CELERYBRIDGE_BROKER_TRANSPORT_OPTIONS``,
-    ``CELERYBRIDGE_RESULT_BACKEND_TRANSPORT_OPTIONS``. Values are checked
+    ``CELERYBRIDGE_RESULT_BACKEND_TRANSPORT_OPTIONS``, ``CELERYBRIDGE_QUEUES``,
+    ``CELERYBRIDGE_DEFAULT_QUEUE_TYPE``. Values are checked
     when the settings are built. Credentials in URLs are masked in ``repr`` and a URL
     is never quoted in an error message (a malformed one could show its password where
     a parser expects a host or a port); the signing key never appears in ``repr`` or
@@ -148,6 +156,18 @@ class BridgeSettings(BaseSettings):
     """This service's name, sent with every message (``x-celerybridge-service``, covered
     by the signature when signing is on); task bodies read it with
     :func:`~celerybridge.caller_service`, e.g. to enforce per-service policies."""
+
+    queues: Annotated[dict[str, dict[str, Any]], NoDecode] = Field(default_factory=dict)
+    """How to declare queues on RabbitMQ that do not exist yet when a message is published
+    to them: queue name -> AMQP queue arguments, e.g. ``{"pusher": {"x-queue-type":
+    "quorum"}}``; in the environment the same as JSON. A queue that exists is published
+    to as it is, whatever its arguments; workers built with
+    :func:`~celerybridge.celery_app` declare these queues with the same arguments.
+    Meaningless on Redis (accepted, ignored). See docs/delegation.md."""
+
+    default_queue_type: Literal["classic", "quorum"] = "classic"
+    """The type of a missing queue that ``queues`` does not name (Celery's
+    ``task_create_missing_queue_type``); ``Bridge(celery=app)`` uses the app's instead."""
 
     def __init__(self, **values: Any) -> None:
         try:
@@ -265,10 +285,135 @@ class BridgeSettings(BaseSettings):
             )
         return keys
 
+    @field_validator("queues", mode="before")
+    @classmethod
+    def _parse_queues(cls, queues: Any) -> Any:
+        if isinstance(queues, str):
+            if not queues.strip():
+                return {}
+            try:
+                queues = json.loads(queues)
+            except ValueError:
+                raise ValueError(f"is not JSON; {_QUEUES_SHAPE}") from None
+        return checked_queues(queues)
+
     def __repr_args__(self) -> Any:
         yield "broker_url", mask_url(self.broker_url)
         yield "result_backend", (mask_url(self.result_backend) if self.result_backend else None)
         yield from super().__repr_args__()
+
+
+_QUEUES_SHAPE = (
+    "expected a JSON object mapping queue names to their AMQP arguments, "
+    """e.g. '{"pusher": {"x-queue-type": "quorum"}}'"""
+)
+# RabbitMQ's queue arguments whose value is a number, and the smallest value it takes.
+_INT_ARGUMENTS = {
+    MAX_PRIORITY_ARGUMENT: 1,
+    "x-message-ttl": 0,
+    "x-expires": 1,
+    "x-max-length": 0,
+    "x-max-length-bytes": 0,
+    "x-delivery-limit": 0,
+    "x-quorum-initial-group-size": 1,
+}
+# ... whose value is one of a few words; None: any string.
+_STR_ARGUMENTS: dict[str, tuple[str, ...] | None] = {
+    QUEUE_TYPE_ARGUMENT: QUEUE_TYPES,
+    "x-dead-letter-exchange": None,
+    "x-dead-letter-routing-key": None,
+    "x-overflow": ("drop-head", "reject-publish", "reject-publish-dlx"),
+    "x-queue-mode": ("default", "lazy"),
+    "x-dead-letter-strategy": ("at-most-once", "at-least-once"),
+    "x-queue-leader-locator": ("client-local", "balanced", "random", "least-leaders"),
+}
+_INT64 = 2**63  # an AMQP table holds signed 64-bit integers at most
+
+
+def checked_queues(queues: Any) -> dict[str, dict[str, Any]]:
+    """``queues`` (:attr:`BridgeSettings.queues`) as a new dict, or ``ValueError`` saying
+    what is wrong with it, naming the queue and the argument."""
+    if not isinstance(queues, Mapping):
+        raise ValueError(_QUEUES_SHAPE)
+    checked: dict[str, dict[str, Any]] = {}
+    for name, arguments in queues.items():
+        problem = _name_problem(name, "queue names")
+        if problem is None and name.startswith("amq."):
+            problem = f"queue names starting with 'amq.' are reserved by RabbitMQ (got {name!r})"
+        if problem is not None:
+            raise ValueError(problem)
+        if not isinstance(arguments, Mapping):
+            raise ValueError(
+                f"queue {name!r}: its arguments must be a JSON object, "
+                f'e.g. {{"x-queue-type": "quorum"}} (got {type(arguments).__name__})'
+            )
+        checked[name] = {}
+        for key, value in arguments.items():
+            problem = _name_problem(key, "argument names") or _argument_problem(key, value)
+            if problem is not None:
+                raise ValueError(f"queue {name!r}: {problem}")
+            checked[name][key] = value
+        if (
+            checked[name].get(QUEUE_TYPE_ARGUMENT) == QUEUE_TYPE_QUORUM
+            and MAX_PRIORITY_ARGUMENT in checked[name]
+        ):
+            raise ValueError(
+                f"queue {name!r}: quorum queues do not support priorities; drop "
+                f"{MAX_PRIORITY_ARGUMENT} or make it a classic queue"
+            )
+    return checked
+
+
+def _shown(value: object) -> str:
+    """``value`` quoted for an error message, cut short."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _name_problem(name: object, what: str) -> str | None:
+    if not isinstance(name, str):
+        return f"{what} must be strings (got {type(name).__name__})"
+    if not 1 <= _utf8_size(name) <= AMQP_SHORTSTR_BYTES:
+        return f"{what} must be 1 to {AMQP_SHORTSTR_BYTES} bytes of UTF-8 (got {_shown(name)})"
+    return None
+
+
+def _argument_problem(key: str, value: object) -> str | None:
+    """Why RabbitMQ would refuse ``key: value`` as a queue argument, or ``None``."""
+    if not key.startswith("x-"):
+        return f"argument {_shown(key)} is not a queue argument (they start with 'x-')"
+    if key in _INT_ARGUMENTS:
+        low = _INT_ARGUMENTS[key]
+        high = MAX_PRIORITY if key == MAX_PRIORITY_ARGUMENT else _INT64 - 1
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            return f"{key} must be an integer from {low} to {high} (got {_shown(value)})"
+        return None
+    if key in _STR_ARGUMENTS:
+        allowed = _STR_ARGUMENTS[key]
+        if allowed is not None and (not isinstance(value, str) or value not in allowed):
+            expected = " or ".join(repr(a) for a in allowed)
+            return f"{key} must be {expected} (got {_shown(value)})"
+        if allowed is None and not (
+            isinstance(value, str) and 0 <= _utf8_size(value) <= AMQP_SHORTSTR_BYTES
+        ):
+            return (
+                f"{key} must be a name of at most {AMQP_SHORTSTR_BYTES} bytes of UTF-8 "
+                f"(got {_shown(value)})"
+            )
+        return None
+    if isinstance(value, bool) or (isinstance(value, int) and -_INT64 <= value < _INT64):
+        return None
+    if isinstance(value, str) and _utf8_size(value) >= 0:
+        return None
+    return f"{key} must be a string, an integer or a boolean (got {_shown(value)})"
+
+
+def _utf8_size(text: str) -> int:
+    """Bytes of ``text`` in UTF-8; -1 if it cannot be encoded (a lone surrogate)."""
+    try:
+        return len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        return -1
 
 
 def broker_transport_options(url: str) -> dict[str, Any]:

@@ -153,6 +153,18 @@ AMQP_EXCHANGE_TYPE: Final = "direct"
 # of at most 255 bytes: content type and encoding, correlation id, reply-to, expiration).
 AMQP_HEADER_FRAME_OVERHEAD: Final = 8 + 14 + 5 * 256 + 16
 
+# Queue arguments (CELERYBRIDGE_QUEUES, CELERYBRIDGE_DEFAULT_QUEUE_TYPE; see _queues.py).
+# The queue types Celery can consume (celery/app/amqp.py ``Queues.new_missing``):
+# RabbitMQ's streams need consumer offsets, which Celery does not send.
+QUEUE_TYPE_ARGUMENT: Final = "x-queue-type"
+QUEUE_TYPE_CLASSIC: Final = "classic"
+QUEUE_TYPE_QUORUM: Final = "quorum"
+QUEUE_TYPES: Final = (QUEUE_TYPE_CLASSIC, QUEUE_TYPE_QUORUM)
+MAX_PRIORITY_ARGUMENT: Final = "x-max-priority"
+MAX_PRIORITY: Final = 255  # RabbitMQ's largest x-max-priority
+# AMQP short strings (queue names, argument names) hold at most 255 bytes of UTF-8.
+AMQP_SHORTSTR_BYTES: Final = 255
+
 # Celery's Redis result backend: the key holding a task's meta, also the pub/sub channel
 # its ``set`` PUBLISHes the meta on (celery/backends/base.py, backends/redis.py).
 RESULT_KEY_PREFIX: Final = "celery-task-meta-"

@@ -8,6 +8,8 @@ from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from celery import Celery, current_task, shared_task
+from celery.app.amqp import Queues
+from kombu import Queue
 
 from ._config import BridgeSettings, client_transport_options, kombu_url, load_settings
 from ._constants import SERIALIZER, SERVICE_HEADER
@@ -68,7 +70,13 @@ def celery_app(main: str, settings: BridgeSettings | None = None, **conf: Any) -
 
     With ``CELERYBRIDGE_SIGNING_KEY`` set, the worker runs only messages signed with
     that key within ``CELERYBRIDGE_SIGNING_MAX_AGE`` seconds; the rest go to
-    ``<queue>.dead`` too. What the app sends itself (retries) is signed."""
+    ``<queue>.dead`` too. What the app sends itself (retries) is signed.
+
+    The worker declares a queue it consumes (``-Q``) that Celery's ``task_queues`` does
+    not define as ``CELERYBRIDGE_QUEUES`` says, and one that it does not name either
+    with ``CELERYBRIDGE_DEFAULT_QUEUE_TYPE`` (unless ``conf`` sets Celery's
+    ``task_create_missing_queue_type``): workers and bridges configured alike declare
+    queues alike, whichever starts first."""
     settings = load_settings(settings)
     if conf.get("task_compression"):
         # The intake gate reads uncompressed JSON only (and signatures cover the body as
@@ -99,8 +107,25 @@ def celery_app(main: str, settings: BridgeSettings | None = None, **conf: Any) -
     if transport is not None:
         conf.setdefault("broker_transport", transport)
     conf.setdefault("result_backend_transport_options", settings.result_backend_transport_options)
+    conf.setdefault("task_create_missing_queue_type", settings.default_queue_type)
     app.conf.update(_JSON_ONLY, broker_transport_options=transport_options, **conf)
+    if settings.queues:
+        app.amqp.queues_cls = _queues_with(settings.queues)
     return app
+
+
+def _queues_with(arguments: dict[str, dict[str, Any]]) -> type[Queues]:
+    """Celery's ``Queues``, creating the missing queues that ``arguments`` names with
+    those arguments (``CELERYBRIDGE_QUEUES``) as a worker's ``-Q`` creates them."""
+
+    class BridgeQueues(Queues):
+        def new_missing(self, name: str) -> Queue:
+            queue: Queue = super().new_missing(name)
+            if name in arguments:
+                queue.queue_arguments = dict(arguments[name]) or None
+            return queue
+
+    return BridgeQueues
 
 
 def check_signature(stub: RemoteTask[Any, Any], fn: Callable[..., Any]) -> str | None:

@@ -3,10 +3,12 @@
 Messages are what kombu's py-amqp transport writes for the same ``send_task`` call
 (see ``_protocol``): the same body bytes and the same content header, byte for byte,
 because the headers table is encoded by py-amqp's own encoder (below). Celery sends a
-task for ``queue=<q>`` to the default exchange with routing key ``<q>``, after
-declaring ``Queue(q, Exchange(q, 'direct'), routing_key=q)``; so does this publisher,
-once per queue and connection, with the same arguments, so a worker's or kombu's later
-declaration of the queue agrees with it.
+task for ``queue=<q>`` to the default exchange with routing key ``<q>``; so does this
+publisher. Before its first publish to a queue (once per queue and connection) it
+checks, passively, that the queue exists, and declares it only if it does not: a queue
+declared by a worker (quorum, with priorities, a TTL...) is published to as it is, and
+a missing one is declared as the configuration says (``_queues``), so a worker's later
+declaration of it agrees.
 
 asyncio only: aio-pika does not run under trio, where the bridge uses the kombu path.
 """
@@ -27,13 +29,13 @@ from amqp.serialization import dumps as amqp_dumps
 from yarl import URL
 
 from .._constants import (
-    AMQP_EXCHANGE_TYPE,
     AMQP_HEADER_FRAME_OVERHEAD,
     PUBLISH_RETRIES,
     RECONNECT_INITIAL,
     RECONNECT_MAX,
 )
 from .._exceptions import DelegationError
+from .._queues import QueueDeclaration, QueuePlan
 from .._signing import Signer
 from ._errors import translate
 from ._protocol import TaskMessage
@@ -128,6 +130,93 @@ def _check_fits(
         )
 
 
+async def ensure_queue(
+    connection: aiormq.abc.AbstractConnection, declaration: QueueDeclaration
+) -> None:
+    """Check passively that the queue exists; if it does not, declare it, its exchange and
+    their binding as ``declaration`` says.
+
+    RabbitMQ closes a channel on any refusal (a passive declaration of a missing queue
+    among them), so each step has a short-lived channel of its own and the publishing
+    channel never sees one. If someone else declares the queue between the check and the
+    declaration, differently (a worker starting), theirs stands. A refusal that leaves no
+    queue to publish to is a :class:`DelegationError` with RabbitMQ's words.
+    """
+    queue = declaration.name
+    if await _queue_exists(connection, queue):
+        return
+    try:
+        async with _ScratchChannel(connection) as channel:
+            await channel.exchange_declare(
+                exchange=declaration.exchange_name,
+                exchange_type=declaration.exchange_type,
+                durable=declaration.durable,
+                auto_delete=False,
+                arguments={},
+            )
+            await channel.queue_declare(
+                queue=queue,
+                durable=declaration.durable,
+                exclusive=False,
+                auto_delete=declaration.auto_delete,
+                arguments=dict(declaration.arguments),
+            )
+            await channel.queue_bind(
+                queue=queue,
+                exchange=declaration.exchange_name,
+                routing_key=declaration.binding_key,
+                arguments={},
+            )
+    except aiormq.exceptions.ChannelClosed as exc:
+        if isinstance(exc, aiormq.exceptions.ChannelPreconditionFailed) and await _queue_exists(
+            connection, queue
+        ):
+            logger.info("queue %r was declared meanwhile by someone else: %s", queue, exc)
+            return
+        raise DelegationError(
+            f"RabbitMQ refused to declare queue {queue!r} with arguments "
+            f"{dict(declaration.arguments)}: {amqp_reason(exc)}"
+        ) from exc
+
+
+async def _queue_exists(connection: aiormq.abc.AbstractConnection, queue: str) -> bool:
+    """Whether ``queue`` exists: a passive declaration, on a channel of its own."""
+    try:
+        async with _ScratchChannel(connection) as channel:
+            await channel.queue_declare(queue=queue, passive=True)
+    except aiormq.exceptions.ChannelNotFoundEntity:
+        return False
+    except aiormq.exceptions.ChannelClosed as exc:  # locked (exclusive), access refused...
+        raise DelegationError(
+            f"RabbitMQ refused to check queue {queue!r}: {amqp_reason(exc)}"
+        ) from exc
+    return True
+
+
+class _ScratchChannel:
+    """A channel for one step, closed after it unless RabbitMQ has closed it already."""
+
+    def __init__(self, connection: aiormq.abc.AbstractConnection) -> None:
+        self._connection = connection
+        self._channel: aiormq.abc.AbstractChannel | None = None
+
+    async def __aenter__(self) -> aiormq.abc.AbstractChannel:
+        self._channel = await self._connection.channel(publisher_confirms=False)
+        return self._channel
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._channel is not None
+        if not self._channel.is_closed:
+            with anyio.CancelScope(shield=True):
+                await self._channel.close()
+
+
+def amqp_reason(exc: BaseException) -> str:
+    """RabbitMQ's words for a refusal, e.g. ``PRECONDITION_FAILED - inequivalent arg ...``."""
+    texts = [a for a in exc.args if isinstance(a, str)]
+    return texts[0] if texts else str(exc)
+
+
 class AmqpPublisher(NativePublisher[tuple[bytes, CeleryProperties]]):
     """Publishes Celery task messages to RabbitMQ with aio-pika, one confirm per message.
 
@@ -141,6 +230,7 @@ class AmqpPublisher(NativePublisher[tuple[bytes, CeleryProperties]]):
     ``PUBLISH_RETRIES`` times, once aio-pika has reconnected; a confirmed publish is
     never repeated. The caller's publish timeout bounds the wait for a reconnection.
     With a ``signer`` every message carries its signature headers (``_signing``).
+    ``queues`` says how to declare a queue that does not exist yet (``_queues``).
     """
 
     def __init__(
@@ -150,8 +240,10 @@ class AmqpPublisher(NativePublisher[tuple[bytes, CeleryProperties]]):
         timeout: float,
         signer: Signer | None = None,
         reply_to: str | None = None,
+        queues: QueuePlan | None = None,
     ) -> None:
         super().__init__(signer=signer, reply_to=reply_to)
+        self._queues = QueuePlan() if queues is None else queues
         self._url = amqp_url(broker_url)
         self._timeout = timeout
         self.connection_name = f"celerybridge-publisher {self._origin.origin} {uuid.uuid4()}"
@@ -238,23 +330,9 @@ class AmqpPublisher(NativePublisher[tuple[bytes, CeleryProperties]]):
         await asyncio.shield(pending)
 
     async def _declare_now(self, channel: aiormq.abc.AbstractChannel, queue: str) -> None:
-        """Declare ``queue`` as Celery does for ``send_task(queue=...)``.
-
-        ``Queues.new_missing``: a durable classic queue (``queue_arguments`` ``{}``)
-        bound with routing key ``queue`` to a durable direct exchange of the same name.
-        """
+        """Make sure ``queue`` exists, declaring it (as ``_queues`` says) only if it does not."""
         try:
-            await channel.exchange_declare(
-                exchange=queue,
-                exchange_type=AMQP_EXCHANGE_TYPE,
-                durable=True,
-                auto_delete=False,
-                arguments={},
-            )
-            await channel.queue_declare(
-                queue=queue, durable=True, exclusive=False, auto_delete=False, arguments={}
-            )
-            await channel.queue_bind(queue=queue, exchange=queue, routing_key=queue, arguments={})
+            await ensure_queue(channel.connection, self._queues.declaration(queue))
         finally:
             if channel is self._declared_on:
                 self._declaring.pop(queue, None)

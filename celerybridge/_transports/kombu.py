@@ -6,13 +6,16 @@ Broker and result-backend I/O never runs on the event-loop thread.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+import amqp.exceptions
 import anyio
 import anyio.to_thread
 from celery import Celery
 from celery.backends.base import BaseKeyValueStoreBackend
 from celery.result import AsyncResult
+from kombu import Queue
 
 from .._config import BridgeSettings, client_transport_options, kombu_url, scheme_of
 from .._constants import (
@@ -25,10 +28,13 @@ from .._constants import (
     SERIALIZER,
 )
 from .._exceptions import ConfigurationError, DelegationError, ResultBackendError
+from .._queues import QueuePlan
 from .._signing import signing_app
 from ._errors import UNBUILDABLE, translate, unbuildable
 from ._threads import ThreadCalls
 from .base import OutgoingMessage, Publisher, ResultSource, TaskOutcome, outcome_from_meta
+
+logger = logging.getLogger(__name__)
 
 _AMQP_SCHEMES = frozenset({"amqp", "amqps", "pyamqp"})
 
@@ -113,6 +119,63 @@ def key_value_backend(
     return app, backend
 
 
+class ExistingFirstQueue(Queue):
+    """A kombu ``Queue`` declared the way the fast path declares (``amqp.ensure_queue``):
+    a passive check first, and exchange, queue and binding only if it is missing.
+
+    Each step runs on a short-lived channel of the same py-amqp connection: RabbitMQ
+    closes a channel on every refusal (a missing queue's passive check among them), and
+    py-amqp reopens a closed channel without its publisher confirms. kombu caches the
+    declaration per connection, as for any queue (``maybe_declare``).
+    """
+
+    def declare(self, nowait: bool = False, channel: Any = None) -> str:
+        bound: Any = channel or self.channel
+        connection = bound.connection  # py-amqp's Connection
+        if _queue_exists(connection, self.name):
+            return str(self.name)
+        scratch = connection.channel()
+        try:
+            super().declare(nowait=False, channel=scratch)
+        except amqp.exceptions.PreconditionFailed as exc:
+            if not _queue_exists(connection, self.name):
+                raise self._refused(exc) from exc
+            logger.info("queue %r was declared meanwhile by someone else: %s", self.name, exc)
+        except amqp.exceptions.ChannelError as exc:
+            raise self._refused(exc) from exc
+        finally:
+            _close(scratch)
+        return str(self.name)
+
+    def _refused(self, exc: amqp.exceptions.AMQPError) -> DelegationError:
+        return DelegationError(
+            f"RabbitMQ refused to declare queue {self.name!r} with arguments "
+            f"{self.queue_arguments or {}}: {exc.reply_text}"
+        )
+
+
+def _queue_exists(connection: Any, queue: str) -> bool:
+    """Whether ``queue`` exists: a passive declaration, on a channel of its own."""
+    scratch = connection.channel()
+    try:
+        scratch.queue_declare(queue=queue, passive=True)
+    except amqp.exceptions.NotFound:
+        return False
+    except amqp.exceptions.ChannelError as exc:  # locked (exclusive), access refused...
+        raise DelegationError(
+            f"RabbitMQ refused to check queue {queue!r}: {exc.reply_text}"
+        ) from exc
+    finally:
+        _close(scratch)
+    return True
+
+
+def _close(channel: Any) -> None:
+    # py-amqp reopens a channel RabbitMQ closed: close it either way.
+    if channel.is_open:
+        channel.close()
+
+
 class KombuPublisher(Publisher):
     """Publishes with ``Celery.send_task`` in a worker thread.
 
@@ -120,14 +183,26 @@ class KombuPublisher(Publisher):
     whose callers expect a working ``AsyncResult.get()``; the async path leaves it off,
     so fire-and-forget creates no result-waiting state. ``reply_to`` names the bridge's
     ``rpc://`` reply queue (Celery's default: the app's per-thread oid).
+
+    On RabbitMQ, a queue is published to as it exists, and declared as ``queues`` says
+    only when it does not (:class:`ExistingFirstQueue`); on other brokers Celery
+    declares it as it always does.
     """
 
     def __init__(
-        self, settings: BridgeSettings, *, with_backend: bool = False, reply_to: str | None = None
+        self,
+        settings: BridgeSettings,
+        *,
+        with_backend: bool = False,
+        reply_to: str | None = None,
+        queues: QueuePlan | None = None,
     ) -> None:
         self.settings = settings
         self._reply_to: dict[str, Any] = {} if reply_to is None else {"reply_to": reply_to}
         self._app = client_app(settings, with_backend=with_backend, main="celerybridge-publisher")
+        self._queues = QueuePlan.from_settings(settings) if queues is None else queues
+        self._on_amqp = scheme_of(settings.broker_url) in _AMQP_SCHEMES
+        self._declarations: dict[str, Queue] = {}
         # One publish: up to PUBLISH_ATTEMPTS connects/sends, each bounded by the timeout.
         grace = settings.publish_timeout * PUBLISH_ATTEMPTS + 1
         self._threads = ThreadCalls(KOMBU_THREADS, DelegationError, grace=grace)
@@ -142,6 +217,9 @@ class KombuPublisher(Publisher):
             raise unbuildable(message.task_name, exc) from exc
 
     def _send_task(self, message: OutgoingMessage) -> AsyncResult[Any]:
+        declare = None  # Celery's own, on other brokers than RabbitMQ
+        if self._on_amqp:
+            declare = [self._queue(message.queue)]
         return self._app.send_task(
             message.task_name,
             args=message.args,
@@ -149,9 +227,17 @@ class KombuPublisher(Publisher):
             task_id=message.task_id,
             queue=message.queue,
             serializer=SERIALIZER,
+            declare=declare,
             **self._reply_to,
             **message.options,
         )
+
+    def _queue(self, name: str) -> Queue:
+        queue = self._declarations.get(name)
+        if queue is None:  # a race only builds the same queue twice
+            queue = self._queues.declaration(name).kombu_queue(ExistingFirstQueue)
+            self._declarations[name] = queue
+        return queue
 
     async def publish(self, message: OutgoingMessage) -> None:
         await self._threads.run(self.send, message)
