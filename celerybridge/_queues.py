@@ -143,12 +143,15 @@ def celery_declaration(app: Celery, queue: str) -> QueueDeclaration | None:
     if queues.max_priority is not None:
         arguments.setdefault("x-max-priority", queues.max_priority)
     exchange = defined.exchange
+    exchange_name = exchange.name if exchange is not None and exchange.name else ""
+    routing_key = defined.routing_key or ""
     return QueueDeclaration(
         queue,
         arguments,
-        exchange=exchange.name if exchange is not None and exchange.name else "",
+        # The queue's own name is the default: the same declaration, compared equal.
+        exchange="" if exchange_name == queue else exchange_name,
         exchange_type=(exchange.type if exchange is not None else None) or AMQP_EXCHANGE_TYPE,
-        routing_key=defined.routing_key or "",
+        routing_key="" if routing_key == queue else routing_key,
         durable=bool(defined.durable),
         auto_delete=bool(defined.auto_delete),
     )

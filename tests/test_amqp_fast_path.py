@@ -140,11 +140,12 @@ async def test_no_confirmed_publish_is_lost_when_the_connection_drops_mid_stream
 async def test_a_refused_declaration_is_a_delegation_error_and_the_channel_recovers(
     queue: str,
 ) -> None:
-    # Someone declared the queue differently: RabbitMQ refuses ours (PRECONDITION_FAILED),
-    # exactly as it would refuse Celery's own client.
+    # The queue is missing and an exchange of its name is not Celery's direct one:
+    # RabbitMQ refuses the declaration (PRECONDITION_FAILED), exactly as it would refuse
+    # Celery's own client. (A queue that exists is published to as it is: test_queues.py.)
     with kombu.Connection(AMQP_URL) as connection:
-        connection.default_channel.queue_declare(
-            queue, durable=True, auto_delete=False, arguments={"x-max-length": 5}
+        connection.default_channel.exchange_declare(
+            queue, "fanout", durable=True, auto_delete=False
         )
     other = f"{queue}-ok"
     publisher = AmqpPublisher(AMQP_URL, timeout=5)
@@ -160,7 +161,7 @@ async def test_a_refused_declaration_is_a_delegation_error_and_the_channel_recov
             connection.default_channel.queue_delete(other)
             connection.default_channel.exchange_delete(other)
     message = str(caught.value)
-    assert message.startswith(f"publishing 'amqp.task' to '{queue}': ChannelPreconditionFailed")
+    assert message.startswith(f"RabbitMQ refused to declare queue '{queue}' with arguments {{}}: ")
     assert "PRECONDITION_FAILED" in message
 
 
