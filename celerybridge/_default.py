@@ -20,6 +20,8 @@ from ._registry import registry
 from ._result import TaskHandle
 
 if TYPE_CHECKING:
+    from celery import Celery
+
     from ._transports.base import Publisher, ResultSource
     from ._transports.kombu import KombuPublisher
 
@@ -29,9 +31,12 @@ class _Config:
     settings: BridgeSettings
     publisher: Publisher | None = None
     results: ResultSource | None = None
+    celery: Celery | None = None
 
     def bridge(self) -> Bridge:
-        return Bridge(self.settings, publisher=self.publisher, results=self.results)
+        return Bridge(
+            self.settings, publisher=self.publisher, results=self.results, celery=self.celery
+        )
 
 
 _config: _Config | None = None
@@ -48,16 +53,18 @@ def configure(
     *,
     publisher: Publisher | None = None,
     results: ResultSource | None = None,
+    celery: Celery | None = None,
     **overrides: Any,
 ) -> None:
     """Configure the default bridge (otherwise built from ``CELERYBRIDGE_*`` variables).
 
     ``publisher`` and ``results`` replace its transports, e.g. with a
-    :class:`~celerybridge.MemoryTransport` in tests. Default bridges built before are
-    closed on their next use.
+    :class:`~celerybridge.MemoryTransport` in tests. ``celery`` is a Celery app whose queue
+    definitions say how to declare missing queues, as for :class:`~celerybridge.Bridge`.
+    Default bridges built before are closed on their next use.
     """
     global _config
-    _config = _Config(load_settings(settings, **overrides), publisher, results)
+    _config = _Config(load_settings(settings, **overrides), publisher, results, celery)
 
 
 def _current() -> _Config:
@@ -116,9 +123,12 @@ def sync_publisher() -> KombuPublisher:
     global _sync
     config = _current()
     if _sync is None or _sync[0] != os.getpid() or _sync[1] is not config:
+        from ._queues import QueuePlan
         from ._transports.kombu import KombuPublisher
 
         if _sync is not None and _sync[0] == os.getpid():
             _sync[2].close()
-        _sync = (os.getpid(), config, KombuPublisher(config.settings, with_backend=True))
+        queues = QueuePlan.from_settings(config.settings, config.celery)
+        publisher = KombuPublisher(config.settings, with_backend=True, queues=queues)
+        _sync = (os.getpid(), config, publisher)
     return _sync[2]

@@ -13,13 +13,16 @@ import anyio
 import anyio.to_thread
 import kombu
 import pytest
-from amqp.exceptions import PreconditionFailed
+from amqp.exceptions import NotFound, PreconditionFailed
 from celery import Celery
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import celerybridge
 from celerybridge import Bridge, BridgeSettings, ConfigurationError, DelegationError
 from celerybridge._queues import QueueDeclaration, QueuePlan, celery_declaration
+from celerybridge._transports import amqp as amqp_transport
+from celerybridge._transports import kombu as kombu_transport
 from celerybridge._worker import celery_app
 
 from ._brokers import BROKERS, RESULT_BACKEND
@@ -87,10 +90,21 @@ def _declared_with(queue: str, arguments: dict[str, Any]) -> bool:
     return True
 
 
-def _take_all(queue: str) -> list[Any]:
-    """The first argument of each task message on ``queue``, in the order RabbitMQ gives them."""
-    taken = []
+def _exchange_exists(name: str) -> bool:
     with _amqp() as channel:
+        try:
+            channel.exchange_declare(name, "direct", passive=True)
+        except NotFound:
+            return False
+    return True
+
+
+def _take_all(queue: str, broker_url: str = AMQP_URL) -> list[Any]:
+    """The first argument of each task message on ``queue``, in the order the broker gives
+    them to a consumer."""
+    taken = []
+    with kombu.Connection(broker_url) as connection:
+        channel = connection.default_channel
         while (message := channel.basic_get(queue, no_ack=True)) is not None:
             args, _kwargs, _embed = json.loads(message.body)
             taken.append(args[0])
@@ -381,22 +395,31 @@ async def test_an_existing_queue_is_published_to_as_it_is(
             await bridge.send(bindings.add.with_options(queue=amqp_queue), (i, 0), {})
     assert _take_all(amqp_queue) == [0, 1]
     assert _declared_with(amqp_queue, arguments)
+    # Found by the passive check, nothing was declared: not even Celery's exchange.
+    assert not _exchange_exists(amqp_queue)
 
 
 @pytest.mark.integration
 @PATHS
-async def test_priorities_order_consumption_on_a_queue_with_max_priority(
-    amqp_queue: str, fast_path: bool
+async def test_priorities_order_consumption(
+    broker: str, broker_url: str, queue: str, fast_path: bool
 ) -> None:
-    queues = {amqp_queue: {"x-max-priority": 9}}
+    # x-max-priority makes RabbitMQ order by priority; on Redis the setting is ignored and
+    # kombu's priority lists order them as before.
+    queues = {queue: {"x-max-priority": 9}}
     priorities = [1, 5, 0, 9, 3, 7]
-    async with Bridge(_settings(AMQP_URL, fast_path=fast_path, queues=queues)) as bridge:
+    async with Bridge(_settings(broker_url, fast_path=fast_path, queues=queues)) as bridge:
         for priority in priorities:
-            stub = bindings.add.with_options(queue=amqp_queue, priority=priority)
+            stub = bindings.add.with_options(queue=queue, priority=priority)
             await bridge.send(stub, (priority, 0), {})
-    assert _declared_with(amqp_queue, {"x-max-priority": 9})
-    # No consumer while they were published: RabbitMQ hands them out highest first.
-    assert _take_all(amqp_queue) == sorted(priorities, reverse=True)
+    # No consumer while they were published: the broker hands out the first one first.
+    if broker == "amqp":
+        assert _declared_with(queue, {"x-max-priority": 9})
+        assert _take_all(queue) == [9, 7, 5, 3, 1, 0]
+    else:
+        # kombu's Redis transport: lists for priority steps 0, 3, 6, 9 (lowest first),
+        # each in the order sent.
+        assert _take_all(queue, broker_url) == [1, 0, 5, 3, 7, 9]
 
 
 @pytest.mark.integration
@@ -440,3 +463,62 @@ async def test_a_refused_declaration_is_a_delegation_error_and_publishing_goes_o
         f"PRECONDITION_FAILED - inequivalent arg 'type' for exchange '{amqp_queue}' in vhost "
         "'/': received 'direct' but current is 'fanout'"
     )
+
+
+@pytest.mark.integration
+@PATHS
+async def test_a_queue_declared_between_the_check_and_the_declaration_stands(
+    amqp_queue: str, fast_path: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A worker declares the quorum queue just after the caller found it missing: the
+    # caller's classic declaration is refused, the queue is there, the message goes to it.
+    with _amqp() as channel:
+        channel.queue_declare(amqp_queue, durable=True, auto_delete=False, arguments=QUORUM)
+    module: Any = amqp_transport if fast_path else kombu_transport
+    exists = module._queue_exists
+    checks: list[bool] = []
+
+    def missing_at_first(*args: Any) -> Any:
+        if not checks:
+            checks.append(False)
+            return _not_found(fast_path)
+        checks.append(True)
+        return exists(*args)
+
+    monkeypatch.setattr(module, "_queue_exists", missing_at_first)
+    async with Bridge(_settings(AMQP_URL, fast_path=fast_path)) as bridge:
+        await bridge.send(bindings.add.with_options(queue=amqp_queue), (5, 0), {})
+    assert checks == [False, True]  # checked again after the refusal
+    assert _take_all(amqp_queue) == [5]
+    assert _declared_with(amqp_queue, QUORUM)
+
+
+def _not_found(fast_path: bool) -> Any:
+    if not fast_path:
+        return False
+
+    async def missing() -> bool:
+        return False
+
+    return missing()
+
+
+@pytest.mark.integration
+async def test_the_default_bridge_and_the_sync_path_take_the_celery_app(
+    amqp_queue: str,
+) -> None:
+    app = Celery("caller", set_as_current=False)
+    app.conf.task_create_missing_queue_type = "quorum"
+    other = _name("sync")
+    celerybridge.configure(_settings(AMQP_URL), celery=app)
+    try:
+        await bindings.add.with_options(queue=amqp_queue).delegate(1, 2)
+        await anyio.to_thread.run_sync(
+            lambda: bindings.add.with_options(queue=other).apply_async((3, 4))
+        )
+        assert _declared_with(amqp_queue, QUORUM)
+        assert _declared_with(other, QUORUM)
+        assert (_take_all(amqp_queue), _take_all(other)) == ([1], [3])
+    finally:
+        await celerybridge.close_default_bridge()
+        _delete(other)
