@@ -72,11 +72,11 @@ def celery_app(main: str, settings: BridgeSettings | None = None, **conf: Any) -
     that key within ``CELERYBRIDGE_SIGNING_MAX_AGE`` seconds; the rest go to
     ``<queue>.dead`` too. What the app sends itself (retries) is signed.
 
-    The worker declares a queue it consumes (``-Q``) that Celery's ``task_queues`` does
-    not define as ``CELERYBRIDGE_QUEUES`` says, and one that it does not name either
-    with ``CELERYBRIDGE_DEFAULT_QUEUE_TYPE`` (unless ``conf`` sets Celery's
-    ``task_create_missing_queue_type``): workers and bridges configured alike declare
-    queues alike, whichever starts first."""
+    The worker declares the queues ``CELERYBRIDGE_QUEUES`` names with those arguments
+    (over Celery's ``task_queues``), and the others as Celery does, with
+    ``CELERYBRIDGE_DEFAULT_QUEUE_TYPE`` as Celery's ``task_create_missing_queue_type`` and
+    ``task_default_queue_type`` unless ``conf`` sets them: workers and bridges configured
+    alike declare queues alike, whichever starts first."""
     settings = load_settings(settings)
     if conf.get("task_compression"):
         # The intake gate reads uncompressed JSON only (and signatures cover the body as
@@ -108,6 +108,7 @@ def celery_app(main: str, settings: BridgeSettings | None = None, **conf: Any) -
         conf.setdefault("broker_transport", transport)
     conf.setdefault("result_backend_transport_options", settings.result_backend_transport_options)
     conf.setdefault("task_create_missing_queue_type", settings.default_queue_type)
+    conf.setdefault("task_default_queue_type", settings.default_queue_type)
     app.conf.update(_JSON_ONLY, broker_transport_options=transport_options, **conf)
     if settings.queues:
         app.amqp.queues_cls = _queues_with(settings.queues)
@@ -115,15 +116,15 @@ def celery_app(main: str, settings: BridgeSettings | None = None, **conf: Any) -
 
 
 def _queues_with(arguments: dict[str, dict[str, Any]]) -> type[Queues]:
-    """Celery's ``Queues``, creating the missing queues that ``arguments`` names with
-    those arguments (``CELERYBRIDGE_QUEUES``) as a worker's ``-Q`` creates them."""
+    """Celery's ``Queues``, declaring the queues ``arguments`` names (``CELERYBRIDGE_QUEUES``)
+    with exactly those arguments, as a bridge declares them: whether ``task_queues``
+    defines them, ``-Q`` creates them or they are Celery's default queue."""
 
     class BridgeQueues(Queues):
-        def new_missing(self, name: str) -> Queue:
-            queue: Queue = super().new_missing(name)
-            if name in arguments:
+        def __setitem__(self, name: str, queue: Queue) -> None:
+            super().__setitem__(name, queue)
+            if name in arguments:  # after Celery's own (task_queue_max_priority)
                 queue.queue_arguments = dict(arguments[name]) or None
-            return queue
 
     return BridgeQueues
 

@@ -294,14 +294,19 @@ def test_a_celery_app_declares_as_its_worker_would(
 
 
 def test_celery_app_workers_declare_the_configured_queues() -> None:
-    app = celery_app(
-        "svc", BridgeSettings(queues={"pusher": QUORUM, "mail": {"x-max-priority": 10}})
+    settings = BridgeSettings(
+        queues={"pusher": QUORUM, "mail": {"x-max-priority": 10}, "celery": QUORUM}
     )
+    app = celery_app("svc", settings, task_queues=[*quorum_task_queues("mail")])
     app.amqp.queues.select(["pusher", "mail", "other"])
     declared = {name: q.queue_arguments for name, q in app.amqp.queues.consume_from.items()}
+    # CELERYBRIDGE_QUEUES wins over task_queues, as on the caller's side.
     assert declared == {"pusher": QUORUM, "mail": {"x-max-priority": 10}, "other": None}
+    # Celery's default queue too (a worker without -Q consumes it).
+    assert celery_app("svc", settings).amqp.queues["celery"].queue_arguments == QUORUM
     quorum = celery_app("svc", BridgeSettings(default_queue_type="quorum"))
     assert quorum.amqp.queues["other"].queue_arguments == QUORUM
+    assert quorum.amqp.queues["celery"].queue_arguments == QUORUM
 
 
 # --- Real brokers and workers ------------------------------------------------------------
