@@ -375,6 +375,31 @@ async def test_a_celery_app_gives_the_callers_declaration(
         worker.stop()  # the "celery" exchange its queue was bound to is Celery's, left in place
 
 
+@pytest.mark.integration
+@PATHS
+async def test_a_plain_celery_quorum_worker_starts_after_the_caller(
+    amqp_queue: str, fast_path: bool, tmp_path: Path
+) -> None:
+    # Celery itself, not celerybridge, declares the queue on the worker: the caller,
+    # given an app configured like it, declared it first the same way.
+    from .workers.plain_quorum_worker import CONFIG
+
+    caller_app = Celery("caller", set_as_current=False)
+    caller_app.conf.update(CONFIG)
+    worker = Worker("tests.workers.plain_quorum_worker", AMQP_URL, RESULT_BACKEND, queue=amqp_queue)
+    store = bindings.store.with_options(queue=amqp_queue)
+    try:
+        async with Bridge(_settings(AMQP_URL, fast_path=fast_path), celery=caller_app) as bridge:
+            handle = await bridge.send(store, ("k", "v"), {})
+            assert _declared_with(amqp_queue, QUORUM)
+            await anyio.to_thread.run_sync(worker.start, tmp_path)
+            stored = await handle.result(timeout=30)
+        assert stored == {"key": "k", "content": "v", "bridge_loaded": "False"}
+        assert worker.running, worker.log()
+    finally:
+        worker.stop()
+
+
 PREDECLARED = [
     pytest.param({"x-message-ttl": 60000}, id="ttl"),
     pytest.param({"x-dead-letter-exchange": "", "x-dead-letter-routing-key": "dead"}, id="dlx"),
