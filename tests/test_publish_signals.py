@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 
 from celerybridge import BridgeSettings, DelegationError
 from celerybridge._constants import SERVICE_HEADER
+from celerybridge._queues import QueuePlan
 from celerybridge._signing import Signer
 from celerybridge._transports._errors import UNBUILDABLE
 from celerybridge._transports.amqp import AmqpPublisher
@@ -394,3 +395,28 @@ async def test_a_failed_publish_leaves_no_opentelemetry_span_current(path: str) 
         instrumentor.uninstrument()
         current_app.tasks.pop(name, None)
     assert current is request
+
+
+async def test_the_signals_show_the_queue_as_configured_on_both_paths(receivers: Receivers) -> None:
+    """``declare`` lists the queue as the publisher would declare it: with the
+    arguments ``CELERYBRIDGE_QUEUES`` gives (here a priority queue), on both paths."""
+    queue = f"cb-signals-{uuid.uuid4().hex[:8]}"
+    queues = {queue: {"x-max-priority": 10}}
+    url = BROKERS["amqp"]
+    fast = AmqpPublisher(url, timeout=5, queues=QueuePlan(queues))
+    slow = KombuPublisher(BridgeSettings(broker_url=url, queues=queues))
+    try:
+        for publisher in (fast, slow):
+            await publisher.publish(_message(queue))
+            await publisher.aclose()
+    finally:
+        with kombu.Connection(url) as connection:
+            connection.default_channel.queue_delete(queue)
+            connection.default_channel.exchange_delete(queue)
+    declared = [
+        [(q.name, q.exchange.name, q.exchange.type, q.routing_key, q.queue_arguments)
+         for q in kwargs["declare"]]
+        for name, kwargs in receivers.calls
+        if name == "before"
+    ]  # fmt: skip
+    assert declared == [[(queue, queue, "direct", queue, {"x-max-priority": 10})]] * 2

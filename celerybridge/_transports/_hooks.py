@@ -28,11 +28,14 @@ def before_publish(
     payload: tuple[Any, Any, Any],
     headers: dict[str, Any],
     properties: dict[str, Any],
+    declare: Callable[[str], Queue] | None = None,
 ) -> None:
     """Send ``before_task_publish`` as ``send_task`` does for a task sent to ``queue``.
 
     Receivers may change ``headers``, ``properties`` and the arguments in ``payload``
-    in place: the caller builds the message from them afterwards.
+    in place: the caller builds the message from them afterwards. ``declare`` gives the
+    queue as the publisher would declare it (default: as Celery declares a queue it
+    does not know, ``Queues.new_missing``); it is called only when there are receivers.
     """
     signal = signals.before_task_publish
     if not signal.receivers:
@@ -42,7 +45,7 @@ def before_publish(
         body=payload,
         exchange="",  # Celery: the default exchange, routing key = queue
         routing_key=queue,
-        declare=[_declared(queue)],
+        declare=[(declare or celery_queue)(queue)],
         headers=headers,
         properties=properties,
         retry_policy=dict(PUBLISH_RETRY_POLICY),
@@ -50,7 +53,7 @@ def before_publish(
 
 
 @lru_cache(maxsize=1024)
-def _declared(queue: str) -> Queue:
+def celery_queue(queue: str) -> Queue:
     """What Celery would declare for ``queue`` (``Queues.new_missing``), built once."""
     return Queue(queue, Exchange(queue, AMQP_EXCHANGE_TYPE), routing_key=queue)
 

@@ -39,6 +39,10 @@ from ._hooks import before_publish
 from ._repr import args_repr, kwargs_repr
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from kombu import Queue
+
     from .._signing import Signer
     from .base import OutgoingMessage
 
@@ -88,12 +92,14 @@ def task_message(
     origin: Origin,
     now: datetime | None = None,
     signer: Signer | None = None,
+    declare: Callable[[str], Queue] | None = None,
 ) -> TaskMessage:
     """The protocol v2 message Celery's ``send_task`` builds for ``message``.
 
     ``before_task_publish`` is sent on the way, as ``send_task`` sends it: its receivers
-    (OpenTelemetry's Celery instrumentation, for one) see the headers, the properties
-    and the unencoded body, and what they change there is what is sent. With a
+    (OpenTelemetry's Celery instrumentation, for one) see the headers, the properties,
+    the unencoded body and the queue as ``declare`` gives it, and what they change
+    there is what is sent. With a
     ``signer`` the signature headers come last, over the final headers and body bytes,
     as the kombu path adds them (``_signing.SigningAMQP``); without one nothing differs
     from Celery's.
@@ -142,7 +148,7 @@ def task_message(
         properties["expiration"] = max(expires, 0)
     embed = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
     payload = (args, kwargs, embed)
-    before_publish(message.queue, message.task_name, payload, headers, properties)
+    before_publish(message.queue, message.task_name, payload, headers, properties, declare)
     body = _KOMBU_JSON.encode(payload).encode(CONTENT_ENCODING)
     if signer is not None:  # the final message: every header merged, the body's bytes
         headers.update(

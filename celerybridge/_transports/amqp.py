@@ -26,6 +26,7 @@ import aiormq.abc
 import aiormq.exceptions
 import anyio
 from amqp.serialization import dumps as amqp_dumps
+from kombu import Queue
 from yarl import URL
 
 from .._constants import (
@@ -256,6 +257,9 @@ class AmqpPublisher(NativePublisher[tuple[bytes, CeleryProperties]]):
         self._declared: set[str] = set()
         self._declaring: dict[str, asyncio.Future[None]] = {}
         self._declared_on: aiormq.abc.AbstractChannel | None = None
+
+    def _queue(self, name: str) -> Queue:
+        return self._queues.declaration(name).kombu_queue()
 
     def _frame(self, message: OutgoingMessage, wire: TaskMessage) -> tuple[bytes, CeleryProperties]:
         return wire.body, properties_for(wire)

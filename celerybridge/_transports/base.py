@@ -13,12 +13,14 @@ from .._constants import PUBLISH_SLOTS, READY_STATES, SERVICE_HEADER
 from .._exceptions import DelegationError
 from .._utils import uuid4_str
 from ._errors import UNBUILDABLE, unbuildable
-from ._hooks import after_publish, sentry_headers
+from ._hooks import after_publish, celery_queue, sentry_headers
 from ._protocol import Origin, TaskMessage, task_message
 
 F = TypeVar("F")
 
 if TYPE_CHECKING:
+    from kombu import Queue
+
     from .._contracts import SendOptions
     from .._signing import Signer
     from .._validation import BoundCall
@@ -142,8 +144,12 @@ class NativePublisher(Publisher, Generic[F]):
         traced = sentry_headers(message.task_name, headers)
         if traced is not headers:
             message = replace(message, options={**message.options, "headers": traced})
-        wire = task_message(message, self._origin, signer=self._signer)
+        wire = task_message(message, self._origin, signer=self._signer, declare=self._queue)
         return wire, self._frame(message, wire)
+
+    def _queue(self, name: str) -> Queue:
+        """The queue ``name`` as this publisher declares it, as publish signals show it."""
+        return celery_queue(name)
 
     @abstractmethod
     def _frame(self, message: OutgoingMessage, wire: TaskMessage) -> F:
