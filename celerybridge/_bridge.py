@@ -20,6 +20,7 @@ from ._config import (
     result_backend_problem,
     scheme_of,
 )
+from ._constants import REDIS_WIRE_OPTIONS
 from ._exceptions import (
     ConfigurationError,
     DelegationError,
@@ -248,7 +249,10 @@ class Bridge:
         if self._publisher is None:
             url, timeout = self.settings.broker_url, self.settings.publish_timeout
             reply_to = self._reply_to
-            if not self._fast_path(url, FAST_PATH_BROKER_SCHEMES):
+            # kombu's Redis transport options that change where and how messages are
+            # written are kombu's alone: with any of them, kombu publishes.
+            rewired = REDIS_WIRE_OPTIONS & self.settings.broker_transport_options.keys()
+            if rewired or not self._fast_path(url, FAST_PATH_BROKER_SCHEMES):
                 from ._transports.kombu import KombuPublisher
 
                 self._publisher = KombuPublisher(
@@ -298,11 +302,13 @@ class Bridge:
             from ._transports.celery_results import KombuRpcResultSource
 
             return KombuRpcResultSource(self.settings, self._reply_to)
-        if self._fast_path(backend, FAST_PATH_RESULT_SCHEMES):
+        # Transport options (a key prefix...) are honoured by Celery's own backend class.
+        plain = not self.settings.result_backend_transport_options
+        if plain and self._fast_path(backend, FAST_PATH_RESULT_SCHEMES):
             from ._transports.redis_results import RedisResultSource
 
             return RedisResultSource(backend, timeout=timeout)
-        if scheme_of(backend) in KEY_VALUE_RESULT_SCHEMES:
+        if plain and scheme_of(backend) in KEY_VALUE_RESULT_SCHEMES:
             from ._transports.kombu import KombuResultSource
 
             return KombuResultSource(backend, io_timeout=timeout)

@@ -172,6 +172,9 @@ RESULT_KEY_PREFIX: Final = "celery-task-meta-"
 # Reconnecting the native Redis clients: first pause, ceiling, in seconds.
 RECONNECT_INITIAL: Final = 0.05
 RECONNECT_MAX: Final = 1.0
+# kombu Redis transport options that change which keys messages are written to, or how
+# priorities map to lists: the fast path leaves a broker with any of them to kombu.
+REDIS_WIRE_OPTIONS: Final = frozenset({"global_keyprefix", "priority_steps", "sep"})
 # Attempts the native publisher makes when the connection breaks (kombu path: 3 retries).
 PUBLISH_RETRIES: Final = 3
 # Connections the native Redis client opens at most, per bridge (kombu path: 16 threads).

@@ -125,3 +125,21 @@ def test_the_quickstart_answers_are_complete() -> None:
     receipts = [s["receipt"] for s in samples if isinstance(s.get("receipt"), dict)]
     assert receipts
     assert all(receipt["written"] is True for receipt in receipts)
+
+
+def _fast_path_table() -> list[str]:
+    """The rows of docs/delegation.md's table of the fast path beside Celery's client."""
+    page = (ROOT / "docs" / "delegation.md").read_text()
+    section = page.split("## The fast path beside Celery's client", 1)[1].split("\n## ", 1)[0]
+    return [line for line in section.splitlines() if line.startswith("| ") and "---" not in line]
+
+
+def test_each_row_of_the_fast_path_table_names_tests_that_exist() -> None:
+    rows = _fast_path_table()[1:]  # after the heading row
+    assert len(rows) >= 10
+    for row in rows:
+        cited = re.findall(r"`(tests/[\w/]+\.py)::(\w+)`", row.rsplit("|", 2)[1])
+        assert cited, f"a row without a test: {row[:60]}"
+        for path, name in cited:
+            source = (ROOT / path).read_text()
+            assert re.search(rf"^(async )?def {name}\(", source, re.MULTILINE), (path, name)

@@ -21,7 +21,7 @@ from typing import Any
 import kombu
 import pytest
 from amqp.serialization import loads as amqp_loads
-from celery.signals import after_task_publish, before_task_publish
+from celery.signals import after_task_publish, before_task_publish, task_sent
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -61,15 +61,20 @@ class Receivers:
     def after(self, signal: object, **kwargs: Any) -> None:
         self.calls.append(("after", copy.deepcopy(kwargs)))
 
+    def sent(self, signal: object, **kwargs: Any) -> None:  # Celery's deprecated task_sent
+        self.calls.append(("sent", copy.deepcopy(kwargs)))
+
 
 @pytest.fixture
 def receivers(request: pytest.FixtureRequest) -> Iterator[Receivers]:
     spy = Receivers(change=getattr(request, "param", False))
     before_task_publish.connect(spy.before)
     after_task_publish.connect(spy.after)
+    task_sent.connect(spy.sent)
     yield spy
     before_task_publish.disconnect(spy.before)
     after_task_publish.disconnect(spy.after)
+    task_sent.disconnect(spy.sent)
 
 
 def _publisher(path: str, broker_url: str, signer: Signer | None) -> Publisher:
@@ -105,6 +110,9 @@ def _normalised(kwargs: dict[str, Any]) -> dict[str, Any]:
     ``reply_to`` oid (one per publisher), the eta/expires instants, and so the
     signature over them."""
     kwargs = copy.deepcopy(kwargs)
+    if "headers" not in kwargs:  # task_sent: the eta alone
+        assert kwargs["eta"] is not None
+        return {**kwargs, "eta": "<instant>"}
     if "properties" in kwargs:  # before_task_publish only
         uuid.UUID(kwargs["properties"].pop("reply_to"))
     for field in ("eta", "expires"):
@@ -142,8 +150,8 @@ async def test_the_fast_path_sends_the_signals_send_task_sends(
         natives = list(receivers.calls)
     finally:
         purge(BROKERS[broker], queue)
-    assert [name for name, _ in kombus] == ["before", "after"]
-    assert [name for name, _ in natives] == ["before", "after"]
+    assert [name for name, _ in kombus] == ["before", "after", "sent"]
+    assert [name for name, _ in natives] == ["before", "after", "sent"]
     for (_, native), (_, kombu_) in zip(natives, kombus, strict=True):
         assert _normalised(native) == _normalised(kombu_)
     before = natives[0][1]
@@ -420,3 +428,26 @@ async def test_the_signals_show_the_queue_as_configured_on_both_paths(receivers:
         if name == "before"
     ]  # fmt: skip
     assert declared == [[(queue, queue, "direct", queue, {"x-max-priority": 10})]] * 2
+
+
+def _app_id(**kwargs: Any) -> None:
+    kwargs["properties"]["app_id"] = "billing"
+
+
+@pytest.mark.parametrize("receiver", [_app_id], indirect=True, ids=["app_id"])
+@pytest.mark.parametrize("broker", sorted(BROKERS))
+async def test_other_properties_a_receiver_adds_are_not_sent_on_the_fast_path(
+    broker: str, receiver: Callable[..., None]
+) -> None:
+    """The fast path frames the properties Celery's messages have; one a receiver adds
+    (``app_id`` here) reaches the broker on the kombu path only (docs/delegation.md)."""
+    sent: dict[str, Any] = {}
+    for path in ("fast", "kombu"):
+        queue = f"cb-signals-{uuid.uuid4().hex[:8]}"
+        try:
+            await _publish(path, broker, queue, _message(queue))
+            sent[path] = _take(BROKERS[broker], queue).properties
+        finally:
+            purge(BROKERS[broker], queue)
+    assert "app_id" not in sent["fast"]
+    assert sent["kombu"]["app_id"] == "billing"

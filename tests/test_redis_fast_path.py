@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -305,3 +307,47 @@ async def test_closing_with_an_abandoned_read_in_flight_leaves_no_connection_ope
     pool = source._client.connection_pool
     connections = [*pool._get_free_connections(), *pool._get_in_use_connections()]
     assert [c for c in connections if c.is_connected] == []
+
+
+async def test_redis_transport_options_that_rewire_keys_leave_publishing_to_kombu() -> None:
+    """kombu's ``global_keyprefix`` (like ``sep`` and ``priority_steps``) changes the keys
+    messages are written to; the fast path does not know them, so kombu publishes."""
+    queue, prefix = f"cb-prefix-{uuid.uuid4().hex[:8]}", "tenant-a:"
+    stub = bindings.add.with_options(queue=queue)
+    options = {"global_keyprefix": prefix}
+    async with Bridge(broker_url=BROKERS["redis"], broker_transport_options=options) as bridge:
+        await bridge.send(stub, (1, 2), {})
+        assert type(bridge._publisher).__name__ == "KombuPublisher"
+    with redis.Redis.from_url(BROKERS["redis"]) as client:
+        try:
+            assert client.llen(prefix + queue) == 1
+            assert client.llen(queue) == 0
+        finally:
+            client.delete(prefix + queue, queue)
+            for key in client.keys(f"{prefix}_kombu.binding*{queue}*"):
+                client.delete(key)
+
+
+async def test_a_result_backend_key_prefix_is_read_as_the_worker_writes_it() -> None:
+    """A worker given ``global_keyprefix`` for its Redis result backend stores results
+    under that prefix; a bridge with the same setting reads them there."""
+    options = json.dumps({"global_keyprefix": "tenant-b:"})
+    worker = Worker(
+        "tests.workers.bridge_worker",
+        BROKERS["redis"],
+        RESULT_BACKEND,
+        extra_env={"CELERYBRIDGE_RESULT_BACKEND_TRANSPORT_OPTIONS": options},
+    )
+    worker.start(Path(tempfile.mkdtemp()))
+    try:
+        async with Bridge(
+            broker_url=BROKERS["redis"],
+            result_backend=RESULT_BACKEND,
+            result_backend_transport_options=json.loads(options),
+        ) as bridge:
+            handle = await bridge.send(bindings.add.with_options(queue=worker.queue), (2, 3), {})
+            assert (await handle.result(timeout=20)).value == 5
+        with redis.Redis.from_url(RESULT_BACKEND) as client:
+            assert client.exists(f"tenant-b:celery-task-meta-{handle.id}")
+    finally:
+        worker.stop()

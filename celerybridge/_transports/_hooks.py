@@ -61,11 +61,21 @@ def celery_queue(queue: str) -> Queue:
 def after_publish(
     queue: str, task_name: str, payload: tuple[Any, Any, Any], headers: dict[str, Any]
 ) -> None:
-    """Send ``after_task_publish`` as ``send_task`` does, once the broker took the message."""
+    """Send ``after_task_publish`` as ``send_task`` does, once the broker took the message,
+    then the deprecated ``task_sent`` if anything listens to it, as Celery still does."""
     signal = signals.after_task_publish
-    if not signal.receivers:
-        return
-    signal.send(sender=task_name, body=payload, headers=headers, exchange="", routing_key=queue)
+    if signal.receivers:
+        signal.send(sender=task_name, body=payload, headers=headers, exchange="", routing_key=queue)
+    if signals.task_sent.receivers:
+        signals.task_sent.send(
+            sender=task_name,
+            task_id=headers["id"],
+            task=task_name,
+            args=payload[0],
+            kwargs=payload[1],
+            eta=headers["eta"],
+            taskset=headers["group"],
+        )
 
 
 def sentry_headers(task_name: str, headers: Mapping[str, Any]) -> Mapping[str, Any]:
