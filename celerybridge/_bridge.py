@@ -143,6 +143,8 @@ class Bridge:
             async with fail_after(timeout, on_asyncio=native), publisher.admit():
                 call = stub.bind(args, kwargs, stacklevel=stacklevel + 1)
                 message = stub.message(call).from_service(self.settings.service)
+                if self._reply_to is not None:  # rpc://: its reply will be kept
+                    self._get_results().expect(message.task_id)
                 await publisher.publish(message)
         except TimeoutError:
             if message is None:

@@ -206,7 +206,7 @@ class BridgeSettings(BaseSettings):
         if isinstance(options, str):
             try:
                 options = json.loads(options) if options.strip() else {}
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: nested too deeply
                 options = None
         if not isinstance(options, dict):
             # Not even the part that parsed: it may hold a password (sentinel_kwargs).
@@ -293,7 +293,7 @@ class BridgeSettings(BaseSettings):
                 return {}
             try:
                 queues = json.loads(queues)
-            except ValueError:
+            except (ValueError, RecursionError):
                 raise ValueError(f"is not JSON; {_QUEUES_SHAPE}") from None
         return checked_queues(queues)
 
@@ -453,6 +453,11 @@ def result_backend_problem(settings: BridgeSettings) -> str | None:
         return (
             "result backend cache+memory:// keeps results in the memory of each process, so "
             f"a worker's results never reach this bridge; {_AWAITABLE_INSTEAD}"
+        )
+    if scheme == "db+sqlite" and url.split("://", 1)[1] in ("", "/", "/:memory:"):
+        return (
+            "result backend db+sqlite:// without a file is a database in the memory of each "
+            f"process, so a worker's results never reach this bridge; {_AWAITABLE_INSTEAD}"
         )
     if scheme == "rpc" and scheme_of(settings.broker_url) == "memory":
         return (

@@ -110,6 +110,11 @@ VERSION_KEYWORD: Final = "version"
 # Celery's ``RPCBackend.binding`` does: durable, auto-delete, and ``x-expires`` of
 # ``result_expires`` (Celery's default: one day). Final results that arrive before
 # anyone waits for them are kept, the latest RPC_REPLIES_KEPT of them; one drain of the
+# Task ids a bridge's rpc:// reply queue expects replies for (the tasks it sent, the ones
+# awaited): a reply for any other id is dropped, so forged replies cannot push real ones out.
+RPC_EXPECTED_KEPT: Final = 100_000
+# The largest rpc:// reply read; larger ones (and compressed ones) are dropped unread.
+RPC_REPLY_MAX_BYTES: Final = DEFAULT_MAX_MESSAGE_BYTES
 # polling path reads at most RPC_DRAIN_LIMIT messages (Celery's backlog_limit).
 RPC_REPLY_QUEUE_EXPIRES: Final = 86400.0  # seconds
 RPC_REPLIES_KEPT: Final = 10_000

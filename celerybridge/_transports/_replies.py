@@ -17,11 +17,18 @@ before anyone waited) and after (``handle.result()`` twice), the latest
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Mapping
 from typing import Any
 
 from kombu.serialization import loads
 
-from .._constants import CONTENT_TYPE, RPC_REPLIES_KEPT, RPC_REPLY_QUEUE_EXPIRES
+from .._constants import (
+    CONTENT_TYPE,
+    RPC_EXPECTED_KEPT,
+    RPC_REPLIES_KEPT,
+    RPC_REPLY_MAX_BYTES,
+    RPC_REPLY_QUEUE_EXPIRES,
+)
 from .._exceptions import ResultBackendError
 from ._errors import translate
 from .base import TaskOutcome, outcome_from_meta
@@ -32,9 +39,23 @@ kombu declares it: the queue arguments besides ``durable`` and ``auto_delete``."
 
 
 def decode_reply(
-    body: bytes, content_type: str | None, content_encoding: str | None
+    body: bytes,
+    content_type: str | None,
+    content_encoding: str | None,
+    headers: Mapping[str, Any] | None = None,
 ) -> dict[str, Any] | None:
-    """The result meta a worker published, JSON only, as data; ``None`` if it is not one."""
+    """The result meta a worker published, JSON only, as data; ``None`` if it is not one.
+
+    A compressed reply (Celery's workers never compress results sent as replies) or one
+    over ``RPC_REPLY_MAX_BYTES`` is refused unread: a small message must not inflate.
+    """
+    if headers and "compression" in headers:
+        raise ResultBackendError("a compressed message on the rpc:// reply queue")
+    if len(body) > RPC_REPLY_MAX_BYTES:
+        raise ResultBackendError(
+            f"a message of {len(body):,} bytes on the rpc:// reply queue (at most "
+            f"{RPC_REPLY_MAX_BYTES:,} are read)"
+        )
     with translate(ResultBackendError, "decoding a reply on the rpc:// reply queue"):
         meta = loads(
             body,
@@ -46,11 +67,26 @@ def decode_reply(
 
 
 class Replies:
-    """Final outcomes received on a reply queue, by task id, the latest ``limit`` of them."""
+    """Final outcomes received on a reply queue, by task id, the latest ``limit`` of them.
 
-    def __init__(self, limit: int = RPC_REPLIES_KEPT) -> None:
+    Only replies for expected tasks are kept (:meth:`expect`: those the bridge sent, and
+    those someone awaits): anyone who may publish to the broker can put a message on
+    the queue, and replies for other ids would push real ones out.
+    """
+
+    def __init__(self, limit: int = RPC_REPLIES_KEPT, expected: int = RPC_EXPECTED_KEPT) -> None:
         self._limit = limit
         self._outcomes: OrderedDict[str, TaskOutcome] = OrderedDict()
+        self._expected_limit = expected
+        self._expected: OrderedDict[str, None] = OrderedDict()
+
+    def expect(self, task_id: str) -> None:
+        """Keep the reply for ``task_id`` when it comes (the oldest expectation goes first)."""
+        if task_id in self._outcomes:
+            return
+        self._expected[task_id] = None
+        while len(self._expected) > self._expected_limit:
+            self._expected.popitem(last=False)
 
     def __len__(self) -> int:
         return len(self._outcomes)
@@ -68,8 +104,9 @@ class Replies:
         """
         outcome = outcome_from_meta(meta)
         task_id = correlation_id or meta.get("task_id")
-        if outcome is None or not isinstance(task_id, str):
+        if outcome is None or not isinstance(task_id, str) or task_id not in self._expected:
             return None
+        del self._expected[task_id]
         self._outcomes[task_id] = outcome
         self._outcomes.move_to_end(task_id)
         while len(self._outcomes) > self._limit:

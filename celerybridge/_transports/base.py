@@ -78,7 +78,8 @@ def outcome_from_meta(meta: Any) -> TaskOutcome | None:
     The record stays data: an exception class it names is never imported
     (CVE-2021-23727), which is why ``AsyncResult.get()`` is never used.
     """
-    if not isinstance(meta, dict) or meta.get("status") not in READY_STATES:
+    status = meta.get("status") if isinstance(meta, dict) else None
+    if not isinstance(status, str) or status not in READY_STATES:
         return None
     return TaskOutcome(meta["status"], meta.get("result"), meta.get("traceback"))
 
@@ -179,6 +180,11 @@ class ResultSource(ABC):
         """Get ready for the results of tasks about to be sent; the bridge calls it before
         each publish when the backend needs it (``rpc://``: the reply queue must exist
         before a worker replies to it). The default does nothing."""
+        return None
+
+    def expect(self, task_id: str) -> None:
+        """``task_id`` is about to be sent: a result source that keeps only the results
+        it expects (``rpc://``) keeps its result. The default does nothing."""
         return None
 
     @property

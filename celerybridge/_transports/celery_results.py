@@ -88,6 +88,25 @@ async def _poll_until(read: Any, task_id: str) -> TaskOutcome:
         pause = min(pause * POLL_FACTOR, POLL_MAX)
 
 
+def _undecompressed(message: type[Any]) -> type[Any]:
+    """kombu's message class for a channel, minus its decompression: kombu inflates a
+    body whose headers name a ``compression`` as it builds the message, before anyone
+    can look at its size (a zip bomb). The body is kept as it came; ``decode_reply``
+    refuses compressed replies."""
+
+    class Undecompressed(message):  # type: ignore[misc]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            # Message.__init__ skips decompressing (and re-encoding) once it has errors.
+            self.errors = [_KEPT_RAW]
+            super().__init__(*args, **kwargs)
+            self.errors = []
+
+    return Undecompressed
+
+
+_KEPT_RAW = (None, None, None)
+
+
 class CeleryResultSource(ResultSource):
     """Polls a result backend through Celery's own class for it, in worker threads.
 
@@ -217,7 +236,9 @@ class KombuRpcResultSource(ResultSource):
     def _declare(self) -> kombu.Queue:
         if self._bound is None:
             with translate(ResultBackendError, f"declaring the reply queue {self.reply_to}"):
-                bound = self._queue(self._connection.default_channel)
+                channel: Any = self._connection.default_channel
+                channel.Message = _undecompressed(type(channel).Message)
+                bound = self._queue(channel)
                 bound.declare()
             self._bound = bound
         return self._bound
@@ -258,6 +279,7 @@ class KombuRpcResultSource(ResultSource):
                         body.encode() if isinstance(body, str) else body,
                         message.content_type,
                         message.content_encoding,
+                        message.headers,
                     )
                 except ResultBackendError as exc:  # not a reply: nobody's result to fail
                     logger.warning("ignored a message on %s: %s", self.reply_to, exc)
@@ -269,8 +291,16 @@ class KombuRpcResultSource(ResultSource):
         if self._bound is None:
             await self._threads.run(self.declare)
 
+    def expect(self, task_id: str) -> None:
+        with self._drain_lock:
+            self._replies.expect(task_id)
+
     async def poll(self, task_id: str) -> TaskOutcome | None:
-        return await self._threads.run(self.drain, task_id)
+        return await self._threads.run(self._expect_and_drain, task_id)
+
+    def _expect_and_drain(self, task_id: str) -> TaskOutcome | None:
+        self.expect(task_id)
+        return self.drain(task_id)
 
     async def wait(self, task_id: str) -> TaskOutcome:
         self._waiting += 1

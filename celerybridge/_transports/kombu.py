@@ -65,6 +65,7 @@ def client_app(settings: BridgeSettings, *, with_backend: bool, main: str) -> Ce
         result_accept_content=[SERIALIZER],
         broker_connection_timeout=timeout,
         broker_transport_options=transport_options,
+        result_backend_transport_options=settings.result_backend_transport_options,
         task_publish_retry_policy=dict(PUBLISH_RETRY_POLICY),
     )
     return app

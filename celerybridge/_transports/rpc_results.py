@@ -103,7 +103,9 @@ class RpcResultSource(ResultSource):
 
     async def _on_reply(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
         try:
-            meta = decode_reply(message.body, message.content_type, message.content_encoding)
+            meta = decode_reply(
+                message.body, message.content_type, message.content_encoding, message.headers
+            )
         except ResultBackendError as exc:  # not ours to fail on: someone else's message
             logger.warning("ignored a message on %s: %s", self.reply_to, exc)
             return
@@ -117,12 +119,17 @@ class RpcResultSource(ResultSource):
             if not future.done():
                 future.set_result(outcome)
 
+    def expect(self, task_id: str) -> None:
+        self._replies.expect(task_id)
+
     async def poll(self, task_id: str) -> TaskOutcome | None:
         await self.prepare()
+        self._replies.expect(task_id)
         return self._replies.get(task_id)
 
     async def wait(self, task_id: str) -> TaskOutcome:
         await self.prepare()
+        self._replies.expect(task_id)
         outcome = self._replies.get(task_id)
         if outcome is not None:
             return outcome
