@@ -326,6 +326,8 @@ _STR_ARGUMENTS: dict[str, tuple[str, ...] | None] = {
     "x-queue-mode": ("default", "lazy"),
     "x-dead-letter-strategy": ("at-most-once", "at-least-once"),
     "x-queue-leader-locator": ("client-local", "balanced", "random", "least-leaders"),
+    # Any other value makes RabbitMQ 3.10 close the whole connection (541 INTERNAL_ERROR).
+    "x-queue-master-locator": ("min-masters", "client-local", "random"),
 }
 _INT64 = 2**63  # an AMQP table holds signed 64-bit integers at most
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypeVar, overload
 
-from ._constants import DEFAULT_QUEUE, SERIALIZER, VERSION_KEYWORD
+from ._constants import AMQP_SHORTSTR_BYTES, DEFAULT_QUEUE, SERIALIZER, VERSION_KEYWORD
 from ._exceptions import CallError, ConfigurationError, ContractError
 from ._registry import registry
 from ._transports.base import OutgoingMessage
@@ -241,6 +241,14 @@ class RemoteTask(Generic[P, R]):
 def _check_identifier(what: str, value: object) -> None:
     if not isinstance(value, str) or not value or value != value.strip() or " " in value:
         raise ContractError(f"{what} must be a non-empty string without spaces, got {value!r}")
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:  # a lone surrogate: brokers would store it as it is
+        raise ContractError(f"{what} must be valid UTF-8, got {value!r}") from None
+    if size > AMQP_SHORTSTR_BYTES:
+        raise ContractError(
+            f"{what} must be at most {AMQP_SHORTSTR_BYTES} bytes of UTF-8, got {size:,} bytes"
+        )
 
 
 class _Decorator(Protocol):

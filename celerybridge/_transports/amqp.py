@@ -202,12 +202,17 @@ class _ScratchChannel:
         self._channel: aiormq.abc.AbstractChannel | None = None
 
     async def __aenter__(self) -> aiormq.abc.AbstractChannel:
-        self._channel = await self._connection.channel(publisher_confirms=False)
+        try:
+            self._channel = await self._connection.channel(publisher_confirms=False)
+        except RuntimeError as exc:
+            if not self._connection.is_closed:
+                raise
+            # aiormq's bare RuntimeError for a closed connection: lost, sent again.
+            raise aiormq.exceptions.ChannelInvalidStateError(str(exc)) from exc
         return self._channel
 
     async def __aexit__(self, *exc_info: object) -> None:
-        assert self._channel is not None
-        if not self._channel.is_closed:
+        if self._channel is not None and not self._channel.is_closed:
             with anyio.CancelScope(shield=True):
                 await self._channel.close()
 
