@@ -26,7 +26,7 @@ from typing import Any
 
 import kombu
 
-from ._config import broker_transport_options, kombu_url
+from ._config import AMQP_SCHEMES, broker_transport_options, kombu_url, scheme_of
 from ._constants import (
     CONTENT_TYPE,
     DEAD_FROM_HEADER,
@@ -41,6 +41,7 @@ from ._exceptions import CallError, DelegationError
 from ._signing import Signer
 from ._transports._errors import translate
 from ._transports._protocol import redis_queue_key
+from ._transports.kombu import ExistingFirstQueue
 from ._utils import printable
 
 # How signature refusals begin (_signing.py), as workers wrote them before the kind header
@@ -217,8 +218,9 @@ def _taken(broker_url: str, queue: str) -> Iterator[_Taken]:
         if hasattr(channel, "auto_decode"):
             channel.auto_decode = False
         try:
-            # Declared as the worker declares it: one that does not exist yet has no letters.
-            kombu.Queue(target, durable=True)(channel).declare()
+            # As the worker declares it, if it does not exist yet (then it has no letters);
+            # as it is (quorum...) if it does.
+            ExistingFirstQueue(target, durable=True)(channel).declare()
             taken = _Taken(connection, lambda tag: channel.basic_ack(tag))
             while (message := channel.basic_get(target, no_ack=False)) is not None:
                 letter = _letter(
@@ -346,7 +348,9 @@ def replay(
     wanted = None if task_ids is None else set(task_ids)
     target = to or queue
     exchange = kombu.Exchange(target, "direct")
-    declared = kombu.Queue(target, exchange, routing_key=target)
+    # Published to as the queue exists (quorum, priorities...), declared only if missing.
+    queue_class = ExistingFirstQueue if _on_rabbitmq(broker_url) else kombu.Queue
+    declared = queue_class(target, exchange, routing_key=target)
     report = ReplayReport([], [], [], [])
     with _taken(broker_url, queue) as taken:
         chosen = [
@@ -398,5 +402,10 @@ def purge(broker_url: str, queue: str) -> int:
         kombu.Connection(kombu_url(broker_url), transport_options=options) as connection,
     ):
         channel: Any = connection.default_channel
-        kombu.Queue(target, durable=True)(channel).declare()
+        queue_class = ExistingFirstQueue if _on_rabbitmq(broker_url) else kombu.Queue
+        queue_class(target, durable=True)(channel).declare()
         return int(channel.queue_purge(target) or 0)
+
+
+def _on_rabbitmq(broker_url: str) -> bool:
+    return scheme_of(broker_url) in AMQP_SCHEMES

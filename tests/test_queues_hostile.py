@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -12,6 +13,8 @@ import kombu
 import pytest
 
 from celerybridge import Bridge, BridgeSettings, ConfigurationError, ContractError
+from celerybridge._constants import DEAD_FROM_HEADER, DEAD_KIND_HEADER, DEAD_REASON_HEADER
+from celerybridge._dlq import list_dead_letters, replay
 from celerybridge._transports import amqp as amqp_transport
 
 from ._brokers import BROKERS, RESULT_BACKEND
@@ -104,3 +107,42 @@ async def test_a_connection_lost_after_the_check_is_sent_again(
     assert state["closed"]
     with kombu.Connection(AMQP_URL) as connection:
         assert connection.default_channel.queue_declare(queue, passive=True).message_count == 1
+
+
+def _dead_letter(queue: str) -> None:
+    """One dead letter of ``queue``, as a worker's intake would have set it apart."""
+    with kombu.Connection(AMQP_URL) as connection:
+        connection.Producer().publish(
+            json.dumps([[1, 2], {}, {}]),
+            exchange="",
+            routing_key=f"{queue}.dead",
+            content_type="application/json",
+            content_encoding="utf-8",
+            headers={
+                "id": str(uuid.uuid4()),
+                "task": "calc.add",
+                DEAD_REASON_HEADER: "contract",
+                DEAD_FROM_HEADER: queue,
+                DEAD_KIND_HEADER: "contract",
+            },
+        )
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("quorum", ["queue", "dead-letter queue"])
+def test_dead_letters_are_listed_and_replayed_on_quorum_queues(queue: str, quorum: str) -> None:
+    with kombu.Connection(AMQP_URL) as connection:
+        channel = connection.default_channel
+        for name in (queue, f"{queue}.dead"):
+            is_quorum = (name == queue) == (quorum == "queue")
+            arguments = {"x-queue-type": "quorum"} if is_quorum else None
+            channel.queue_declare(name, durable=True, auto_delete=False, arguments=arguments)
+    try:
+        _dead_letter(queue)
+        assert len(list_dead_letters(AMQP_URL, queue)) == 1
+        assert len(replay(AMQP_URL, queue, None).replayed) == 1
+        with kombu.Connection(AMQP_URL) as connection:
+            assert connection.default_channel.queue_declare(queue, passive=True).message_count == 1
+    finally:
+        with kombu.Connection(AMQP_URL) as connection:
+            connection.default_channel.queue_delete(f"{queue}.dead")
