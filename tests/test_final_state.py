@@ -167,7 +167,12 @@ def test_worker_apps_guard_every_supported_result_backend(
     url: str, guarded: type[Any], tmp_path: Path
 ) -> None:
     url = url.replace("file:///", f"file://{tmp_path}")
-    app = celery_app("guarded", BridgeSettings(broker_url=BROKERS["redis"], result_backend=url))
+    # A Sentinel backend needs its master's name (nothing connects here).
+    options = {"master_name": "mymaster"} if url.startswith("sentinel") else {}
+    settings = BridgeSettings(
+        broker_url=BROKERS["redis"], result_backend=url, result_backend_transport_options=options
+    )
+    app = celery_app("guarded", settings)
     try:
         assert type(app.backend) is guarded
     finally:
