@@ -380,7 +380,7 @@ def replay(
             with translate(DelegationError, f"replaying task {letter.task_id}"):
                 producer.publish(
                     letter.body,
-                    exchange=exchange,
+                    exchange="",  # as Celery sends: the default exchange, routing key = queue
                     routing_key=target,
                     declare=[declared],
                     headers=headers,
