@@ -96,6 +96,18 @@ def amqp_url(broker_url: str) -> str:
     return str(url)
 
 
+def robust_connection(url: str, name: str) -> aio_pika.RobustConnection:
+    """An unconnected aio-pika connection to ``url`` (as :func:`amqp_url` gives it) that
+    reconnects after the broker drops it, listed by RabbitMQ as ``name``.
+
+    Not ``connect_robust()``: its owner holds it before it connects, so a failed or
+    cancelled connect closes it, and no reconnection loop outlives a cancelled one.
+    """
+    return aio_pika.RobustConnection(
+        URL(url), client_properties={"connection_name": name}, reconnect_interval=RECONNECT_MAX
+    )
+
+
 def properties_for(wire: TaskMessage) -> CeleryProperties:
     """The basic properties kombu's ``Producer.publish`` gives ``wire`` on py-amqp.
 
@@ -306,14 +318,8 @@ class AmqpPublisher(NativePublisher[tuple[bytes, CeleryProperties]]):
         return await self._channel.get_underlay_channel()
 
     async def _connect(self) -> None:
-        # Not connect_robust(): a connect cancelled by the publish timeout would leave
-        # its reconnection loop running. The connection is ours before it connects, so
-        # a failed or cancelled connect, and aclose, always close it.
-        connection = aio_pika.RobustConnection(
-            URL(self._url),
-            client_properties={"connection_name": self.connection_name},
-            reconnect_interval=RECONNECT_MAX,
-        )
+        # Ours before it connects: a failed or cancelled connect, and aclose, close it.
+        connection = robust_connection(self._url, self.connection_name)
         self._connection = connection
         try:
             await connection.connect(timeout=self._timeout)

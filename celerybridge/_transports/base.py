@@ -9,7 +9,16 @@ from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from .._constants import PUBLISH_SLOTS, READY_STATES, SERVICE_HEADER
+import anyio
+
+from .._constants import (
+    POLL_FACTOR,
+    POLL_INITIAL,
+    POLL_MAX,
+    PUBLISH_SLOTS,
+    READY_STATES,
+    SERVICE_HEADER,
+)
 from .._exceptions import DelegationError
 from .._utils import uuid4_str
 from ._errors import UNBUILDABLE, unbuildable
@@ -195,3 +204,27 @@ class ResultSource(ABC):
     @abstractmethod
     async def aclose(self) -> None:
         """Release connections. Idempotent."""
+
+
+class PolledResultSource(ResultSource):
+    """A result source that reads in threads: ``wait`` polls :meth:`poll` with growing
+    pauses (``POLL_INITIAL``, times ``POLL_FACTOR``, at most ``POLL_MAX`` seconds)."""
+
+    _waiting = 0
+
+    @property
+    def waiting(self) -> int:
+        return self._waiting
+
+    async def wait(self, task_id: str) -> TaskOutcome:
+        self._waiting += 1
+        try:
+            pause = POLL_INITIAL
+            while True:
+                outcome = await self.poll(task_id)
+                if outcome is not None:
+                    return outcome
+                await anyio.sleep(pause)
+                pause = min(pause * POLL_FACTOR, POLL_MAX)
+        finally:
+            self._waiting -= 1

@@ -27,9 +27,7 @@ from celery import Celery
 from .._config import BridgeSettings, client_transport_options, kombu_url, scheme_of
 from .._constants import (
     KOMBU_THREADS,
-    POLL_FACTOR,
     POLL_INITIAL,
-    POLL_MAX,
     RPC_DRAIN_LIMIT,
     RPC_REPLY_QUEUE_EXPIRES,
     SERIALIZER,
@@ -38,7 +36,7 @@ from .._exceptions import ConfigurationError, ResultBackendError
 from ._errors import translate
 from ._replies import Replies, decode_reply
 from ._threads import ThreadCalls
-from .base import ResultSource, TaskOutcome, outcome_from_meta
+from .base import PolledResultSource, TaskOutcome, outcome_from_meta
 
 logger = logging.getLogger(__name__)
 
@@ -77,17 +75,6 @@ def _close_backend(app: Celery, backend: Any) -> None:
     app.close()
 
 
-async def _poll_until(read: Any, task_id: str) -> TaskOutcome:
-    """Call ``read(task_id)`` (async) with growing pauses until it returns an outcome."""
-    pause = POLL_INITIAL
-    while True:
-        outcome: TaskOutcome | None = await read(task_id)
-        if outcome is not None:
-            return outcome
-        await anyio.sleep(pause)
-        pause = min(pause * POLL_FACTOR, POLL_MAX)
-
-
 def _undecompressed(message: type[Any]) -> type[Any]:
     """kombu's message class for a channel, minus its decompression: kombu inflates a
     body whose headers name a ``compression`` as it builds the message, before anyone
@@ -107,7 +94,7 @@ def _undecompressed(message: type[Any]) -> type[Any]:
 _KEPT_RAW = (None, None, None)
 
 
-class CeleryResultSource(ResultSource):
+class CeleryResultSource(PolledResultSource):
     """Polls a result backend through Celery's own class for it, in worker threads.
 
     The backend is created in a thread on first use (the database backend connects, and
@@ -135,11 +122,6 @@ class CeleryResultSource(ResultSource):
         self._backend: Any = None
         self._creating = threading.Lock()
         self._threads = ThreadCalls(KOMBU_THREADS, ResultBackendError, grace=self._io_timeout + 1)
-        self._waiting = 0
-
-    @property
-    def waiting(self) -> int:
-        return self._waiting
 
     def backend(self) -> Any:
         """Celery's backend object, created on first use (blocking)."""
@@ -170,13 +152,6 @@ class CeleryResultSource(ResultSource):
     async def poll(self, task_id: str) -> TaskOutcome | None:
         return await self._threads.run(self.fetch, task_id)
 
-    async def wait(self, task_id: str) -> TaskOutcome:
-        self._waiting += 1
-        try:
-            return await _poll_until(self.poll, task_id)
-        finally:
-            self._waiting -= 1
-
     def close(self) -> None:
         """Close the backend's connections once no read uses them any more (blocking)."""
         self._threads.close()
@@ -191,7 +166,7 @@ class CeleryResultSource(ResultSource):
         await anyio.to_thread.run_sync(self.close)
 
 
-class KombuRpcResultSource(ResultSource):
+class KombuRpcResultSource(PolledResultSource):
     """Drains the bridge's ``rpc://`` reply queue with kombu, in worker threads.
 
     For every broker kombu supports and under any anyio backend. Waiters poll; one
@@ -227,11 +202,6 @@ class KombuRpcResultSource(ResultSource):
         self._drain_lock = threading.Lock()  # one kombu channel: one drain at a time
         self._drained_at = 0.0
         self._threads = ThreadCalls(KOMBU_THREADS, ResultBackendError, grace=self._io_timeout + 1)
-        self._waiting = 0
-
-    @property
-    def waiting(self) -> int:
-        return self._waiting
 
     def _declare(self) -> kombu.Queue:
         if self._bound is None:
@@ -301,13 +271,6 @@ class KombuRpcResultSource(ResultSource):
     def _expect_and_drain(self, task_id: str) -> TaskOutcome | None:
         self.expect(task_id)
         return self.drain(task_id)
-
-    async def wait(self, task_id: str) -> TaskOutcome:
-        self._waiting += 1
-        try:
-            return await _poll_until(self.poll, task_id)
-        finally:
-            self._waiting -= 1
 
     def close(self) -> None:
         """Delete the reply queue and close the connection (blocking)."""

@@ -20,9 +20,6 @@ from kombu import Queue
 from .._config import BridgeSettings, client_transport_options, kombu_url, scheme_of
 from .._constants import (
     KOMBU_THREADS,
-    POLL_FACTOR,
-    POLL_INITIAL,
-    POLL_MAX,
     PUBLISH_ATTEMPTS,
     PUBLISH_RETRY_POLICY,
     SERIALIZER,
@@ -32,7 +29,7 @@ from .._queues import QueuePlan
 from .._signing import signing_app
 from ._errors import UNBUILDABLE, translate, unbuildable
 from ._threads import ThreadCalls
-from .base import OutgoingMessage, Publisher, ResultSource, TaskOutcome, outcome_from_meta
+from .base import OutgoingMessage, PolledResultSource, Publisher, TaskOutcome, outcome_from_meta
 
 logger = logging.getLogger(__name__)
 
@@ -252,7 +249,7 @@ class KombuPublisher(Publisher):
         await anyio.to_thread.run_sync(self.close)
 
 
-class KombuResultSource(ResultSource):
+class KombuResultSource(PolledResultSource):
     """Polls a key/value result backend (Redis, filesystem) with growing pauses.
 
     The stored JSON is decoded as data: exception classes named in it are never
@@ -262,11 +259,6 @@ class KombuResultSource(ResultSource):
     def __init__(self, backend_url: str, *, io_timeout: float) -> None:
         self._app, self._backend = key_value_backend(backend_url, io_timeout=io_timeout)
         self._threads = ThreadCalls(KOMBU_THREADS, ResultBackendError, grace=io_timeout + 1)
-        self._waiting = 0
-
-    @property
-    def waiting(self) -> int:
-        return self._waiting
 
     def fetch(self, task_id: str) -> TaskOutcome | None:
         """Read the task's final outcome now, or ``None`` if it has none yet (blocking)."""
@@ -279,19 +271,6 @@ class KombuResultSource(ResultSource):
 
     async def poll(self, task_id: str) -> TaskOutcome | None:
         return await self._threads.run(self.fetch, task_id)
-
-    async def wait(self, task_id: str) -> TaskOutcome:
-        self._waiting += 1
-        try:
-            pause = POLL_INITIAL
-            while True:
-                outcome = await self._threads.run(self.fetch, task_id)
-                if outcome is not None:
-                    return outcome
-                await anyio.sleep(pause)
-                pause = min(pause * POLL_FACTOR, POLL_MAX)
-        finally:
-            self._waiting -= 1
 
     def close(self) -> None:
         """Close the backend's connections once no fetch uses them any more (blocking)."""

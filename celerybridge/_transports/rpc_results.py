@@ -18,13 +18,11 @@ from contextlib import suppress
 import aio_pika
 import aio_pika.abc
 import anyio
-from yarl import URL
 
-from .._constants import RECONNECT_MAX
 from .._exceptions import ResultBackendError
 from ._errors import FOREIGN_ERRORS, translate
 from ._replies import REPLY_QUEUE_ARGUMENTS, Replies, decode_reply
-from .amqp import amqp_url
+from .amqp import amqp_url, robust_connection
 from .base import ResultSource, TaskOutcome
 
 logger = logging.getLogger(__name__)
@@ -75,11 +73,7 @@ class RpcResultSource(ResultSource):
 
     async def _connect(self) -> None:
         # Ours before it connects: a failed or cancelled connect, and aclose, close it.
-        connection = aio_pika.RobustConnection(
-            URL(self._url),
-            client_properties={"connection_name": self.connection_name},
-            reconnect_interval=RECONNECT_MAX,
-        )
+        connection = robust_connection(self._url, self.connection_name)
         self._connection = connection
         try:
             await connection.connect(timeout=self._timeout)
