@@ -79,3 +79,13 @@ def start_pusher(
 @pytest.fixture
 def pusher_worker(start_pusher: Callable[..., Worker], broker: str) -> Worker:
     return start_pusher(broker)
+
+
+@pytest.fixture
+def seed_queue_pusher(start_pusher: Callable[..., Worker], broker: str) -> Iterator[Worker]:
+    """A pusher on the seed's own queue, ``pusher``, stopped when the test ends: the demo's
+    tests start a pusher of their own on that queue, with another S3 bucket, and two
+    pushers would share its messages."""
+    worker = start_pusher(broker, queue="pusher")
+    yield worker
+    worker.stop()

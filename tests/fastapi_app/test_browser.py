@@ -8,7 +8,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -16,7 +16,7 @@ import pytest
 from playwright.async_api import Page, async_playwright, expect
 
 from .._brokers import BROKERS, RESULT_BACKEND
-from .._workers import ROOT, Worker
+from .._workers import ROOT
 from ..pusher._s3server import free_port
 
 pytestmark = pytest.mark.integration
@@ -71,10 +71,8 @@ def service_url(broker: str, tmp_path: Path) -> Iterator[str]:
 
 
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium package")
-async def test_a_saved_item_turns_done_on_the_page(
-    start_pusher: Callable[..., Worker], broker: str, service_url: str
-) -> None:
-    start_pusher(broker, queue="pusher")
+@pytest.mark.usefixtures("seed_queue_pusher")
+async def test_a_saved_item_turns_done_on_the_page(service_url: str) -> None:
     async with async_playwright() as playwright:
         browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:

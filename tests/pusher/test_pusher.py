@@ -105,11 +105,11 @@ async def test_large_content_goes_multipart(
 
 
 async def test_seed_literal_client_reaches_the_pusher(
-    start_pusher: Callable[..., Worker], broker: str, s3: Any, bucket: str
+    broker: str, s3: Any, bucket: str, start_pusher: Callable[..., Worker]
 ) -> None:
     # The seed's worker command: -Q pusher. Start from an empty queue.
     purge(BROKERS[broker], "pusher")
-    start_pusher(broker, queue="pusher")
+    worker = start_pusher(broker, queue="pusher")
     from . import seed_bindings
 
     seed_bindings.app.conf.update(broker_url=BROKERS[broker], result_backend=RESULT_BACKEND)
@@ -124,6 +124,7 @@ async def test_seed_literal_client_reaches_the_pusher(
         receipt = await anyio.to_thread.run_sync(lambda: result.get(timeout=30))
     finally:
         close_celery_app(seed_bindings.app)
+        worker.stop()  # the demo's tests start a pusher of their own on this queue
     assert receipt["key"] == key
     assert (await _get(s3, bucket, key))["Bytes"] == b'{"id": 7}'
 
