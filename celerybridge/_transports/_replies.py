@@ -16,6 +16,7 @@ before anyone waited) and after (``handle.result()`` twice), the latest
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
@@ -72,6 +73,10 @@ class Replies:
     Only replies for expected tasks are kept (:meth:`expect`: those the bridge sent, and
     those someone awaits): anyone who may publish to the broker can put a message on
     the queue, and replies for other ids would push real ones out.
+
+    Thread-safe, with a lock held only while the maps change: the kombu drain adds from a
+    worker thread while the bridge expects from the event loop, which must never wait
+    for a drain's broker I/O.
     """
 
     def __init__(self, limit: int = RPC_REPLIES_KEPT, expected: int = RPC_EXPECTED_KEPT) -> None:
@@ -79,14 +84,16 @@ class Replies:
         self._outcomes: OrderedDict[str, TaskOutcome] = OrderedDict()
         self._expected_limit = expected
         self._expected: OrderedDict[str, None] = OrderedDict()
+        self._lock = threading.Lock()
 
     def expect(self, task_id: str) -> None:
         """Keep the reply for ``task_id`` when it comes (the oldest expectation goes first)."""
-        if task_id in self._outcomes:
-            return
-        self._expected[task_id] = None
-        while len(self._expected) > self._expected_limit:
-            self._expected.popitem(last=False)
+        with self._lock:
+            if task_id in self._outcomes:
+                return
+            self._expected[task_id] = None
+            while len(self._expected) > self._expected_limit:
+                self._expected.popitem(last=False)
 
     def __len__(self) -> int:
         return len(self._outcomes)
@@ -104,11 +111,13 @@ class Replies:
         """
         outcome = outcome_from_meta(meta)
         task_id = correlation_id or meta.get("task_id")
-        if outcome is None or not isinstance(task_id, str) or task_id not in self._expected:
+        if outcome is None or not isinstance(task_id, str):
             return None
-        del self._expected[task_id]
-        self._outcomes[task_id] = outcome
-        self._outcomes.move_to_end(task_id)
-        while len(self._outcomes) > self._limit:
-            self._outcomes.popitem(last=False)
+        with self._lock:
+            if self._expected.pop(task_id, False) is False:  # not expected (None if it was)
+                return None
+            self._outcomes[task_id] = outcome
+            self._outcomes.move_to_end(task_id)
+            while len(self._outcomes) > self._limit:
+                self._outcomes.popitem(last=False)
         return task_id, outcome

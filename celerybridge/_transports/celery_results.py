@@ -262,8 +262,8 @@ class KombuRpcResultSource(PolledResultSource):
             await self._threads.run(self.declare)
 
     def expect(self, task_id: str) -> None:
-        with self._drain_lock:
-            self._replies.expect(task_id)
+        # Called on the event loop: never waits for a drain (Replies has its own lock).
+        self._replies.expect(task_id)
 
     async def poll(self, task_id: str) -> TaskOutcome | None:
         return await self._threads.run(self._expect_and_drain, task_id)
