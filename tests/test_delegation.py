@@ -145,6 +145,14 @@ def _plain_client(broker_url: str, backend: str) -> Celery:
     return Celery("plain_client", broker=broker_url, backend=backend, set_as_current=False)
 
 
+def test_a_closed_app_publishes_to_its_new_broker_url() -> None:
+    app = Celery("reused", broker="memory://one", set_as_current=False)
+    assert app.amqp.producer_pool.connections.connection.hostname == "one"
+    close_celery_app(app)
+    app.conf.update(broker_url="memory://two")
+    assert app.amqp.producer_pool.connections.connection.hostname == "two"
+
+
 async def test_plain_celery_send_task_reaches_celerybridge_worker(
     bridge: Bridge, bridge_worker: Worker
 ) -> None:

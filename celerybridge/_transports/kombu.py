@@ -69,7 +69,7 @@ def client_app(settings: BridgeSettings, *, with_backend: bool, main: str) -> Ce
 
 
 def close_celery_app(app: Celery, *backends: Any) -> None:
-    """Close an app's broker pool and the given result backends' connections (blocking).
+    """Close an app's broker pools and the given result backends' connections (blocking).
 
     ``Celery.close()`` leaves a Redis result backend's connection pool and pub/sub
     subscription open until garbage collection. Backends are per thread in Celery
@@ -77,6 +77,12 @@ def close_celery_app(app: Celery, *backends: Any) -> None:
     own is closed too.
     """
     app.close()
+    # close() forgets the connection pool but not the producer pool built on it, so a
+    # broker_url changed later would still be published to through the old broker
+    # (Celery's own after-fork reset drops both).
+    amqp = vars(app).get("amqp")
+    if amqp is not None:
+        amqp._producer_pool = None
     own = getattr(getattr(app, "_local", None), "backend", None)
     for backend in {id(b): b for b in (*backends, own) if b is not None}.values():
         consumer = getattr(backend, "result_consumer", None)

@@ -3,7 +3,6 @@ moto's standalone S3 server reached over HTTP by aiobotocore."""
 
 from __future__ import annotations
 
-import importlib
 import time
 import uuid
 from collections.abc import Callable
@@ -113,9 +112,7 @@ async def test_seed_literal_client_reaches_the_pusher(
     worker = start_pusher(broker, queue="pusher")
     from . import seed_bindings
 
-    # A fresh app for this broker: Celery keeps its first producer pool (and so its first
-    # broker) after close(), and the previous parameter used the module's app.
-    importlib.reload(seed_bindings)
+    # The previous parameter used (and closed) the module's app on the other broker.
     seed_bindings.app.conf.update(broker_url=BROKERS[broker], result_backend=RESULT_BACKEND)
     try:
         # --- the seed's call, verbatim ---
