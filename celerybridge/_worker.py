@@ -19,6 +19,7 @@ from ._final_state import FinalStateLoader
 from ._intake import CONSUMER, MAX_BYTES_OPTION, intake_transport
 from ._registry import registry
 from ._signing import signing_app
+from ._wakeup import SignalWakeup
 from ._worker_loop import worker_loop
 
 if TYPE_CHECKING:
@@ -112,6 +113,7 @@ def celery_app(main: str, settings: BridgeSettings | None = None, **conf: Any) -
     app.conf.update(_JSON_ONLY, broker_transport_options=transport_options, **conf)
     if settings.queues:
         app.amqp.queues_cls = _queues_with(settings.queues)
+    app.steps["consumer"].add(SignalWakeup)  # SIGTERM: the shutdown starts at once
     return app
 
 
