@@ -9,6 +9,7 @@ import pytest
 from celerybridge import Bridge, BridgeSettings, _default
 from celerybridge._registry import registry
 
+from . import _summary as summary
 from ._brokers import BROKERS, RESULT_BACKEND
 from ._workers import Worker, stop_all
 
@@ -97,3 +98,29 @@ def bridge_worker(start_worker: Callable[..., Worker], broker: str) -> Worker:
 def plain_worker(start_worker: Callable[..., Worker], broker: str) -> Worker:
     """A plain Celery worker that never imports celerybridge."""
     return start_worker("tests.workers.plain_worker", broker)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    summary.start(config)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    summary.write(terminalreporter)
+
+
+# scripts/test runs pytest-xdist with `--dist loadgroup`: a test module runs whole in one
+# process (its module-scoped workers start once), and the modules that start a pusher
+# on the seed's own queue, "pusher", share one process so that two of them never take
+# each other's messages.
+SEED_QUEUE_MODULES = ("tests/fastapi_app/", "tests/pusher/test_pusher.py")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    root = Path(__file__).parent.parent
+    for item in items:
+        if item.get_closest_marker("xdist_group"):
+            continue
+        where = item.path.relative_to(root).as_posix()
+        seed = where.startswith(SEED_QUEUE_MODULES)
+        item.add_marker(pytest.mark.xdist_group("seed-queue" if seed else where))

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 from kombu.asynchronous import Hub
 
+from celerybridge import celery_app
 from celerybridge._wakeup import SignalWakeup
 
 
@@ -59,3 +60,10 @@ def test_a_forked_child_does_not_write_signals_into_an_inherited_fd(
         os._exit(0 if signal.set_wakeup_fd(-1) == -1 else 1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_workers_built_by_celery_app_wake_on_signals() -> None:
+    # An idle worker's event loop slept up to 10 s (its next timer) before it read the
+    # flag SIGTERM had set: 6.6 to 10.7 s from SIGTERM to exit on RabbitMQ, 0.5 s with
+    # the step.
+    assert SignalWakeup in celery_app("wakes").steps["consumer"]

@@ -22,6 +22,7 @@ import pytest
 from celerybridge import Bridge, CeleryBridgeError, RemoteTaskError
 from pusher.bindings import Receipt, send_to_s3
 
+from .. import _summary as summary
 from .._brokers import BROKERS, RESULT_BACKEND
 from .._workers import Worker, stop_all
 from ..pusher._s3server import MotoServer
@@ -31,7 +32,12 @@ from ._s3_proxy import FaultProxy
 LONG = os.environ.get("CELERYBRIDGE_FAULTS", "short") == "long"
 CountLedger = Callable[..., Awaitable[Tally]]
 """The ``count_ledger`` fixture: ``await count_ledger(case, *context)``."""
-_tallies: list[Tally] = []
+# The ledger's table at the end of the run (tests/_summary.py).
+LEDGER_SECTION = "fault suite ledger"
+LEDGER_COLUMNS = (
+    "case", "broker", "calls", "ok", "unknown", "landed", "lost", "unexpected", "vanished",
+    "duplicated_runs", "faults", "redelivered", "redelivery_max_s",
+)  # fmt: skip
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -112,8 +118,13 @@ def start_ledger_pusher(
 
 
 def report(tally: Tally) -> None:
-    """Keep the tally for the summary and, with ``make faults``, the report file."""
-    _tallies.append(tally)
+    """Add the tally to the run's summary and, with ``make faults``, to the report file."""
+    row = tally.row()
+    summary.add(
+        LEDGER_SECTION,
+        " | ".join(str(row[c]) for c in LEDGER_COLUMNS),
+        header=" | ".join(LEDGER_COLUMNS),
+    )
     target = os.environ.get("CELERYBRIDGE_FAULTS_REPORT")
     if target:
         with open(target, "a") as out:
@@ -133,19 +144,6 @@ def count_ledger(ledger: Ledger, broker: str, s3: Any, bucket: str) -> CountLedg
         return tally
 
     return count
-
-
-def pytest_terminal_summary(terminalreporter: Any) -> None:
-    if not _tallies:
-        return
-    terminalreporter.section("fault suite ledger")
-    columns = ("case", "broker", "calls", "ok", "unknown", "landed", "lost", "unexpected")
-    columns += ("vanished",)
-    columns += ("duplicated_runs", "faults", "redelivered", "redelivery_max_s")
-    terminalreporter.write_line(" | ".join(columns))
-    for tally in _tallies:
-        row = tally.row()
-        terminalreporter.write_line(" | ".join(str(row[c]) for c in columns))
 
 
 class Progress:

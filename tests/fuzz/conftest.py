@@ -20,16 +20,15 @@ from typing import Any
 import pytest
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
+from .. import _summary as summary
 from .._brokers import BROKERS
 from .._workers import Worker
 from ._fates import Target
 from ._harness import FuzzRun
 from ._model import MAX_MESSAGE_BYTES
-from ._report import Figures, Violation
 
 LONG = os.environ.get("CELERYBRIDGE_FUZZ", "short") == "long"
 SIGNING_KEY = "fuzz-" + "0123456789abcdef" * 3
-_runs: list[tuple[Figures, list[Violation]]] = []
 
 
 @dataclass(frozen=True)
@@ -114,7 +113,11 @@ def fuzz_run(
 
 
 def _report(run: FuzzRun) -> None:
-    _runs.append((run.figures, run.violations))
+    lines = [run.figures.markdown()]
+    if run.violations:
+        lines.append(f"{len(run.violations)} violations, first ones:")
+        lines += [violation.describe()[:1500] for violation in run.violations[:10]]
+    summary.add("fuzz suite", "\n".join(lines))
     row = {**run.figures.row(), "seed": SCALE.seed}
     row["violations"] = [v.describe() for v in run.violations[:200]]
     if target := os.environ.get("CELERYBRIDGE_FUZZ_REPORT"):
@@ -123,15 +126,3 @@ def _report(run: FuzzRun) -> None:
     if target := os.environ.get("CELERYBRIDGE_FUZZ_MARKDOWN"):
         with open(target, "a") as out:
             out.write(run.figures.markdown() + "\n")
-
-
-def pytest_terminal_summary(terminalreporter: Any) -> None:
-    if not _runs:
-        return
-    terminalreporter.section("fuzz suite")
-    for figures, violations in _runs:
-        terminalreporter.write_line(figures.markdown())
-        if violations:
-            terminalreporter.write_line(f"{len(violations)} violations, first ones:")
-            for violation in violations[:10]:
-                terminalreporter.write_line(violation.describe()[:1500])

@@ -197,8 +197,14 @@ def test_the_strategies_reach_every_family(broker: BrokerName, keyed: bool) -> N
     expected |= {"redis-raw"} if broker == "redis" else set()
     expected |= {"signature", "replay"} if keyed else set()
 
+    # Derandomized: 60 examples of hypothesis are not 1,500 independent draws (it starts
+    # from the simplest and mutates), and a family a random seed missed failed a run.
     @settings(
-        max_examples=60, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+        max_examples=60,
+        deadline=None,
+        database=None,
+        derandomize=True,
+        suppress_health_check=list(HealthCheck),
     )
     @given(st.lists(recipes(broker, keyed), min_size=25, max_size=25))
     def draw(batch: list[Any]) -> None:
