@@ -3,6 +3,7 @@ from __future__ import annotations
 import copy
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -108,19 +109,20 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     summary.write(terminalreporter)
 
 
-# scripts/test runs pytest-xdist with `--dist loadgroup`: a test module runs whole in one
-# process (its module-scoped workers start once), and the modules that start a pusher
-# on the seed's own queue, "pusher", share one process so that two of them never take
-# each other's messages.
+# scripts/test runs the tests in two processes (pytest-xdist). A test module runs whole
+# in one of them, so its module- and session-scoped workers start once; the modules that
+# start a pusher on the seed's own queue, "pusher", share one, so that two of them never
+# take each other's messages. (xdist's own `--dist loadgroup` marks are lost on pytest 9:
+# it renames node ids that pytest no longer reads.)
 SEED_QUEUE_MODULES = ("tests/fastapi_app/", "tests/pusher/test_pusher.py")
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    root = Path(__file__).parent.parent
-    for item in items:
-        if item.get_closest_marker("xdist_group"):
-            continue
-        where = item.path.relative_to(root).as_posix()
-        seed = where.startswith(SEED_QUEUE_MODULES)
-        item.add_marker(pytest.mark.xdist_group("seed-queue" if seed else where))
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    from xdist.scheduler import LoadScopeScheduling  # type: ignore[import-untyped]
+
+    class ByModule(LoadScopeScheduling):  # type: ignore[misc]
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return "seed-queue" if module.startswith(SEED_QUEUE_MODULES) else module
+
+    return ByModule(config, log)
