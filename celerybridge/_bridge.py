@@ -310,7 +310,7 @@ class Bridge:
         if canvas is not None:
             from ._transports.kombu import close_celery_app
 
-            await anyio.to_thread.run_sync(close_celery_app, canvas, canvas._backend)
+            await anyio.to_thread.run_sync(close_celery_app, canvas, vars(canvas).get("_backend"))
         if publisher is not None:
             await publisher.aclose()
         if results is not None:
