@@ -79,7 +79,10 @@ def contract_signature(
         try:
             call = stub.binder.bind_given(args, kwargs, open_first=False)
         except ArgumentError as exc:
-            if not exc.problem.startswith("missing a required argument"):
+            first = stub.binder.positional[:1]
+            if not exc.problem.startswith("missing a required argument") or (
+                first and first[0] in kwargs
+            ):
                 raise
             call = stub.binder.bind_given(args, kwargs, open_first=True)
     return Signature(

@@ -178,11 +178,13 @@ def check_moment(what: str, value: object) -> datetime:
             f"timedelta(seconds=5)), got the naive {value.isoformat()}"
         )
     try:
-        # What the worker does with it: its local time, a timestamp.
-        value.astimezone(UTC).astimezone().timestamp()
+        # In UTC: an offset of seconds (local mean time of old dates) is ISO 8601 the
+        # worker's parser cannot read. Then what the worker does: local time, a timestamp.
+        moment = value.astimezone(UTC)
+        moment.astimezone().timestamp()
     except (OverflowError, OSError, ValueError):
         raise ConfigurationError(f"{what} is out of range: {value.isoformat()}") from None
-    return value
+    return moment
 
 
 def _expires(value: object) -> float | datetime:
