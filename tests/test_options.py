@@ -106,21 +106,21 @@ def test_unsupported_options_name_the_supported_ones() -> None:
             {"headers": {"task": "other.task"}},
             "header 'task' is reserved: Celery's protocol, "
             "the worker's request or celerybridge set it",
-        ),  # fmt: skip
+        ),
         (
             {"headers": {"x-celerybridge-service": "me"}},
             "header 'x-celerybridge-service' is "
             "reserved: Celery's protocol, the worker's request or celerybridge set it",
-        ),  # fmt: skip
+        ),
         (
             {"headers": {"callbacks": []}},
             "header 'callbacks' is reserved: Celery's protocol, "
             "the worker's request or celerybridge set it",
-        ),  # fmt: skip
+        ),
         (
             {"headers": {"x": math.nan}},
             "headers must hold JSON values only: Out of range float values are not JSON compliant",
-        ),  # fmt: skip
+        ),
         ({"headers": {"x": "y" * 70000}}, "headers must be at most 65536 bytes as JSON"),
         ({"retry": "yes"}, "retry must be True or False, got 'yes'"),
         (
@@ -131,7 +131,7 @@ def test_unsupported_options_name_the_supported_ones() -> None:
         (
             {"link": "canvas.mul"},
             "link must be a signature or a list of them (stub.s(...), stub.si(...)), got str",
-        ),  # fmt: skip
+        ),
         ({"priority": 10}, "priority must be an integer from 0 to 9, got 10"),
     ],
 )
