@@ -264,7 +264,8 @@ class CanvasApp(Celery):
             except NotImplementedError as exc:  # Celery: this backend has no chords
                 raise ConfigurationError(
                     f"this workflow needs a result backend that supports chords (redis://, "
-                    f"a database); the bridge's result backend does not: {exc}"
+                    f"a database); the bridge's result backend does not: "
+                    f"{str(exc).strip().splitlines()[0]}"
                 ) from None
             return result, list(self._recording.sent)
         finally:
