@@ -10,7 +10,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypeVar, overload
 
 from ._constants import DEFAULT_QUEUE, SEND_OPTIONS_KEYWORD, SERIALIZER, VERSION_KEYWORD
-from ._exceptions import ConfigurationError, ContractError
+from ._exceptions import CallError, ConfigurationError, ContractError
 from ._options import SendOptions, check_identifier, merge_options
 from ._registry import registry
 from ._transports.base import OutgoingMessage
@@ -102,7 +102,7 @@ class RemoteTask(Generic[P, R]):
         expires: float | timedelta | datetime | None = None,
         priority: int | None = None,
         headers: Mapping[str, Any] | None = None,
-        task_id: str | None = None,
+        task_id: None = None,
         time_limit: float | timedelta | None = None,
         soft_time_limit: float | timedelta | None = None,
         retry: bool | None = None,
@@ -117,11 +117,22 @@ class RemoteTask(Generic[P, R]):
         delays execution; ``expires`` (seconds, a ``timedelta`` or an aware datetime, at
         most 49.7 days ahead) drops the task if it has not started in time; ``priority``
         is 0-9 (0 first on Redis, 9 first on RabbitMQ); ``headers`` are custom headers
-        the task's request sees; ``task_id`` fixes the id; ``time_limit`` and
+        the task's request sees; ``time_limit`` and
         ``soft_time_limit`` bound the run on the worker; ``retry`` and ``retry_policy``
         are kombu's publish retries (kombu path); ``link`` and ``link_error`` are
         signatures called with the result or on failure.
+
+        ``task_id`` is refused (:class:`CallError`): the copy sends every call with its
+        options, and one id for two tasks loses a result. Give it per call:
+        ``apply_async(task_id=...)``, ``signature(task_id=...)``,
+        ``delegate(name, send_options={"task_id": ...})``.
         """
+        if task_id is not None:
+            raise CallError(
+                f"task {self.name!r}: task_id is given per call (apply_async, signature, "
+                "delegate(send_options=...)), not to with_options(), whose stub sends "
+                "every call with it"
+            )
         given = {
             "queue": queue,
             "countdown": countdown,
@@ -129,7 +140,6 @@ class RemoteTask(Generic[P, R]):
             "expires": expires,
             "priority": priority,
             "headers": headers,
-            "task_id": task_id,
             "time_limit": time_limit,
             "soft_time_limit": soft_time_limit,
             "retry": retry,

@@ -41,6 +41,14 @@ SUPPORTED_OPTIONS: Final = (
 MAX_EXPIRES: Final = (2**32 - 1) / 1000
 """Seconds: RabbitMQ reads a message TTL (the broker side of ``expires``) as
 milliseconds below 2**32, some 49.7 days."""
+MIN_EXPIRES: Final = 0.001
+"""Seconds: RabbitMQ counts a message TTL in whole milliseconds; less would be a TTL of
+0, a message dropped unless a consumer takes it at once."""
+MAX_COUNTDOWN: Final = 10 * 365 * 86400
+"""Seconds (10 years): a countdown becomes an ETA, ``now + countdown``, which must stay
+a date a worker can read; a task due later than this is a mistake, not a plan."""
+TASK_ID_BYTES: Final = AMQP_SHORTSTR_BYTES
+"""A task id travels as AMQP's ``correlation_id``, a short string of at most 255 bytes."""
 MAX_HEADER_BYTES: Final = 65536
 """The custom headers of one message, as compact JSON."""
 MAX_HEADER_DEPTH: Final = 8
@@ -120,7 +128,7 @@ def merge_options(task: str, base: SendOptions, given: Mapping[str, Any]) -> Sen
         check_identifier("queue", options["queue"])
         changes["queue"] = options["queue"]
     if "countdown" in options:
-        changes["countdown"] = to_seconds(options["countdown"], what="countdown")
+        changes["countdown"] = _countdown(options["countdown"])
         changes["eta"] = None  # the later of the two wins
     if "eta" in options:
         changes["eta"] = check_moment("eta", options["eta"])
@@ -187,12 +195,24 @@ def check_moment(what: str, value: object) -> datetime:
     return moment
 
 
+def _countdown(value: object) -> float:
+    seconds = to_seconds(value, what="countdown")  # type: ignore[arg-type]
+    assert seconds is not None
+    if seconds > MAX_COUNTDOWN:
+        raise ConfigurationError(
+            f"countdown must be at most {MAX_COUNTDOWN} s (10 years), got {value!r}"
+        )
+    return seconds
+
+
 def _expires(value: object) -> float | datetime:
     if isinstance(value, datetime):
         moment = check_moment("expires", value)
         left = (moment - datetime.now(UTC)).total_seconds()
         if left <= 0:
             raise ConfigurationError(f"expires is in the past: {moment.isoformat()}")
+        if left < MIN_EXPIRES:
+            raise ConfigurationError(f"expires must be at least 1 ms ahead: {moment.isoformat()}")
         if left > MAX_EXPIRES:
             raise ConfigurationError(
                 f"expires must be at most {MAX_EXPIRES:g} s (49.7 days) ahead, RabbitMQ's "
@@ -206,6 +226,11 @@ def _expires(value: object) -> float | datetime:
             f"expires must be at most {MAX_EXPIRES:g} s (49.7 days), RabbitMQ's longest "
             f"message TTL; got {value!r}"
         )
+    if seconds < MIN_EXPIRES:
+        raise ConfigurationError(
+            f"expires must be at least 1 ms (RabbitMQ counts a TTL in whole milliseconds), "
+            f"got {value!r}"
+        )
     return seconds
 
 
@@ -216,11 +241,18 @@ def _priority(value: object) -> int:
 
 
 def _task_id(value: object) -> str:
-    if not isinstance(value, str) or not 0 < len(value) <= 255 or not value.isprintable():
+    # Bytes, not characters: 200 'é' are 400 bytes, over AMQP's correlation_id.
+    fits = isinstance(value, str) and value.isprintable()
+    if fits:
+        try:
+            fits = 0 < len(cast(str, value).encode("utf-8")) <= TASK_ID_BYTES
+        except UnicodeEncodeError:  # a lone surrogate (not printable, but be sure)
+            fits = False
+    if not fits:
         raise ConfigurationError(
-            f"task_id must be 1 to 255 printable characters, got {value!r:.80}"
+            f"task_id must be 1 to {TASK_ID_BYTES} bytes of printable UTF-8, got {value!r:.80}"
         )
-    return value
+    return cast(str, value)
 
 
 def check_headers(value: object) -> dict[str, Any]:

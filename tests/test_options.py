@@ -44,7 +44,6 @@ def test_every_supported_option_is_accepted_and_carried() -> None:
         expires=expires,
         priority=3,
         headers={"x-tenant": "acme"},
-        task_id="t-1",
         time_limit=10,
         soft_time_limit=timedelta(seconds=5),
         retry=False,
@@ -53,7 +52,8 @@ def test_every_supported_option_is_accepted_and_carried() -> None:
         link_error=Signature("audit.failed"),
     )
     message = stub.message(stub.bind((1, 2), {}))
-    assert (message.task_id, message.queue) == ("t-1", "q")
+    assert message.queue == "q"
+    assert stub.signature((1, 2), task_id="t-1").options["task_id"] == "t-1"  # per call
     options = message.options
     assert options["eta"] == eta
     assert options["expires"] == expires
@@ -100,8 +100,24 @@ def test_unsupported_options_name_the_supported_ones() -> None:
             {"time_limit": 5, "soft_time_limit": 6},
             "soft_time_limit (6 s) must not exceed time_limit (5 s)",
         ),
-        ({"task_id": ""}, "task_id must be 1 to 255 printable characters, got ''"),
-        ({"task_id": "a\nb"}, "task_id must be 1 to 255 printable characters, got 'a\\nb'"),
+        ({"task_id": ""}, "task_id must be 1 to 255 bytes of printable UTF-8, got ''"),
+        (
+            {"task_id": "a\nb"},
+            "task_id must be 1 to 255 bytes of printable UTF-8, got 'a\\nb'",
+        ),
+        (
+            {"task_id": "\udc80"},
+            "task_id must be 1 to 255 bytes of printable UTF-8, got '\\udc80'",
+        ),
+        (
+            {"expires": 1e-9},
+            "expires must be at least 1 ms (RabbitMQ counts a TTL in whole "
+            "milliseconds), got 1e-09",
+        ),
+        (
+            {"countdown": timedelta(days=3651)},
+            "countdown must be at most 315360000 s (10 years), got datetime.timedelta(days=3651)",
+        ),
         (
             {"headers": {"task": "other.task"}},
             "header 'task' is reserved: Celery's protocol, "
