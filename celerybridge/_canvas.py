@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from celery import Celery
+from celery.app.registry import TaskRegistry
 from celery.canvas import Signature
 from celery.result import AsyncResult, GroupResult
 from kombu.utils.json import dumps as kombu_dumps
@@ -49,6 +50,10 @@ _IGNORED_OPTIONS: Final = frozenset(
     {"producer", "publisher", "add_to_parent", "reply_to", "serializer", "connection", "router",
      "result_cls", "route_name", "task_type"}
 )  # fmt: skip
+
+# What Celery's canvas code puts in a signature's options itself (``freeze``): the rest
+# of an embedded signature's options are the user's, checked as top-level ones are.
+_FROZEN_OPTIONS: Final = _CANVAS_OPTIONS | {"task_id", "reply_to"}
 
 FIRST = "as the first step, nothing comes before it"
 IN_CHAIN = "in a chain, the previous step's result comes first"
@@ -111,6 +116,7 @@ def check_callback(what: str, sig: Signature[Any]) -> Signature[Any]:
         check_workflow(plain, prepended=1, where=CALLBACK)
     else:
         _walk_names(plain)
+    check_embedded_options(plain)
     return plain
 
 
@@ -158,6 +164,68 @@ def check_workflow(sig: Mapping[str, Any], *, prepended: int = 0, where: str = F
         check_workflow(callback, prepended=1, where=CALLBACK)
     for errback in _as_list(options.get("link_error")):
         _walk_names(errback)
+
+
+def check_embedded_options(sig: Mapping[str, Any]) -> None:
+    """Check the send options of every signature in ``sig`` (a chain's later steps, a
+    chord's body, link callbacks and errbacks) as top-level options are checked
+    (:func:`~celerybridge._options.merge_options`): the worker's Celery sends them
+    with these options, and a custom header may not replace the task's name or id."""
+    for node in _nodes(sig):
+        options = node.get("options") or {}
+        if not isinstance(options, Mapping):
+            raise CallError(f"a workflow step's options must be a mapping: {dict(node)!r:.200}")
+        task = node.get("task")
+        name = task if isinstance(task, str) and task else "a workflow step"
+        given = {
+            k: v
+            for k, v in options.items()
+            if k not in _FROZEN_OPTIONS and k not in ("link", "link_error")
+        }
+        task_id = options.get("task_id")
+        if task_id is not None:
+            given["task_id"] = task_id
+        merge_options(name, SendOptions(queue=DEFAULT_QUEUE), given)
+
+
+def check_unique_ids(sig: Mapping[str, Any]) -> None:
+    """Refuse a workflow two of whose tasks were given one task id: they would share one
+    result record, and one result would be lost."""
+    seen: set[str] = set()
+    for node in _nodes(sig):
+        if node.get("subtask_type"):
+            continue  # a group's or chain's id is not a task's
+        task_id = (node.get("options") or {}).get("task_id")
+        if task_id is None:
+            continue
+        if task_id in seen:
+            raise CallError(
+                f"task id {task_id!r} is given to more than one step of the workflow; each "
+                "step needs its own (their results would share one record)"
+            )
+        seen.add(task_id)
+
+
+def _nodes(sig: Any) -> Iterator[Mapping[str, Any]]:
+    """``sig`` and every signature inside it: steps, a chord's header and body, callbacks."""
+    if not isinstance(sig, Mapping):
+        return
+    yield sig
+    kind = sig.get("subtask_type")
+    kwargs = sig.get("kwargs") or {}
+    if kind in ("chain", "group") and isinstance(kwargs, Mapping):
+        for step in _as_list(kwargs.get("tasks")):
+            yield from _nodes(step)
+    elif kind == "chord" and isinstance(kwargs, Mapping):
+        header = kwargs.get("header")
+        for step in [header] if isinstance(header, Mapping) else _as_list(header):
+            yield from _nodes(step)
+        yield from _nodes(kwargs.get("body"))
+    options = sig.get("options") or {}
+    if isinstance(options, Mapping):
+        for key in ("link", "link_error"):
+            for callback in _as_list(options.get(key)):
+                yield from _nodes(callback)
 
 
 def _check_step(sig: Mapping[str, Any], prepended: int, where: str) -> None:
@@ -214,13 +282,30 @@ class _InertResult(AsyncResult):  # type: ignore[type-arg]
         return None
 
 
+class _CeleryTasksOnly(TaskRegistry):
+    """A task registry that keeps Celery's own tasks (``celery.chord_unlock``...) only.
+
+    Every Celery app picks up shared tasks (``@stub.implement()``, ``shared_task``, and
+    ``app.task`` shares by default): a signature of a registered task is sent through
+    its ``Task.apply_async``, which adds the task's own publish options (exchange,
+    routing key, delivery mode...). The recording app sends every step by name.
+    """
+
+    def __setitem__(self, name: str, task: Any) -> None:
+        if isinstance(name, str) and name.startswith("celery."):
+            super().__setitem__(name, task)
+
+
 class CanvasApp(Celery):
     """A Celery app that runs canvas code and records the messages instead of sending.
 
     The result backend is the bridge's: a chord's size and header are stored there, as
     Celery's client stores them. Frozen signatures name ``reply_to`` (the bridge's
-    ``rpc://`` reply queue, when it has one).
+    ``rpc://`` reply queue, when it has one). It knows no task but Celery's own
+    (:class:`_CeleryTasksOnly`).
     """
+
+    registry_cls = "celerybridge._canvas:_CeleryTasksOnly"
 
     def __init__(self, result_backend: str | None, reply_to: str | None, io_timeout: float) -> None:
         super().__init__("celerybridge-canvas", backend=result_backend, set_as_current=False)
@@ -276,6 +361,8 @@ def capture(app: CanvasApp, workflow: Signature[Any]) -> tuple[Any, list[Outgoin
     """The messages that publish ``workflow`` (checked), and Celery's result for it."""
     plain = as_json_signature(workflow)
     check_workflow(plain)
+    check_embedded_options(plain)
+    check_unique_ids(plain)
     bound = Signature.from_dict(dict(plain), app=app)
     result, sent = app.record(bound)
     return result, [_message(record) for record in sent]
