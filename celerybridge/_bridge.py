@@ -185,6 +185,10 @@ class Bridge:
         A chain or chord gives a :class:`TaskHandle` on its last task, typed by that
         task's contract (untyped JSON for a plain task); a group a :class:`GroupHandle`.
         A chord needs a result backend with chords (Redis, a database; not ``rpc://``).
+
+        The messages are published one after another (a group's members, a chord's
+        header): if the broker fails midway, those already sent stay sent, and the
+        :class:`DelegationError` says how many there were.
         """
         from ._canvas import capture
 
@@ -197,14 +201,20 @@ class Bridge:
             for task_id in _result_ids(result):
                 self._get_results().expect(task_id)
         native = isinstance(publisher, NativePublisher)
-        for message in messages:
+        for sent, message in enumerate(messages):
             message = message.from_service(self.settings.service)
             what = f"task {message.task_name!r} of the workflow"
+            if sent:  # what was sent stays sent: say so
+                what += f" ({sent} of its {len(messages)} messages were sent before it)"
             try:
                 async with fail_after(timeout, on_asyncio=native), publisher.admit():
                     await publisher.publish(message)
             except TimeoutError:
                 raise self._publish_timeout(what, message, timeout) from None
+            except DelegationError as exc:
+                if not sent:
+                    raise
+                raise DelegationError(f"{what}: {exc}") from exc
         return self._canvas_handle(result, messages)
 
     def _canvas_handle(
