@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Generator, Sequence
-from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, cast, overload
 
 import anyio
 from celery import result as celery_result
@@ -136,7 +136,50 @@ class ContractResult(AsyncResult[R]):
         self.stub = stub
         """The contract the result is decoded through."""
 
-    def get(  # type: ignore[override]
+    @overload  # type: ignore[override]
+    def get(
+        self,
+        timeout: Timeout | None = None,
+        propagate: Literal[True] = True,
+        interval: float = 0.5,
+        no_ack: bool = True,
+        follow_parents: bool = True,
+        callback: Any = None,
+        on_message: Any = None,
+        on_interval: Any = None,
+        disable_sync_subtasks: bool = True,
+        **_states: Any,
+    ) -> R: ...
+    @overload
+    def get(
+        self,
+        timeout: Timeout | None,
+        propagate: bool,
+        interval: float = 0.5,
+        no_ack: bool = True,
+        follow_parents: bool = True,
+        callback: Any = None,
+        on_message: Any = None,
+        on_interval: Any = None,
+        disable_sync_subtasks: bool = True,
+        **_states: Any,
+    ) -> R | RemoteTaskError: ...
+    @overload
+    def get(
+        self,
+        timeout: Timeout | None = None,
+        *,
+        propagate: bool,
+        interval: float = 0.5,
+        no_ack: bool = True,
+        follow_parents: bool = True,
+        callback: Any = None,
+        on_message: Any = None,
+        on_interval: Any = None,
+        disable_sync_subtasks: bool = True,
+        **_states: Any,
+    ) -> R | RemoteTaskError: ...
+    def get(
         self,
         timeout: Timeout | None = None,
         propagate: bool = True,
@@ -148,12 +191,14 @@ class ContractResult(AsyncResult[R]):
         on_interval: Any = None,
         disable_sync_subtasks: bool = True,
         **_states: Any,
-    ) -> R:
+    ) -> R | RemoteTaskError:
         """Block until the task finished: its value, decoded through the contract.
 
         ``timeout`` in seconds or a ``timedelta`` (``None``: no limit, as in Celery);
         the backend is read with growing pauses up to ``interval`` seconds. Inside a
-        task it refuses to block, as Celery does (``disable_sync_subtasks``).
+        task it refuses to block, as Celery does (``disable_sync_subtasks``). With
+        ``propagate=False`` a failure is returned, not raised: typed ``R | RemoteTaskError``.
+        A record that is not a JSON object raises :class:`ResultBackendError`.
         """
         if disable_sync_subtasks:
             celery_result.assert_will_not_block()  # type: ignore[attr-defined]
@@ -172,13 +217,18 @@ class ContractResult(AsyncResult[R]):
         except RemoteTaskError as exc:
             if propagate:
                 raise
-            return cast(R, exc)
+            return exc
 
     wait = get  # type: ignore[assignment]  # Celery's alias
 
     def _outcome(self) -> TaskOutcome | None:
         with translate(ResultBackendError, f"reading the result of task {self.id}"):
-            meta = self.backend.get_task_meta(self.id)
+            meta = self.backend.get_task_meta(self.id, cache=False)
+        if not isinstance(meta, dict):  # Celery's own reads would raise AttributeError
+            raise ResultBackendError(
+                f"the result backend holds a record for task {self.id} that is not a JSON "
+                f"object but {_json_kind(meta)}: not a task's result"
+            )
         return outcome_from_meta(meta)
 
     def __repr__(self) -> str:
@@ -209,9 +259,28 @@ def decode_outcome(stub: RemoteTask[Any, R], task_id: str, outcome: TaskOutcome)
         task_id=task_id,
         remote_type=str(record.get("exc_type", outcome.state)),
         remote_message=_message_of(record.get("exc_message", outcome.result)),
-        remote_traceback=outcome.traceback,
-        remote_module=record.get("exc_module"),
+        # A record is data from the backend: only strings are kept where strings belong.
+        remote_traceback=outcome.traceback if isinstance(outcome.traceback, str) else None,
+        remote_module=_string_or_none(record.get("exc_module")),
     )
+
+
+def _string_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _json_kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list | tuple):
+        return "an array"
+    return f"a {type(value).__name__}"
 
 
 def _message_of(exc_message: Any) -> str:

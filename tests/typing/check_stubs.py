@@ -11,7 +11,7 @@ from typing import assert_type
 
 from pydantic import BaseModel
 
-from celerybridge import Bridge, TaskHandle, remote_task
+from celerybridge import Bridge, RemoteTaskError, TaskHandle, remote_task
 
 
 class Receipt(BaseModel):
@@ -58,3 +58,10 @@ def typed_canvas_and_sync_results() -> None:
     assert_type(result, ContractResult[Receipt])
     assert_type(result.get(timeout=5), Receipt)
     assert_type(send.apply_async(("k", "c"), countdown=1).get(), Receipt)
+    # propagate=False returns the failure instead of raising it
+    assert_type(result.get(propagate=False), Receipt | RemoteTaskError)
+    assert_type(result.get(5, False), Receipt | RemoteTaskError)
+    assert_type(result.get(propagate=True), Receipt)
+    flag: bool = bool(result)
+    assert_type(result.get(propagate=flag), Receipt | RemoteTaskError)
+    send.with_options(task_id="fixed")  # type: ignore[arg-type]  # per call only
