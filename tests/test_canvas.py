@@ -23,6 +23,7 @@ import celerybridge
 from celerybridge import (
     Bridge,
     BridgeSettings,
+    ConfigurationError,
     ContractResult,
     GroupHandle,
     RemoteTaskError,
@@ -118,6 +119,21 @@ async def test_link_callback_gets_the_result_and_link_error_runs_on_failure(
     assert body[0] == [failing.id]
 
 
+async def test_a_chain_step_header_cannot_swap_the_task_that_runs(cbridge: Bridge) -> None:
+    """Red team (moved from tests/test_canvas_attacks.py, on this module's workers): the
+    contract check validated canvas.mul(3, 10); a custom header on the embedded step
+    would replace the task name when the worker sends it, so canvas.add would run and
+    its result be decoded through mul's contract. Refused before anything is sent."""
+    workflow = chain(b.add.s(1, 2), b.mul.s(10).set(headers={"task": b.add.wire_name}))
+    with pytest.raises(ConfigurationError) as caught:
+        await cbridge.send_canvas(workflow)
+    assert str(caught.value) == (
+        "header 'task' is reserved: Celery's protocol, the worker's request or celerybridge set it"
+    )
+    handle = await cbridge.send_canvas(chain(b.add.s(1, 2), b.mul.s(10)))
+    assert await handle.result(timeout=15) == 30
+
+
 def _take_one(broker_url: str, queue: str) -> list[object]:
     with kombu.Connection(broker_url) as connection:
         simple = connection.SimpleQueue(queue)
@@ -135,10 +151,10 @@ def _take_one(broker_url: str, queue: str) -> list[object]:
 
 async def test_headers_task_id_and_time_limits_reach_the_request(cbridge: Bridge) -> None:
     task_id = f"fixed-{uuid.uuid4()}"
-    stub = b.request.with_options(
-        headers={"x-tenant": "acme"}, task_id=task_id, time_limit=30, soft_time_limit=20
+    options = {"headers": {"x-tenant": "acme"}, "time_limit": 30, "soft_time_limit": 20}
+    handle = await cbridge.delegate(  # task_id is per call, not with_options'
+        "canvas.request", "h", send_options={**options, "task_id": task_id}
     )
-    handle = await stub.via(cbridge).delegate("h")
     seen = await handle.result(timeout=15)
     assert handle.id == task_id
     assert (seen["id"], seen["tenant"], seen["timelimit"]) == (task_id, "acme", [30, 20])
