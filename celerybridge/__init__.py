@@ -39,7 +39,7 @@ from ._exceptions import (
     UnknownTaskError,
     UnknownVersionError,
 )
-from ._result import TaskHandle
+from ._result import ContractResult, GroupHandle, TaskHandle
 from ._transports.base import OutgoingMessage, Publisher, ResultSource, TaskOutcome
 from ._transports.memory import MemoryTransport
 from ._worker import caller_service, celery_app
@@ -55,8 +55,10 @@ __all__ = [
     "CeleryBridgeError",
     "ConfigurationError",
     "ContractError",
+    "ContractResult",
     "DeadLetteredError",
     "DelegationError",
+    "GroupHandle",
     "MemoryTransport",
     "OutgoingMessage",
     "PublishTimeoutError",

@@ -8,6 +8,8 @@ from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, TypeVar, overload
 
+import anyio
+import anyio.to_thread
 import sniffio
 
 from ._config import (
@@ -30,18 +32,26 @@ from ._exceptions import (
 )
 from ._queues import QueuePlan
 from ._registry import registry
-from ._result import TaskHandle
+from ._result import GroupHandle, TaskHandle
 from ._signing import Signer
 from ._transports.base import NativePublisher
 from ._utils import Timeout, fail_after, to_seconds
 
 if TYPE_CHECKING:
     from celery import Celery
+    from celery.canvas import Signature
 
+    from ._canvas import CanvasApp
     from ._contracts import RemoteTask
     from ._transports.base import OutgoingMessage, Publisher, ResultSource, TaskOutcome
 
 R = TypeVar("R")
+
+
+def _result_ids(result: Any) -> list[str]:
+    from ._canvas import result_ids
+
+    return list(result_ids(result))
 
 
 class Bridge:
@@ -94,6 +104,7 @@ class Bridge:
                     "publisher=, or use another result backend"
                 )
             self._reply_to = f"celerybridge.reply.{uuid.uuid4()}"
+        self._canvas: CanvasApp | None = None
         self._pid = os.getpid()
         self._closed = False
 
@@ -112,14 +123,24 @@ class Bridge:
         return f"<Bridge {self.settings!r}{' closed' if self._closed else ''}>"
 
     async def delegate(
-        self, name: str, /, *args: Any, version: int | str | None = None, **kwargs: Any
+        self,
+        name: str,
+        /,
+        *args: Any,
+        version: int | str | None = None,
+        send_options: Mapping[str, Any] | None = None,
+        **kwargs: Any,
     ) -> TaskHandle[Any]:
         """Send the task ``name`` at ``version`` (default: the contract's default version).
 
-        ``version`` is reserved for version selection: contracts may not name a
-        parameter ``version``. Returns once the broker has accepted the message.
+        ``version`` is reserved for version selection and ``send_options`` for the
+        options of :meth:`RemoteTask.with_options` (``{"countdown": 5}``): contracts may
+        not name a parameter either way. Returns once the broker has accepted the message.
         """
-        return await self.send(registry.resolve(name, version), args, kwargs, stacklevel=2)
+        stub = registry.resolve(name, version)
+        if send_options:
+            stub = stub._with(send_options)
+        return await self.send(stub, args, kwargs, stacklevel=2)
 
     async def send(
         self,
@@ -136,10 +157,11 @@ class Bridge:
         publisher = self._get_publisher()
         timeout = self.settings.publish_timeout
         message: OutgoingMessage | None = None
+        what = f"task {stub.name!r} v{stub.version}"
         try:
             native = isinstance(publisher, NativePublisher)  # asyncio only
             if self._reply_to is not None:
-                await self._prepare_results(stub, timeout)
+                await self._prepare_results(what, timeout)
             async with fail_after(timeout, on_asyncio=native), publisher.admit():
                 call = stub.bind(args, kwargs, stacklevel=stacklevel + 1)
                 message = stub.message(call).from_service(self.settings.service)
@@ -147,26 +169,102 @@ class Bridge:
                     self._get_results().expect(message.task_id)
                 await publisher.publish(message)
         except TimeoutError:
-            if message is None:
-                raise PublishTimeoutError(
-                    f"task {stub.name!r} v{stub.version} waited {timeout:g} s for other "
-                    "publishes to make room and was not sent"
-                ) from None
-            raise PublishTimeoutError(
-                f"the broker did not accept task {stub.name!r} v{stub.version} "
-                f"({message.task_id}) within {timeout:g} s; it may or may not have been delivered"
-            ) from None
+            raise self._publish_timeout(what, message, timeout) from None
         return TaskHandle(self, stub, message.task_id)
 
-    async def _prepare_results(self, stub: RemoteTask[Any, Any], timeout: float) -> None:
+    async def send_canvas(self, workflow: Signature[Any]) -> TaskHandle[Any] | GroupHandle:
+        """Publish a Celery workflow (a signature, ``chain``, ``group`` or ``chord`` of
+        ``stub.s()`` / ``stub.si()`` and plain signatures) and return a handle to its
+        final result.
+
+        Every contract step is checked with the arguments it will be called with (the
+        previous step's result first, in a chain) before anything is sent. Celery's own
+        canvas code lays the workflow out (task ids, the ``chain``, ``callbacks`` and
+        ``chord`` embeds, a chord's bookkeeping in the result backend); the bridge
+        publishes the messages itself, each signed as a whole when a signing key is set.
+        A chain or chord gives a :class:`TaskHandle` on its last task, typed by that
+        task's contract (untyped JSON for a plain task); a group a :class:`GroupHandle`.
+        A chord needs a result backend with chords (Redis, a database; not ``rpc://``).
+
+        The messages are published one after another (a group's members, a chord's
+        header): if the broker fails midway, those already sent stay sent, and the
+        :class:`DelegationError` says how many there were.
+        """
+        from ._canvas import capture
+
+        publisher = self._get_publisher()
+        timeout = self.settings.publish_timeout
+        app = self._canvas_app()
+        result, messages = await anyio.to_thread.run_sync(capture, app, workflow)
+        if self._reply_to is not None:
+            await self._prepare_results("the workflow", timeout)
+            for task_id in _result_ids(result):
+                self._get_results().expect(task_id)
+        native = isinstance(publisher, NativePublisher)
+        for sent, message in enumerate(messages):
+            message = message.from_service(self.settings.service)
+            what = f"task {message.task_name!r} of the workflow"
+            if sent:  # what was sent stays sent: say so
+                what += f" ({sent} of its {len(messages)} messages were sent before it)"
+            try:
+                async with fail_after(timeout, on_asyncio=native), publisher.admit():
+                    await publisher.publish(message)
+            except TimeoutError:
+                raise self._publish_timeout(what, message, timeout) from None
+            except DelegationError as exc:
+                if not sent:
+                    raise
+                raise DelegationError(f"{what}: {exc}") from exc
+        return self._canvas_handle(result, messages)
+
+    def _canvas_handle(
+        self, result: Any, messages: Sequence[OutgoingMessage]
+    ) -> TaskHandle[Any] | GroupHandle:
+        from celery.result import GroupResult
+
+        from ._canvas import task_names, untyped_stub
+
+        names = task_names(messages)
+
+        def handle(result: Any) -> TaskHandle[Any] | GroupHandle:
+            if isinstance(result, GroupResult):
+                return GroupHandle(str(result.id), [handle(r) for r in result.results or ()])
+            name = names.get(str(result.id), "celery.unknown")
+            stub = registry.by_wire_name(name) or untyped_stub(name)
+            return TaskHandle(self, stub, str(result.id))
+
+        return handle(result)
+
+    def _canvas_app(self) -> CanvasApp:
+        if self._canvas is None:
+            from ._canvas import CanvasApp
+
+            self._canvas = CanvasApp(
+                self.settings.result_backend, self._reply_to, self.settings.publish_timeout
+            )
+        return self._canvas
+
+    @staticmethod
+    def _publish_timeout(
+        what: str, message: OutgoingMessage | None, timeout: float
+    ) -> PublishTimeoutError:
+        if message is None:
+            return PublishTimeoutError(
+                f"{what} waited {timeout:g} s for other publishes to make room and was not sent"
+            )
+        return PublishTimeoutError(
+            f"the broker did not accept {what} ({message.task_id}) within {timeout:g} s; "
+            "it may or may not have been delivered"
+        )
+
+    async def _prepare_results(self, what: str, timeout: float) -> None:
         """rpc://: declare the reply queue before the first task that names it is sent."""
         try:
             async with fail_after(timeout):
                 await self._get_results().prepare()
         except TimeoutError:
             raise ResultBackendError(
-                f"the rpc:// reply queue was not ready within {timeout:g} s; "
-                f"task {stub.name!r} v{stub.version} was not sent"
+                f"the rpc:// reply queue was not ready within {timeout:g} s; {what} was not sent"
             ) from None
 
     @overload
@@ -217,8 +315,12 @@ class Bridge:
     async def aclose(self) -> None:
         """Close the connections this bridge opened. Idempotent."""
         self._closed = True
-        publisher, results = self._publisher, self._results
-        self._publisher = self._results = None
+        publisher, results, canvas = self._publisher, self._results, self._canvas
+        self._publisher = self._results = self._canvas = None
+        if canvas is not None:
+            from ._transports.kombu import close_celery_app
+
+            await anyio.to_thread.run_sync(close_celery_app, canvas, vars(canvas).get("_backend"))
         if publisher is not None:
             await publisher.aclose()
         if results is not None:

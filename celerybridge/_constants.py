@@ -103,6 +103,8 @@ READY_STATES: Final = frozenset({STATE_SUCCESS, STATE_FAILURE, STATE_REVOKED})
 
 # The keyword delegate() reserves for version selection (the seed's ``version=``).
 VERSION_KEYWORD: Final = "version"
+# The keyword delegate() reserves for send options (``send_options={"countdown": 5}``).
+SEND_OPTIONS_KEYWORD: Final = "send_options"
 
 # The rpc:// result backend: Celery's worker publishes a task's states to the queue named
 # by the task message's ``reply_to``, through the default exchange, with the task id as

@@ -6,45 +6,26 @@ import copy
 import inspect
 import warnings
 from collections.abc import Callable, Coroutine, Mapping, Sequence
-from dataclasses import dataclass, replace
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypeVar, overload
 
-from ._constants import AMQP_SHORTSTR_BYTES, DEFAULT_QUEUE, SERIALIZER, VERSION_KEYWORD
+from ._constants import DEFAULT_QUEUE, SEND_OPTIONS_KEYWORD, SERIALIZER, VERSION_KEYWORD
 from ._exceptions import CallError, ConfigurationError, ContractError
+from ._options import SendOptions, check_identifier, merge_options
 from ._registry import registry
 from ._transports.base import OutgoingMessage
-from ._utils import to_seconds
 from ._validation import Binder, BoundCall
 
 if TYPE_CHECKING:
     from celery import Celery
-    from celery.result import AsyncResult
+    from celery.canvas import Signature
 
     from ._bridge import Bridge
-    from ._result import TaskHandle
+    from ._result import ContractResult, TaskHandle
 
 P = ParamSpec("P")
 R = TypeVar("R")
 F = TypeVar("F", bound=Callable[..., Any])
-
-# Options of the seed's ``apply_async(args, queue='pusher', serializer='json')`` we pass on.
-_APPLY_ASYNC_OPTIONS = frozenset({"queue", "serializer", "countdown", "expires", "priority"})
-
-
-@dataclass(frozen=True, slots=True)
-class SendOptions:
-    """Per-call delivery options; validated when built, see :meth:`RemoteTask.with_options`."""
-
-    queue: str
-    countdown: float | None = None
-    expires: float | None = None
-    priority: int | None = None
-
-    def celery_options(self) -> dict[str, Any]:
-        """The options as ``Celery.send_task`` keywords, ``None`` values left out."""
-        options = {"countdown": self.countdown, "expires": self.expires, "priority": self.priority}
-        return {k: v for k, v in options.items() if v is not None}
 
 
 class RemoteTask(Generic[P, R]):
@@ -68,15 +49,15 @@ class RemoteTask(Generic[P, R]):
         default: bool,
         deprecated: bool | str,
     ) -> None:
-        _check_identifier("name", name)
-        _check_identifier("queue", queue)
+        check_identifier("name", name)
+        check_identifier("queue", queue)
         if isinstance(version, bool) or not isinstance(version, int) or version < 1:
             raise ContractError(f"task {name!r}: version must be an integer >= 1, got {version!r}")
         self.name = name
         self.version = version
         # The seed's convention: v1 is sent under the plain name, vN under name_vN.
         self.wire_name = wire_name or (name if version == 1 else f"{name}_v{version}")
-        _check_identifier("wire_name", self.wire_name)
+        check_identifier("wire_name", self.wire_name)
         self.default = default
         self.deprecated = deprecated
         self.qualname = f"{fn.__module__}.{fn.__qualname__}"
@@ -92,6 +73,11 @@ class RemoteTask(Generic[P, R]):
             raise ContractError(
                 f"task {name!r} v{version}: parameter name {VERSION_KEYWORD!r} is reserved "
                 "for version selection in delegate(); rename the parameter"
+            )
+        if SEND_OPTIONS_KEYWORD in signature.parameters:
+            raise ContractError(
+                f"task {name!r} v{version}: parameter name {SEND_OPTIONS_KEYWORD!r} is "
+                "reserved for send options in delegate(); rename the parameter"
             )
         self.binder = Binder(name, version, signature)
         self.options = SendOptions(queue=queue)
@@ -112,28 +98,60 @@ class RemoteTask(Generic[P, R]):
         *,
         queue: str | None = None,
         countdown: float | timedelta | None = None,
-        expires: float | timedelta | None = None,
+        eta: datetime | None = None,
+        expires: float | timedelta | datetime | None = None,
         priority: int | None = None,
+        headers: Mapping[str, Any] | None = None,
+        task_id: None = None,
+        time_limit: float | timedelta | None = None,
+        soft_time_limit: float | timedelta | None = None,
+        retry: bool | None = None,
+        retry_policy: Mapping[str, Any] | None = None,
+        link: Signature[Any] | Sequence[Signature[Any]] | None = None,
+        link_error: Signature[Any] | Sequence[Signature[Any]] | None = None,
     ) -> RemoteTask[P, R]:
-        """A copy of this stub that sends with other delivery options.
+        """A copy of this stub that sends with other delivery options, Celery's
+        ``apply_async`` options (``None`` keeps the current value), checked now.
 
-        ``countdown`` delays execution; ``expires`` drops the task if it has not
-        started in time; ``priority`` is 0-9 (0 first on Redis, 9 first on RabbitMQ).
+        ``countdown`` (seconds or a ``timedelta``) or ``eta`` (a timezone-aware datetime)
+        delays execution; ``expires`` (seconds, a ``timedelta`` or an aware datetime, at
+        most 49.7 days ahead) drops the task if it has not started in time; ``priority``
+        is 0-9 (0 first on Redis, 9 first on RabbitMQ); ``headers`` are custom headers
+        the task's request sees; ``time_limit`` and
+        ``soft_time_limit`` bound the run on the worker; ``retry`` and ``retry_policy``
+        are kombu's publish retries (kombu path); ``link`` and ``link_error`` are
+        signatures called with the result or on failure.
+
+        ``task_id`` is refused (:class:`CallError`): the copy sends every call with its
+        options, and one id for two tasks loses a result. Give it per call:
+        ``apply_async(task_id=...)``, ``signature(task_id=...)``,
+        ``delegate(name, send_options={"task_id": ...})``.
         """
-        if queue is not None:
-            _check_identifier("queue", queue)
-        if priority is not None and (
-            isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= 9
-        ):
-            raise ConfigurationError(f"priority must be an integer from 0 to 9, got {priority!r}")
+        if task_id is not None:
+            raise CallError(
+                f"task {self.name!r}: task_id is given per call (apply_async, signature, "
+                "delegate(send_options=...)), not to with_options(), whose stub sends "
+                "every call with it"
+            )
+        given = {
+            "queue": queue,
+            "countdown": countdown,
+            "eta": eta,
+            "expires": expires,
+            "priority": priority,
+            "headers": headers,
+            "time_limit": time_limit,
+            "soft_time_limit": soft_time_limit,
+            "retry": retry,
+            "retry_policy": retry_policy,
+            "link": link,
+            "link_error": link_error,
+        }
+        return self._with(given)
+
+    def _with(self, options: Mapping[str, Any]) -> RemoteTask[P, R]:
         clone = copy.copy(self)
-        clone.options = replace(
-            self.options,
-            queue=queue or self.queue,
-            countdown=to_seconds(countdown, what="countdown") or self.options.countdown,
-            expires=to_seconds(expires, what="expires") or self.options.expires,
-            priority=self.options.priority if priority is None else priority,
-        )
+        clone.options = merge_options(self.name, self.options, options)
         return clone
 
     def via(self, bridge: Bridge) -> RemoteTask[P, R]:
@@ -153,6 +171,10 @@ class RemoteTask(Generic[P, R]):
 
         ``stacklevel`` is the frame the deprecation warning names: 1 is the caller.
         """
+        self._warn_deprecated(stacklevel=stacklevel + 1)
+        return self.binder.bind(args, kwargs)
+
+    def _warn_deprecated(self, *, stacklevel: int) -> None:
         if self.deprecated:
             reason = f": {self.deprecated}" if isinstance(self.deprecated, str) else ""
             warnings.warn(
@@ -160,7 +182,6 @@ class RemoteTask(Generic[P, R]):
                 DeprecationWarning,
                 stacklevel=stacklevel + 1,
             )
-        return self.binder.bind(args, kwargs)
 
     def message(self, call: BoundCall, task_id: str | None = None) -> OutgoingMessage:
         """The message that carries a validated call to the broker."""
@@ -181,16 +202,18 @@ class RemoteTask(Generic[P, R]):
         args: Sequence[Any] | None = None,
         kwargs: Mapping[str, Any] | None = None,
         **options: Any,
-    ) -> AsyncResult[Any]:
+    ) -> ContractResult[R]:
         """Send from sync code, exactly as the seed does:
         ``send_to_s3.apply_async(args, queue='pusher', serializer='json')``.
 
-        Arguments are validated first; only JSON is ever sent. Returns Celery's
-        ``AsyncResult``.
+        Arguments are validated first; only JSON is ever sent. ``options`` are those of
+        :meth:`with_options`, and ``serializer`` (``"json"`` only). Returns a
+        :class:`~celerybridge.ContractResult`: Celery's ``AsyncResult`` whose ``get()``
+        decodes through the contract and raises :class:`RemoteTaskError`.
         """
         return self._apply(args, kwargs, options, stacklevel=2)
 
-    def delay(self, *args: P.args, **kwargs: P.kwargs) -> AsyncResult[Any]:
+    def delay(self, *args: P.args, **kwargs: P.kwargs) -> ContractResult[R]:
         """Shortcut for ``apply_async(args, kwargs)``, as in Celery."""
         return self._apply(args, kwargs, {}, stacklevel=2)
 
@@ -201,23 +224,58 @@ class RemoteTask(Generic[P, R]):
         options: dict[str, Any],
         *,
         stacklevel: int,
-    ) -> AsyncResult[Any]:
-        unknown = set(options) - _APPLY_ASYNC_OPTIONS
-        if unknown:
-            supported = ", ".join(sorted(_APPLY_ASYNC_OPTIONS))
-            raise CallError(
-                f"task {self.name!r}: unsupported apply_async option(s) "
-                f"{', '.join(sorted(unknown))}; supported: {supported}"
-            )
+    ) -> ContractResult[R]:
+        options = dict(options)
         serializer = options.pop("serializer", SERIALIZER)
         if serializer != SERIALIZER:
             raise ConfigurationError(f"celerybridge sends JSON only, not {serializer!r}")
-        stub = self.with_options(**options) if options else self
+        stub = self._with(options) if options else self
         call = stub.bind(tuple(args or ()), dict(kwargs or {}), stacklevel=stacklevel + 1)
         from ._default import sync_publisher
+        from ._result import ContractResult
 
         publisher = sync_publisher()
-        return publisher.send(stub.message(call).from_service(publisher.settings.service))
+        sent = publisher.send(stub.message(call).from_service(publisher.settings.service))
+        return ContractResult(sent.id, stub, backend=publisher.data_backend(), app=publisher.app)
+
+    def s(self, *args: Any, **kwargs: Any) -> Signature[R]:
+        """A Celery signature of this task, as Celery's ``task.s()``: for ``chain``,
+        ``group``, ``chord``, ``link``.
+
+        The arguments are validated now. They may leave out the first positional
+        parameter, which the previous step of a chain fills (or a chord's header, or
+        the task a callback is linked to); the rest are then checked against the
+        parameters after it, and again when the workflow is sent.
+        """
+        self._warn_deprecated(stacklevel=2)
+        from ._canvas import contract_signature
+
+        return contract_signature(self, args, kwargs, {}, immutable=False)
+
+    def si(self, *args: P.args, **kwargs: P.kwargs) -> Signature[R]:
+        """An immutable signature (Celery's ``task.si()``): the complete call, typed;
+        nothing before it in a workflow changes its arguments."""
+        self._warn_deprecated(stacklevel=2)
+        from ._canvas import contract_signature
+
+        return contract_signature(self, args, kwargs, {}, immutable=True)
+
+    def signature(
+        self,
+        args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        immutable: bool = False,
+        **options: Any,
+    ) -> Signature[R]:
+        """A signature with send options (those of :meth:`with_options`), as Celery's
+        ``task.signature(args, kwargs, countdown=10)``; ``.s()`` or ``.si()`` otherwise."""
+        self._warn_deprecated(stacklevel=2)
+        from ._canvas import contract_signature
+
+        return contract_signature(
+            self, tuple(args or ()), dict(kwargs or {}), options, immutable=immutable
+        )
 
     def implement(self, app: Celery | None = None, **task_options: Any) -> Callable[[F], F]:
         """Register the decorated function as this contract's implementation on ``app``.
@@ -236,19 +294,6 @@ class RemoteTask(Generic[P, R]):
             return fn
 
         return decorator
-
-
-def _check_identifier(what: str, value: object) -> None:
-    if not isinstance(value, str) or not value or value != value.strip() or " " in value:
-        raise ContractError(f"{what} must be a non-empty string without spaces, got {value!r}")
-    try:
-        size = len(value.encode("utf-8"))
-    except UnicodeEncodeError:  # a lone surrogate: brokers would store it as it is
-        raise ContractError(f"{what} must be valid UTF-8, got {value!r}") from None
-    if size > AMQP_SHORTSTR_BYTES:
-        raise ContractError(
-            f"{what} must be at most {AMQP_SHORTSTR_BYTES} bytes of UTF-8, got {size:,} bytes"
-        )
 
 
 class _Decorator(Protocol):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -106,16 +107,25 @@ async def close_default_bridge() -> None:
 
 
 async def delegate(
-    name: str, /, *args: Any, version: int | str | None = None, **kwargs: Any
+    name: str,
+    /,
+    *args: Any,
+    version: int | str | None = None,
+    send_options: Mapping[str, Any] | None = None,
+    **kwargs: Any,
 ) -> TaskHandle[Any]:
     """Send the task registered as ``name`` through the default bridge.
 
     ``await delegate("pusher.send_to_s3", key, content)`` calls the default version;
-    ``version=2`` picks another (``"2"`` works too, as in the seed). Arguments are
-    validated against that version's contract before anything is sent.
+    ``version=2`` picks another (``"2"`` works too, as in the seed). ``send_options``
+    are those of :meth:`RemoteTask.with_options` (``{"countdown": 5}``). Arguments and
+    options are validated against that version's contract before anything is sent.
     """
     bridge = await default_bridge()
-    return await bridge.send(registry.resolve(name, version), args, kwargs, stacklevel=2)
+    stub = registry.resolve(name, version)
+    if send_options:
+        stub = stub._with(send_options)
+    return await bridge.send(stub, args, kwargs, stacklevel=2)
 
 
 def sync_publisher() -> KombuPublisher:

@@ -70,6 +70,54 @@ class Binder:
         """Bind, validate and serialise one call, or raise :class:`ArgumentError`."""
         return self._bind(args, kwargs, from_wire=False)
 
+    def bind_given(
+        self, args: Sequence[Any], kwargs: Mapping[str, Any], *, open_first: bool
+    ) -> BoundCall:
+        """Validate the arguments given for a signature, defaults not applied.
+
+        ``open_first``: the first positional parameter is left for whatever comes
+        before the signature in a workflow (``args`` start at the second). The wire
+        form holds only what was given, so a value prepended later lands where Celery
+        puts it, in front.
+        """
+        signature = self.signature
+        if open_first:
+            if not self.positional:
+                raise ArgumentError(
+                    self.task,
+                    self.version,
+                    None,
+                    "no positional parameter to receive the previous result",
+                )
+            first = self.positional[0]
+            if first in kwargs:
+                raise ArgumentError(
+                    self.task,
+                    self.version,
+                    first,
+                    "left open for the previous result; it cannot be passed by keyword",
+                )
+            parameters = [p for p in signature.parameters.values() if p.name != first]
+            signature = signature.replace(parameters=parameters)
+        try:
+            bound = signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            message = str(exc)
+            match = _QUOTED.search(message)
+            raise ArgumentError(
+                self.task, self.version, match.group(1) if match else None, message
+            ) from None
+        values: dict[str, Any] = {}
+        wire: dict[str, Any] = {}
+        for name, raw in bound.arguments.items():
+            values[name], wire[name] = self._validate(name, raw, from_wire=False)
+        positional = self.positional[1:] if open_first else self.positional
+        return BoundCall(
+            values=values,
+            args=tuple(wire[name] for name in positional[: len(args)]),
+            kwargs={name: wire[name] for name in kwargs},
+        )
+
     def receive(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> BoundCall:
         """Bind and validate a call as it arrived from the broker, on the worker.
 

@@ -218,6 +218,8 @@ def test_sync_apply_async_refuses_before_send(broker_url: str) -> None:
         store.apply_async(("k", 1), queue=QUEUE, serializer="json")
     with pytest.raises(celerybridge.ConfigurationError, match="JSON only, not 'pickle'"):
         store.apply_async(("k", "c"), queue=QUEUE, serializer="pickle")
-    with pytest.raises(celerybridge.CallError, match="unsupported apply_async option"):
+    with pytest.raises(celerybridge.CallError, match="unsupported option"):
+        store.apply_async(("k", "c"), exchange="x")
+    with pytest.raises(celerybridge.ConfigurationError, match="link must be a signature"):
         store.apply_async(("k", "c"), link="x")
     assert queue_length(broker_url, QUEUE) == 0

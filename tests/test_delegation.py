@@ -8,6 +8,7 @@ from pathlib import Path
 import anyio
 import pytest
 from celery import Celery
+from celery.result import AsyncResult
 
 import celerybridge
 from celerybridge import (
@@ -136,8 +137,10 @@ async def test_seed_style_sync_apply_async_reaches_worker(
     args = (5, 6)
     result = bindings.add.apply_async(args, queue=bridge_worker.queue, serializer="json")
     value = await anyio.to_thread.run_sync(lambda: result.get(timeout=20))
+    assert isinstance(result, AsyncResult)  # still Celery's, for code that expects one
     close_celery_app(result.app, result.backend)
-    assert value["value"] == 11
+    assert isinstance(value, bindings.Total)  # decoded through the contract
+    assert value.value == 11
     assert bindings.add.delay(1, 1).id  # goes to the declared queue; nobody consumes it
 
 

@@ -106,28 +106,21 @@ def task_message(
     """
     options = message.options
     args, kwargs = message.args, message.kwargs
-    countdown: float | None = options.get("countdown")
-    expires: float | None = options.get("expires")
-    eta_iso = expires_iso = None
-    if countdown or expires is not None:
-        now = now or datetime.now(UTC)
-        if countdown:  # Celery: "if countdown: convert countdown to ETA"
-            eta_iso = (now + timedelta(seconds=countdown)).isoformat()
-        if expires is not None:
-            expires_iso = (now + timedelta(seconds=expires)).isoformat()
+    eta_iso, expires_iso, ttl = _timing(options, now)
+    task_id = message.task_id
     headers: dict[str, Any] = {
         "lang": "py",
         "task": message.task_name,
-        "id": message.task_id,
+        "id": task_id,
         "shadow": None,
         "eta": eta_iso,
         "expires": expires_iso,
-        "group": None,
-        "group_index": None,
+        "group": options.get("group_id"),
+        "group_index": options.get("group_index"),
         "retries": 0,
-        "timelimit": [None, None],
-        "root_id": message.task_id,
-        "parent_id": None,
+        "timelimit": [options.get("time_limit"), options.get("soft_time_limit")],
+        "root_id": options.get("root_id") or task_id,
+        "parent_id": options.get("parent_id"),
         "argsrepr": args_repr(args),
         "kwargsrepr": kwargs_repr(kwargs),
         "origin": origin.origin,
@@ -140,13 +133,18 @@ def task_message(
     headers.update(options.get("headers") or {})  # send_task merges custom headers in last
     # The properties as send_task hands them to the signal: the message's own, then its
     # publish options (expiration in seconds; kombu turns it into milliseconds).
-    properties: dict[str, Any] = {"correlation_id": message.task_id, "reply_to": origin.reply_to}
+    properties: dict[str, Any] = {"correlation_id": task_id, "reply_to": origin.reply_to}
     if options.get("priority") is not None:
         properties["priority"] = options["priority"]
-    if expires is not None:
+    if ttl is not None:
         # send_task passes expires as the broker TTL too (Producer.publish's expiration).
-        properties["expiration"] = max(expires, 0)
-    embed = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+        properties["expiration"] = ttl
+    embed = {
+        "callbacks": _listed(options.get("link")),
+        "errbacks": _listed(options.get("link_error")),
+        "chain": options.get("chain"),
+        "chord": options.get("chord"),
+    }
     payload = (args, kwargs, embed)
     before_publish(message.queue, message.task_name, payload, headers, properties, declare)
     body = _KOMBU_JSON.encode(payload).encode(CONTENT_ENCODING)
@@ -178,6 +176,46 @@ def task_message(
         payload=payload,
         routing_key=message.queue,
     )
+
+
+def _timing(
+    options: dict[str, Any], now: datetime | None
+) -> tuple[str | None, str | None, float | None]:
+    """The ``eta`` and ``expires`` headers and the broker TTL, as ``as_task_v2`` and
+    ``send_task`` compute them: a countdown wins over an ``eta``; ``expires`` in seconds
+    or as a datetime; a TTL already past is 0, one beyond RabbitMQ's reach its limit."""
+    countdown: float | None = options.get("countdown")
+    eta: datetime | str | None = options.get("eta")
+    expires: float | datetime | str | None = options.get("expires")
+    if not (countdown or eta is not None or expires is not None):
+        return None, None, None
+    now = now or datetime.now(UTC)
+    eta_iso = expires_iso = None
+    ttl: float | None = None
+    if countdown:  # Celery: "if countdown: convert countdown to ETA"
+        eta_iso = (now + timedelta(seconds=countdown)).isoformat()
+    elif isinstance(eta, datetime):
+        eta_iso = eta.isoformat()
+    elif eta is not None:
+        eta_iso = str(eta)
+    if isinstance(expires, str):
+        expires = datetime.fromisoformat(expires)
+    if isinstance(expires, datetime):
+        expires_iso = expires.isoformat()
+        ttl = (expires - now).total_seconds()
+    elif expires is not None:
+        expires_iso = (now + timedelta(seconds=expires)).isoformat()
+        ttl = expires
+    if ttl is not None:
+        ttl = min(max(ttl, 0), MAX_EXPIRATION)
+    return eta_iso, expires_iso, ttl
+
+
+def _listed(value: Any) -> list[Any] | None:
+    """A ``link`` option as the embed carries it (Celery's ``maybe_list``)."""
+    if value is None:
+        return None
+    return list(value) if isinstance(value, list | tuple) else [value]
 
 
 MAX_PRIORITY: Final = 255

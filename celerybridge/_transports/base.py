@@ -30,7 +30,7 @@ F = TypeVar("F")
 if TYPE_CHECKING:
     from kombu import Queue
 
-    from .._contracts import SendOptions
+    from .._options import SendOptions
     from .._signing import Signer
     from .._validation import BoundCall
 
@@ -46,7 +46,10 @@ class OutgoingMessage:
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
     options: dict[str, Any] = field(default_factory=dict)
-    """``Celery.send_task`` keywords: ``countdown``, ``expires``, ``priority``."""
+    """``Celery.send_task`` keywords: ``countdown``, ``eta``, ``expires``, ``priority``,
+    ``headers``, ``time_limit``, ``soft_time_limit``, ``retry``, ``retry_policy``,
+    ``link``, ``link_error``, and for a workflow's steps ``chain``, ``chord``,
+    ``group_id``, ``group_index``, ``root_id``, ``parent_id``."""
 
     def from_service(self, service: str | None) -> OutgoingMessage:
         """This message, naming the sending ``service`` in its headers (if any)."""
@@ -61,7 +64,7 @@ class OutgoingMessage:
     ) -> OutgoingMessage:
         """Build the message for ``call`` with a fresh task id unless one is given."""
         return cls(
-            task_id=task_id or uuid4_str(),
+            task_id=task_id or options.task_id or uuid4_str(),
             task_name=task_name,
             queue=options.queue,
             args=call.args,

@@ -211,6 +211,18 @@ class KombuPublisher(Publisher):
         grace = settings.publish_timeout * PUBLISH_ATTEMPTS + 1
         self._threads = ThreadCalls(KOMBU_THREADS, DelegationError, grace=grace)
 
+    @property
+    def app(self) -> Celery:
+        """The Celery client app this publisher sends with."""
+        return self._app
+
+    def data_backend(self) -> Any:
+        """The app's result backend, made to read what it stored as data: a stored
+        failure stays a record, its exception class is never imported."""
+        from .celery_results import data_only
+
+        return data_only(self._app.backend)
+
     def send(self, message: OutgoingMessage) -> AsyncResult[Any]:
         """Publish from the calling thread (blocking) and return Celery's handle."""
         doing = f"publishing {message.task_name!r} to {message.queue!r}"

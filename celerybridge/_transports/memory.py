@@ -12,8 +12,10 @@ import anyio
 import anyio.to_thread
 from kombu.serialization import dumps, loads
 
-from .._constants import CONTENT_TYPE, SERIALIZER, STATE_FAILURE, STATE_SUCCESS
+from .._constants import CONTENT_TYPE, DEFAULT_QUEUE, SERIALIZER, STATE_FAILURE, STATE_SUCCESS
+from .._exceptions import CallError
 from .._registry import registry
+from .._utils import uuid4_str
 from .base import OutgoingMessage, Publisher, ResultSource, TaskOutcome
 
 _ACCEPT = {CONTENT_TYPE}  # kombu's loads() takes content types, not serializer names
@@ -27,6 +29,12 @@ class MemoryTransport(Publisher, ResultSource):
     (the default) a message whose task has an implementation registered in this
     process (``@stub.implement``) runs at once, validated as a worker would, and its
     outcome is stored; otherwise set outcomes with :meth:`set_result`.
+
+    A workflow (``Bridge.send_canvas``) goes on as on a worker: the next step of a chain
+    and ``link`` callbacks are published with the result (first, unless immutable),
+    ``link_error`` callbacks with the failed task's id (Celery's old-style errback).
+    A chord, or a group inside a chain, is not run here: executing one raises
+    :class:`~celerybridge.CallError`.
     """
 
     def __init__(self, *, execute: bool = True) -> None:
@@ -47,17 +55,52 @@ class MemoryTransport(Publisher, ResultSource):
         self.messages.append(message)
         fn = registry.implementations.get(message.task_name)
         stub = registry.by_wire_name(message.task_name)
-        if self.execute and fn is not None and stub is not None:
-            try:
-                call = stub.binder.receive(args, kwargs)
-                call_args, call_kwargs = stub.binder.call_arguments(call)
-                if inspect.iscoroutinefunction(fn):
-                    value = await fn(*call_args, **call_kwargs)
-                else:
-                    value = await anyio.to_thread.run_sync(lambda: fn(*call_args, **call_kwargs))
-                self.set_result(message.task_id, stub.binder.dump_result(value))
-            except Exception as exc:
-                self.set_failure(message.task_id, exc)
+        if not (self.execute and fn is not None and stub is not None):
+            return
+        _runnable(message)
+        try:
+            call = stub.binder.receive(args, kwargs)
+            call_args, call_kwargs = stub.binder.call_arguments(call)
+            if inspect.iscoroutinefunction(fn):
+                value = await fn(*call_args, **call_kwargs)
+            else:
+                value = await anyio.to_thread.run_sync(lambda: fn(*call_args, **call_kwargs))
+            self.set_result(message.task_id, stub.binder.dump_result(value))
+        except Exception as exc:
+            self.set_failure(message.task_id, exc)
+            for errback in _as_list(message.options.get("link_error")):
+                await self._follow(errback, (message.task_id,))
+            return
+        result = self._outcomes[message.task_id].result
+        chain = list(message.options.get("chain") or ())
+        if chain:  # Celery's protocol: the next step is the last one
+            await self._follow(chain.pop(), (result,), chain)
+        for callback in _as_list(message.options.get("link")):
+            await self._follow(callback, (result,))
+
+    async def _follow(
+        self, sig: Mapping[str, Any], given: tuple[Any, ...], chain: list[Any] | None = None
+    ) -> None:
+        """Publish what a worker would after a task: ``sig`` with ``given`` first."""
+        options = dict(sig.get("options") or {})
+        task_id = options.pop("task_id", None) or uuid4_str()
+        queue = options.pop("queue", None) or DEFAULT_QUEUE
+        for key in ("reply_to", "group_id", "group_index", "root_id", "parent_id"):
+            options.pop(key, None)
+        args = tuple(sig.get("args") or ())
+        if not sig.get("immutable"):
+            args = (*given, *args)
+        if chain:
+            options["chain"] = chain
+        follow = OutgoingMessage(
+            task_id=task_id,
+            task_name=str(sig.get("task")),
+            queue=queue,
+            args=args,
+            kwargs=dict(sig.get("kwargs") or {}),
+            options=options,
+        )
+        await self.publish(follow)
 
     def set_result(self, task_id: str, value: Any) -> None:
         """Store a successful outcome for ``task_id`` (as JSON, like a real backend)."""
@@ -98,3 +141,21 @@ class MemoryTransport(Publisher, ResultSource):
 
     async def aclose(self) -> None:
         self._events.clear()
+
+
+def _as_list(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, list | tuple) else [value]
+
+
+def _runnable(message: OutgoingMessage) -> None:
+    """Refuse to run what this double cannot carry on as a worker would."""
+    steps = [*_as_list(message.options.get("chain")), *_as_list(message.options.get("link"))]
+    nested = [s for s in steps if isinstance(s, Mapping) and s.get("subtask_type")]
+    if message.options.get("chord") is not None or nested:
+        raise CallError(
+            f"MemoryTransport cannot run task {message.task_name!r} of this workflow: it "
+            "runs chains of single tasks and link callbacks, not chords or groups inside "
+            "a workflow; use MemoryTransport(execute=False) and set_result()"
+        )

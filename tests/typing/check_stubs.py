@@ -11,7 +11,7 @@ from typing import assert_type
 
 from pydantic import BaseModel
 
-from celerybridge import Bridge, TaskHandle, remote_task
+from celerybridge import Bridge, RemoteTaskError, TaskHandle, remote_task
 
 
 class Receipt(BaseModel):
@@ -43,3 +43,25 @@ async def typed_calls() -> None:
     send.delay("k", 1)  # type: ignore[arg-type]
     await send.via(Bridge()).delegate("k", 2)  # type: ignore[arg-type]
     send.with_options(queue="other").delay("k", b"c")  # type: ignore[arg-type]
+
+
+def typed_canvas_and_sync_results() -> None:
+    from celery.canvas import Signature
+
+    from celerybridge import ContractResult
+
+    assert_type(send.si("k", "c"), Signature[Receipt])
+    assert_type(send.s("c"), Signature[Receipt])  # partial: the chain fills the key
+    assert_type(send.signature(("k", "c"), countdown=5), Signature[Receipt])
+    send.si("k", 123)  # type: ignore[arg-type]
+    result = send.delay("k", "c")
+    assert_type(result, ContractResult[Receipt])
+    assert_type(result.get(timeout=5), Receipt)
+    assert_type(send.apply_async(("k", "c"), countdown=1).get(), Receipt)
+    # propagate=False returns the failure instead of raising it
+    assert_type(result.get(propagate=False), Receipt | RemoteTaskError)
+    assert_type(result.get(5, False), Receipt | RemoteTaskError)
+    assert_type(result.get(propagate=True), Receipt)
+    flag: bool = bool(result)
+    assert_type(result.get(propagate=flag), Receipt | RemoteTaskError)
+    send.with_options(task_id="fixed")  # type: ignore[arg-type]  # per call only
