@@ -31,7 +31,8 @@ def _import(modules: Iterable[str]) -> list[Celery]:
     """Import ``modules`` and find their Celery apps the way ``celery -A`` does
     (``pusher`` finds ``pusher.celery:app``); a module without an app is imported all
     the same (bindings)."""
-    sys.path.insert(0, ".")
+    if "." not in sys.path:
+        sys.path.insert(0, ".")
     apps: list[Celery] = []
     for name in modules:
         try:

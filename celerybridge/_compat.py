@@ -120,7 +120,11 @@ def _json(value: Any) -> str:
 
 
 def _strip(schema: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in schema.items() if k not in _ANNOTATIONS}
+    """``schema`` without annotations, but a model's title (for messages)."""
+    model = "properties" in schema
+    return {
+        k: v for k, v in schema.items() if k not in _ANNOTATIONS or (model and k == "title")
+    }
 
 
 def _resolve(schema: Any, root: dict[str, Any]) -> dict[str, Any]:
@@ -174,7 +178,7 @@ class _Comparison:
     def _subset(self, a: dict[str, Any], b: dict[str, Any]) -> Verdict:
         if not b:
             return OK
-        odd = sorted((set(a) | set(b)) - _COMPARED)
+        odd = sorted((set(a) | set(b)) - _COMPARED - {"title"})
         if odd:
             return _unknown(f"keyword {odd[0]!r} is not compared")
         if a == b:

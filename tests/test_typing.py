@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-GOOD = '''
+GOOD = """
 from typing import assert_type
 
 from celerybridge import Bridge, TaskHandle
@@ -29,9 +29,9 @@ async def calls(bridge: Bridge) -> None:
     v3 = send_to_s3_v3.via(bridge).delegate("a.bin", b"\\x00", content_type="image/png")
     assert_type(await (await v3), Receipt)
     send_to_s3.delay(key="items/3.json", content="{}")
-'''
+"""
 
-BAD = '''
+BAD = """
 from celerybridge import Bridge
 from pusher.bindings import send_to_s3, send_to_s3_v2, send_to_s3_v3
 
@@ -44,7 +44,7 @@ async def calls(bridge: Bridge) -> None:
     await send_to_s3_v2.delegate("k", "c", {"owner": 1})  # E: dict-item
     size: str = (await (await send_to_s3.delegate("k", "c"))).size  # E: assignment
     send_to_s3.delay("k", b"bytes")  # E: arg-type
-'''
+"""
 
 ERROR = re.compile(r"^(?P<file>\w+\.py):(?P<line>\d+): error: .* \[(?P<code>[a-z-]+)\]$")
 
@@ -62,9 +62,16 @@ def test_mypy_checks_calls_of_the_shipped_pusher_bindings(tmp_path: Path) -> Non
     (tmp_path / "bad.py").write_text(BAD)
     done = subprocess.run(
         [
-            sys.executable, "-m", "mypy", "--strict", "--no-error-summary",
-            "--cache-dir", str(tmp_path / ".mypy_cache"), "good.py", "bad.py",
-        ],  # fmt: skip
+            sys.executable,
+            "-m",
+            "mypy",
+            "--strict",
+            "--no-error-summary",
+            "--cache-dir",
+            str(tmp_path / ".mypy_cache"),
+            "good.py",
+            "bad.py",
+        ],
         cwd=tmp_path,  # outside the repository: no project configuration, no overrides
         capture_output=True,
         text=True,
