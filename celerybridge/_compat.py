@@ -122,9 +122,7 @@ def _json(value: Any) -> str:
 def _strip(schema: dict[str, Any]) -> dict[str, Any]:
     """``schema`` without annotations, but a model's title (for messages)."""
     model = "properties" in schema
-    return {
-        k: v for k, v in schema.items() if k not in _ANNOTATIONS or (model and k == "title")
-    }
+    return {k: v for k, v in schema.items() if k not in _ANNOTATIONS or (model and k == "title")}
 
 
 def _resolve(schema: Any, root: dict[str, Any]) -> dict[str, Any]:
@@ -234,7 +232,9 @@ class _Comparison:
             if "pattern" in b and a.get("pattern") != b["pattern"]:
                 return _unknown(f"pattern {b['pattern']!r} is not compared")
             return _bounds(a, b, "minLength", "maxLength", "length")
-        if kind in ("integer", "number"):
+        if kind == "integer":
+            return _numbers(_closed(a), b)
+        if kind == "number":
             return _numbers(a, b)
         if kind == "array":
             return self._arrays(a, b)
@@ -348,6 +348,20 @@ def _numbers(a: dict[str, Any], b: dict[str, Any]) -> Verdict:
         if step_a is None or (step_a / step_b) % 1:
             return _unknown(f"multipleOf {step_b} is not compared")
     return OK
+
+
+def _closed(schema: dict[str, Any]) -> dict[str, Any]:
+    """An integer schema's exclusive bounds as inclusive ones (``> 0`` is ``>= 1``)."""
+    out = dict(schema)
+    if "exclusiveMinimum" in out:
+        out["minimum"] = max(
+            out.get("minimum", -math.inf), math.floor(out.pop("exclusiveMinimum")) + 1
+        )
+    if "exclusiveMaximum" in out:
+        out["maximum"] = min(
+            out.get("maximum", math.inf), math.ceil(out.pop("exclusiveMaximum")) - 1
+        )
+    return out
 
 
 def _edge(value: float) -> str:
