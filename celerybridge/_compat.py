@@ -4,10 +4,11 @@
 ``subset(narrow, wide)`` answers for a practical subset of JSON Schema, the one pydantic
 writes for the annotations of contracts: ``type``, ``format`` and ``contentEncoding``,
 ``enum`` and ``const``, ``anyOf``/``oneOf``, ``$ref`` to ``$defs``, array ``items`` and
-``prefixItems``, object ``properties``/``required``/``additionalProperties``, and the
-numeric, length and size bounds. What it cannot decide (a ``pattern`` of the wide side
-the narrow side does not repeat, an ``allOf`` of several schemas, a keyword outside the
-subset) is :data:`UNKNOWN`-ish: ``ok is None``, never a guess.
+``prefixItems``, object ``properties``/``required``/``additionalProperties`` and
+``propertyNames``, and the numeric, length and size bounds. What it cannot decide (a
+``pattern`` of the wide side the narrow side does not repeat, an ``allOf`` of several
+schemas, a keyword outside the subset) is :data:`UNKNOWN`-ish: ``ok is None``, never a
+guess. Recursive models are compared coinductively, by pairs of ``$ref`` names.
 
 A ``format`` or ``contentEncoding`` must be the same on both sides: it decides the
 Python type a value is validated into (``date-time``: ``datetime``; base64: ``bytes``).
@@ -17,9 +18,12 @@ Custom validators (``AfterValidator``...) leave no trace in a schema: not compar
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
+
+from ._schema import INTEGER_KEY, NUMBER_KEY
 
 _ANNOTATIONS = frozenset(
     {
@@ -33,10 +37,15 @@ _COMPARED = frozenset(
         "$ref", "items", "prefixItems", "minItems", "maxItems", "uniqueItems",
         "properties", "required", "additionalProperties", "minimum", "maximum",
         "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "minLength", "maxLength",
-        "pattern",
+        "pattern", "propertyNames",
     }
 )  # fmt: skip
 _MISSING = object()
+# Patterns celerybridge writes, as Python expressions (ECMA-262's `$` is not Python's).
+_PATTERNS = {
+    INTEGER_KEY: re.compile(r"-?[0-9]+", re.ASCII),
+    NUMBER_KEY: re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?", re.ASCII),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +155,20 @@ def _resolve(schema: Any, root: dict[str, Any]) -> dict[str, Any]:
     return {"$ref": "a chain of 64 references"}  # left as is: an unknown keyword
 
 
+def _reference(schema: Any) -> str | None:
+    """The ``$ref`` of a schema that is only a reference (and annotations)."""
+    only = isinstance(schema, dict) and set(schema) - {"$ref"} <= _ANNOTATIONS
+    return str(schema["$ref"]) if only and isinstance(schema.get("$ref"), str) else None
+
+
+def _has_reference(value: Any) -> bool:
+    if isinstance(value, dict):
+        return "$ref" in value or any(_has_reference(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_has_reference(v) for v in value)
+    return False
+
+
 def _types(schema: dict[str, Any]) -> set[str] | None:
     kind = schema.get("type")
     if isinstance(kind, str):
@@ -159,19 +182,26 @@ class _Comparison:
     def __init__(self, narrow_root: dict[str, Any], wide_root: dict[str, Any]) -> None:
         self.narrow_root = narrow_root
         self.wide_root = wide_root
-        self._assumed: set[tuple[int, int]] = set()  # recursive models: coinduction
+        self.same_defs = narrow_root.get("$defs") == wide_root.get("$defs")
+        # Recursive models: the pairs of definitions being compared (coinduction).
+        self._assumed: set[tuple[str, str]] = set()
 
     def subset(self, narrow: Any, wide: Any) -> Verdict:
-        a = _resolve(narrow, self.narrow_root)
-        b = _resolve(wide, self.wide_root)
-        key = (id(a), id(b))
-        if key in self._assumed:
+        key = (_reference(narrow), _reference(wide))
+        if key[0] is None or key[1] is None:
+            return self._subset(
+                _strip(_resolve(narrow, self.narrow_root)), _strip(_resolve(wide, self.wide_root))
+            )
+        pair = (key[0], key[1])
+        if pair in self._assumed:
             return OK
-        self._assumed.add(key)
+        self._assumed.add(pair)
         try:
-            return self._subset(_strip(a), _strip(b))
+            return self._subset(
+                _strip(_resolve(narrow, self.narrow_root)), _strip(_resolve(wide, self.wide_root))
+            )
         finally:
-            self._assumed.discard(key)
+            self._assumed.discard(pair)
 
     def _subset(self, a: dict[str, Any], b: dict[str, Any]) -> Verdict:
         if not b:
@@ -179,7 +209,7 @@ class _Comparison:
         odd = sorted((set(a) | set(b)) - _COMPARED - {"title"})
         if odd:
             return _unknown(f"keyword {odd[0]!r} is not compared")
-        if a == b:
+        if a == b and (self.same_defs or not _has_reference(a)):
             return OK
         if not a:
             return _no(f"any value is not {self.wide(b)}")
@@ -242,6 +272,26 @@ class _Comparison:
             return self._objects(a, b)
         return OK  # boolean, null: no keywords to compare
 
+    def _names(self, a: dict[str, Any], b: dict[str, Any]) -> Verdict:
+        """The property names ``a`` allows are names ``b`` allows (dict keys: pydantic
+        leaves int keys out of a schema, :class:`~celerybridge._schema.WireJsonSchema`
+        does not)."""
+        if "propertyNames" not in b:
+            return OK
+        names_b = _names_of(b)
+        checks = []
+        for name in a.get("properties", {}):
+            fits = _admits(name, names_b, self.wide_root)
+            if fits is False:
+                return _no(f"property {name!r} is not a key of {self.wide(b)}")
+            checks.append(OK if fits else _unknown(f"whether key {name!r} fits is not decided"))
+        if a.get("additionalProperties", False if "properties" in a else {}) is not False:
+            verdict = self.subset(_names_of(a), names_b)
+            if verdict.ok is False:
+                return _no(f"keys: {verdict.reason}")
+            checks.append(verdict)
+        return _all(checks)
+
     def _arrays(self, a: dict[str, Any], b: dict[str, Any]) -> Verdict:
         if b.get("uniqueItems") and not a.get("uniqueItems"):
             return _no(f"{self.narrow(a)} may repeat items; {self.wide(b)} may not")
@@ -270,7 +320,10 @@ class _Comparison:
 
     def _objects(self, a: dict[str, Any], b: dict[str, Any]) -> Verdict:
         props_a, props_b = a.get("properties", {}), b.get("properties", {})
-        extra_a, extra_b = a.get("additionalProperties", {}), b.get("additionalProperties", {})
+        # A model or TypedDict that does not say (extra="ignore", pydantic's default)
+        # drops other keys: the narrow side's values have none.
+        extra_a = a.get("additionalProperties", False if "properties" in a else {})
+        extra_b = b.get("additionalProperties", {})
         required_a = set(a.get("required", []))
         for name in b.get("required", []):
             if name not in required_a:
@@ -279,6 +332,9 @@ class _Comparison:
                     f"property {name!r} is required by {self.wide(b)}, {where} in {self.narrow(a)}"
                 )
         checks = []
+        names = self._names(a, b)
+        if names.ok is not True:
+            return names
         for name, schema in props_a.items():
             target = props_b.get(name, extra_b)
             if target is False:
@@ -303,6 +359,11 @@ class _Comparison:
                     return _no(f"{what}: {verdict.reason}")
                 checks.append(verdict)
         return _all(checks)
+
+
+def _names_of(schema: dict[str, Any]) -> dict[str, Any]:
+    names = schema.get("propertyNames", {})
+    return {"type": "string", **names} if isinstance(names, dict) else {"not": {}}
 
 
 def _values(schema: dict[str, Any], *, few: bool) -> list[Any] | None:
@@ -395,8 +456,14 @@ def _admits(value: Any, schema: Any, root: dict[str, Any]) -> bool | None:
     if kind == "null" or kind == "boolean":
         return True
     if kind == "string":
-        if "format" in schema or "contentEncoding" in schema or "pattern" in schema:
+        if "format" in schema or "contentEncoding" in schema:
             return None
+        if "pattern" in schema:
+            known = _PATTERNS.get(schema["pattern"])
+            if known is None:
+                return None  # ECMA-262 regular expressions: not Python's
+            if not known.fullmatch(value):
+                return False
         return bool(schema.get("minLength", 0) <= len(value) <= schema.get("maxLength", math.inf))
     if kind in ("integer", "number"):
         return _numbers({"minimum": value, "maximum": value}, schema).ok

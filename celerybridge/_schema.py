@@ -3,7 +3,8 @@ AsyncAPI document, and the type comparison of ``celerybridge check``.
 
 A call crosses the broker as Celery's protocol 2 body ``[args, kwargs, embed]``: the
 positional parameters in order as a JSON array, the keyword-only ones as an object.
-``bytes`` travel as base64 strings. The schemas say exactly that (JSON Schema 2020-12).
+``bytes`` travel as base64 strings (a model's ``bytes`` fields as its config says:
+UTF-8 text by default). The schemas say exactly that (JSON Schema 2020-12).
 """
 
 from __future__ import annotations
@@ -27,12 +28,40 @@ DIALECT = "https://json-schema.org/draft/2020-12/schema"
 """The ``$schema`` of every schema celerybridge writes."""
 
 
+INTEGER_KEY = "^-?[0-9]+$"
+"""The ``propertyNames`` pattern of ``int`` dict keys (as JSON writes them)."""
+NUMBER_KEY = "^-?(0|[1-9][0-9]*)(\\.[0-9]+)?([eE][+-]?[0-9]+)?$"
+"""The ``propertyNames`` pattern of ``float`` dict keys (JSON numbers)."""
+_KEYS: dict[str, dict[str, Any]] = {
+    "int": {"pattern": INTEGER_KEY},
+    "float": {"pattern": NUMBER_KEY},
+    "bool": {"enum": ["true", "false"]},
+}
+
+
 class WireJsonSchema(GenerateJsonSchema):
-    """pydantic's JSON Schema, with ``bytes`` as they travel: base64 strings."""
+    """pydantic's JSON Schema, with ``bytes`` as they travel (base64 strings, or UTF-8
+    text in a model that keeps pydantic's default) and the keys of ``dict[int, ...]``,
+    ``dict[float, ...]`` and ``dict[bool, ...]`` as ``propertyNames`` (pydantic leaves
+    them out: such a dict looks like ``dict[str, ...]``)."""
 
     def bytes_schema(self, schema: CoreSchema) -> JsonSchemaValue:
-        # minLength/maxLength would count bytes, not base64 characters: left out.
-        return {"type": "string", "contentEncoding": "base64"}
+        # The config in force (a model's own, or the bridge's _CONFIG) decides the wire.
+        config = self._config
+        encoding = config.ser_json_bytes if self.mode == "serialization" else config.val_json_bytes
+        if encoding == "base64":
+            # minLength/maxLength would count bytes, not base64 characters: left out.
+            return {"type": "string", "contentEncoding": "base64"}
+        if encoding == "hex":
+            return {"type": "string", "contentEncoding": "base16"}
+        return {"type": "string"}  # pydantic's default: the bytes as UTF-8 text
+
+    def dict_schema(self, schema: CoreSchema) -> JsonSchemaValue:
+        json_schema = super().dict_schema(schema)  # type: ignore[arg-type]
+        keys = schema.get("keys_schema", {}).get("type")
+        if "propertyNames" not in json_schema and keys in _KEYS:
+            json_schema["propertyNames"] = dict(_KEYS[keys])
+        return json_schema
 
 
 def _annotation(param: inspect.Parameter | Any) -> Any:
