@@ -3,7 +3,9 @@
 The call shape is :func:`celerybridge._worker.check_signature`'s. The types are compared
 as JSON Schema (:mod:`celerybridge._compat`): each parameter of the implementation must
 accept every value the contract lets callers send, and its return annotation must
-promise no more than the contract's return type allows.
+promise no more than the contract's return type allows. Where the schemas agree, the
+Python types are compared too (:mod:`celerybridge._received`): the implementation
+receives the objects the contract's annotations validate into.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pydantic import PydanticSchemaGenerationError
 from pydantic.errors import PydanticUserError
 
 from ._compat import Verdict, subset
+from ._received import received_fits
 from ._schema import type_schema
 from ._worker import check_signature
 
@@ -78,7 +81,15 @@ def _compare(narrow: Any, wide: Any, *, returned: bool) -> Verdict:
     b = _schema(wide)
     if isinstance(a, str) or isinstance(b, str):
         return Verdict(None, a if isinstance(a, str) else str(b))
-    return subset(a, b)
+    try:
+        verdict = subset(a, b)
+        if verdict.ok is False:
+            return verdict
+        # The schemas agree (or cannot tell): the Python objects must agree too.
+        received = received_fits(narrow, wide)
+        return verdict if verdict.ok is None and received.ok is not False else received
+    except RecursionError:
+        return Verdict(None, "the types are nested too deeply to compare")
 
 
 def _receivers(
