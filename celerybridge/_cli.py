@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
+import importlib.util
 import json
+import math
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from types import ModuleType
 from typing import Any, NoReturn
 
 import click
@@ -20,30 +24,64 @@ from ._check import check_implementation
 from ._config import BROKER_SCHEMES, BridgeSettings, url_problem
 from ._constants import DEAD_FROM_HEADER
 from ._dead_letter import dead_letter_queue
-from ._exceptions import CeleryBridgeError
+from ._exceptions import CeleryBridgeError, ConfigurationError
 from ._registry import registry
 from ._schema import describe
 from ._signing import Signer
 from ._utils import printable
 
 
+def _import_module(name: str) -> ModuleType:
+    """The module ``name`` (``proj.worker:app``: ``proj.worker``) names, imported; when
+    ``proj.worker.app`` is no module, ``proj.worker``. Errors raised while importing are
+    the user's to see: Celery's ``find_app`` would take an ``AttributeError`` for "no
+    app" and drop the ``ImportError`` of a package's ``celery`` module."""
+    module, colon, _ = name.partition(":")
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        parent = module.rpartition(".")[0]
+        if colon or exc.name != module or not parent:
+            raise
+    return _import_module(parent)  # `proj.worker.app`: an attribute of proj.worker
+
+
+def _load(name: str) -> Any:
+    """Import ``name`` and find its Celery app as ``celery -A`` does (``None``: no app)."""
+    module = _import_module(name)
+    if (
+        ":" not in name
+        and getattr(module, "__path__", None) is not None
+        and not isinstance(getattr(module, "app", None), Celery)
+        and not isinstance(getattr(module, "celery", None), Celery)
+        and importlib.util.find_spec(f"{module.__name__}.celery") is not None
+    ):
+        importlib.import_module(f"{module.__name__}.celery")  # its errors, not find_app's
+    try:
+        return find_app(name)
+    except AttributeError:  # imported, but no app in it: bindings, say
+        return None
+
+
 def _import(modules: Iterable[str]) -> list[Celery]:
     """Import ``modules`` and find their Celery apps the way ``celery -A`` does
     (``pusher`` finds ``pusher.celery:app``); a module without an app is imported all
-    the same (bindings)."""
+    the same (bindings). An error raised while importing is a ``ClickException`` (exit
+    code 1) that names it."""
     if "." not in sys.path:
         sys.path.insert(0, ".")
     apps: list[Celery] = []
     for name in modules:
         try:
-            try:
-                app = find_app(name)
-            except AttributeError:  # imported, but no app in it: bindings, say
-                continue
+            app = _load(name)
         except CeleryBridgeError as exc:
             raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
         except ImportError as exc:
             raise click.ClickException(f"cannot import {exc.name or name}: {exc}") from exc
+        except Exception as exc:  # the module's own bug: named, without a traceback
+            raise click.ClickException(
+                _p(f"cannot import {name}: {type(exc).__name__}: {exc}")
+            ) from exc
         if isinstance(app, Celery) and app not in apps:
             apps.append(app)
     return apps
@@ -166,6 +204,15 @@ def contracts(modules: tuple[str, ...], form: str, title: str, api_version: str)
     click.echo(json.dumps(out, indent=2))
 
 
+def _finite_timeout(
+    ctx: click.Context, param: click.Parameter, value: float | None
+) -> float | None:
+    # FloatRange lets NaN through: every comparison with NaN is false.
+    if value is not None and math.isnan(value):
+        raise click.BadParameter("nan is not a number of seconds")
+    return value
+
+
 def _call_failed(exc: CeleryBridgeError) -> NoReturn:
     click.echo(f"Error: {_p(f'{type(exc).__name__}: {exc}')}", err=True)
     sys.exit(_call.exit_code(exc))
@@ -196,6 +243,7 @@ def _json_argument(what: str, text: str) -> Any:
 @click.option(
     "--timeout",
     type=click.FloatRange(min=0, min_open=True, max=86400),
+    callback=_finite_timeout,
     help="--wait: seconds to wait (default: CELERYBRIDGE_RESULT_TIMEOUT).",
 )
 @click.option("--dry-run", is_flag=True, help="Validate and print the message; send nothing.")
@@ -219,8 +267,12 @@ def call(
     Exit codes: 0 done; 1 a module cannot be imported; 2 usage (bad JSON); 3 refused
     before sending (unknown task or version, arguments that do not fit); 4 the broker did
     not accept it; 5 the task failed; 6 no result within the timeout; 7 the result
-    backend failed; 8 settings.
+    backend failed; 8 settings (--broker included).
     """
+    if broker is not None:
+        problem = url_problem(broker, BROKER_SCHEMES)
+        if problem is not None:  # a setting given on the command line: exit code 8
+            _call_failed(ConfigurationError(f"--broker: {problem}"))
     _import(modules)
     positional = [_json_argument(f"argument {i + 1}", text) for i, text in enumerate(args)]
     keywords = {} if kwargs_json is None else _json_argument("--kwargs", kwargs_json)
@@ -231,7 +283,7 @@ def call(
         if dry_run:
             click.echo(json.dumps({**prepared.describe(), **prepared.wire()}, indent=2))
             return
-        overrides: dict[str, Any] = {} if broker is None else {"broker_url": _broker(broker)}
+        overrides: dict[str, Any] = {} if broker is None else {"broker_url": broker}
 
         async def run() -> tuple[dict[str, Any], CeleryBridgeError | None]:
             async with Bridge(**overrides) as bridge:
