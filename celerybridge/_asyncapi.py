@@ -68,6 +68,26 @@ def _ident(text: str) -> str:
     return _ID.sub("_", text)
 
 
+class _Ids:
+    """Component ids, one per name: names that differ only in characters an id cannot
+    hold (``rt:q``, ``rt_q``) get ids that differ too (``rt_q``, ``rt_q_``)."""
+
+    def __init__(self) -> None:
+        self._ids: dict[str, str] = {}
+        self._taken: set[str] = set()
+
+    def __call__(self, name: str) -> str:
+        known = self._ids.get(name)
+        if known is not None:
+            return known
+        new = _ident(name)
+        while new in self._taken:
+            new += "_"
+        self._ids[name] = new
+        self._taken.add(new)
+        return new
+
+
 class _Schemas:
     """``components.schemas``: the models of every contract, one name each."""
 
@@ -100,6 +120,11 @@ def _draft7(value: Any, renamed: dict[str, str]) -> Any:
     if not isinstance(value, dict):
         return value
     out = {k: _draft7(v, renamed) for k, v in value.items()}
+    discriminator = value.get("discriminator")
+    if isinstance(discriminator, dict):
+        # OpenAPI's {propertyName, mapping} (pydantic's); an AsyncAPI Schema Object's
+        # discriminator is the property name. The oneOf branches hold the mapping.
+        out["discriminator"] = discriminator.get("propertyName")
     ref = out.get("$ref")
     if isinstance(ref, str) and ref.startswith("#/$defs/"):
         name = ref.removeprefix("#/$defs/")
@@ -118,10 +143,11 @@ def document(contracts: Iterable[Contract], *, title: str, version: str) -> dict
     operations: dict[str, Any] = {}
     messages: dict[str, Any] = {}
     schemas = _Schemas()
+    channel_ids, message_ids = _Ids(), _Ids()
     for contract in contracts:
         for number, stub in sorted(contract.versions.items()):
-            channel_id = _ident(stub.queue)
-            message_id = _ident(stub.wire_name)
+            channel_id = channel_ids(stub.queue)
+            message_id = message_ids(stub.wire_name)
             channel = channels.setdefault(
                 channel_id,
                 {
