@@ -150,14 +150,18 @@ def _cannot_start(problem: object) -> SystemExit:
     return SystemExit(f"the pusher cannot start: {problem}")
 
 
-@signals.celeryd_init.connect(weak=False)
-def _configure(conf: Any, **_: Any) -> None:
-    """Read ``PUSHER_*`` and configure the worker from them; Celery sends this signal
-    before it reads its own worker settings (concurrency, broker options)."""
+def _loaded() -> PusherSettings:
+    """:func:`settings`, or :class:`SystemExit` saying which are wrong (Celery's signal
+    dispatch logs and swallows an ``Exception``, not a ``SystemExit``)."""
     try:
-        loaded = settings()
+        return settings()
     except ConfigurationError as exc:
         raise _cannot_start(str(exc).removeprefix("the pusher cannot start: ")) from None
+
+
+def _apply(conf: Any) -> None:
+    """Configure the worker from ``PUSHER_*`` (again: the same values, so harmless)."""
+    loaded = _loaded()
     conf.worker_concurrency = loaded.concurrency
     if _redis:
         conf.broker_transport_options = {
@@ -168,11 +172,30 @@ def _configure(conf: Any, **_: Any) -> None:
         app.tasks[stub.wire_name].max_retries = loaded.max_retries
 
 
+@signals.celeryd_init.connect(weak=False)
+def _configure(conf: Any, **_: Any) -> None:
+    """Read ``PUSHER_*`` and configure the worker from them; Celery sends this signal
+    before it reads its own worker settings (concurrency, broker options)."""
+    _apply(conf)
+
+
 @signals.worker_init.connect(weak=False)
-def _check_at_start(**_: Any) -> None:
+def _configure_in_process(sender: Any = None, **_: Any) -> None:
+    """The same for workers started in-process (``WorkController``,
+    ``celery.contrib.testing.worker.start_worker``): Celery sends them no
+    ``celeryd_init``. Their concurrency is the caller's; retries and broker options
+    are still read from here."""
+    if getattr(sender, "app", app) is app:  # not another app's worker in this process
+        _apply(app.conf)
+
+
+@signals.worker_init.connect(weak=False)
+def _check_at_start(sender: Any = None, **_: Any) -> None:
     """One clear error at start instead of a stack trace per task."""
+    if getattr(sender, "app", app) is not app:  # another app's worker in this process
+        return
     try:
-        asyncio.run(_check(settings()))
+        asyncio.run(_check(_loaded()))
     except PermanentUploadError as exc:
         raise _cannot_start(exc) from None
 
