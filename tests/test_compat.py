@@ -2,12 +2,16 @@
 
 Generated pairs of annotations, each with a strategy for the JSON values it admits:
 whenever the comparison says every value of A fits B, a value of A must validate
-against B's schema (jsonschema decides, not our code).
+against B's schema (jsonschema decides, not our code). And the Python half
+(celerybridge._received): what an implementation receives, with the exact findings.
 """
 
 from __future__ import annotations
 
 import base64
+import enum
+from collections.abc import Sequence
+from decimal import Decimal
 from typing import Annotated, Any, Literal
 
 import jsonschema
@@ -16,7 +20,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel, Field
 
+from celerybridge import remote_task
+from celerybridge._check import check_implementation, type_name
 from celerybridge._compat import subset
+from celerybridge._received import received_fits
 from celerybridge._schema import type_schema
 
 Typed = tuple[Any, st.SearchStrategy[Any]]
@@ -173,3 +180,68 @@ class Slim(BaseModel):
 def test_verdicts_and_their_reasons(narrow: Any, wide: Any, ok: bool | None, reason: str) -> None:
     verdict = subset(_schema(narrow), _schema(wide))
     assert (verdict.ok, verdict.reason) == (ok, reason)
+
+
+class Node(BaseModel):
+    value: int
+    children: list[Node] = []
+
+
+class Shade(enum.Enum):  # a plain Enum: its members are not str
+    DARK = "dark"
+
+
+@pytest.mark.parametrize(
+    ("narrow", "wide", "ok", "reason"),
+    [
+        (dict[int, int], dict[str, int], True, ""),  # "1" is a str key too
+        (dict[str, int], dict[int, int], None, "pattern '^-?[0-9]+$' is not compared"),
+        (Slim, dict[int, str], False, "property 'key' is not a key of object of string"),
+        (Node, Node, True, ""),
+    ],
+)
+def test_dict_keys_and_recursive_models(
+    narrow: Any, wide: Any, ok: bool | None, reason: str
+) -> None:
+    verdict = subset(_schema(narrow), _schema(wide))
+    assert (verdict.ok, verdict.reason) == (ok, reason)
+
+
+@pytest.mark.parametrize(
+    ("sent", "taken", "finding"),
+    [
+        (Slim, dict[str, Any], "it receives Slim objects, not dict[str, Any]"),
+        (Shade, str, "it receives <Shade.DARK: 'dark'>, not str"),
+        (tuple[int, int], list[int], "it receives a tuple, not list[int]"),
+        (dict[str, int], dict[int, int], "keys: it receives str objects, not int"),
+        (list[float], list[Decimal], "items: it receives float objects, not Decimal"),
+    ],
+)
+def test_check_names_the_python_objects_an_implementation_receives(
+    sent: Any, taken: Any, finding: str
+) -> None:
+    def declared(value):  # type: ignore[no-untyped-def]  # annotated below
+        ...
+
+    def impl(value):  # type: ignore[no-untyped-def]
+        return None
+
+    declared.__annotations__ = {"value": sent, "return": None}
+    impl.__annotations__ = {"value": taken, "return": None}
+    contract = remote_task(name="compat.received", queue="compat")(declared)
+    assert [(f.ok, f.text) for f in check_implementation(contract, impl)] == [
+        (
+            False,
+            f"parameter 'value': the contract sends {type_name(sent)}, "
+            f"test_check_names_the_python_objects_an_implementation_receives.<locals>.impl "
+            f"takes {type_name(taken)} ({finding})",
+        )
+    ]
+
+
+@pytest.mark.parametrize(
+    ("sent", "taken"),
+    [(int, float), (list[int], Sequence[int]), (Literal["a"], str), (Receipt, Slim), (Node, Node)],
+)
+def test_check_takes_what_python_takes(sent: Any, taken: Any) -> None:
+    assert received_fits(sent, taken).ok is True
