@@ -2,114 +2,98 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib
+import importlib.util
 import json
+import math
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from types import ModuleType
+from typing import Any, NoReturn
 
 import click
 from celery import Celery
+from celery.app.utils import find_app
 
-from . import _dlq
+from . import _call, _dlq
+from ._asyncapi import document
+from ._bridge import Bridge
+from ._check import check_implementation
 from ._config import BROKER_SCHEMES, BridgeSettings, url_problem
 from ._constants import DEAD_FROM_HEADER
 from ._dead_letter import dead_letter_queue
-from ._exceptions import CeleryBridgeError
+from ._exceptions import CeleryBridgeError, ConfigurationError
 from ._registry import registry
+from ._schema import describe
 from ._signing import Signer
 from ._utils import printable
-from ._validation import arguments_schema, result_schema
-from ._worker import check_signature
 
 
-def _import(modules: Iterable[str]) -> list[Any]:
-    sys.path.insert(0, ".")
+def _import_module(name: str) -> ModuleType:
+    """The module ``name`` (``proj.worker:app``: ``proj.worker``) names, imported; when
+    ``proj.worker.app`` is no module, ``proj.worker``. Errors raised while importing are
+    the user's to see: Celery's ``find_app`` would take an ``AttributeError`` for "no
+    app" and drop the ``ImportError`` of a package's ``celery`` module."""
+    module, colon, _ = name.partition(":")
     try:
-        return [importlib.import_module(name) for name in modules]
-    except CeleryBridgeError as exc:
-        raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
-    except ImportError as exc:
-        raise click.ClickException(f"cannot import {exc.name or exc}: {exc}") from exc
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        parent = module.rpartition(".")[0]
+        if colon or exc.name != module or not parent:
+            raise
+    return _import_module(parent)  # `proj.worker.app`: an attribute of proj.worker
 
 
-def _plain_tasks(modules: Iterable[Any]) -> dict[str, Callable[..., Any]]:
-    """Task bodies registered on Celery apps found in ``modules``, by task name."""
+def _load(name: str) -> Any:
+    """Import ``name`` and find its Celery app as ``celery -A`` does (``None``: no app)."""
+    module = _import_module(name)
+    if (
+        ":" not in name
+        and getattr(module, "__path__", None) is not None
+        and not isinstance(getattr(module, "app", None), Celery)
+        and not isinstance(getattr(module, "celery", None), Celery)
+        and importlib.util.find_spec(f"{module.__name__}.celery") is not None
+    ):
+        importlib.import_module(f"{module.__name__}.celery")  # its errors, not find_app's
+    try:
+        return find_app(name)
+    except AttributeError:  # imported, but no app in it: bindings, say
+        return None
+
+
+def _import(modules: Iterable[str]) -> list[Celery]:
+    """Import ``modules`` and find their Celery apps the way ``celery -A`` does
+    (``pusher`` finds ``pusher.celery:app``); a module without an app is imported all
+    the same (bindings). An error raised while importing is a ``ClickException`` (exit
+    code 1) that names it."""
+    if "." not in sys.path:
+        sys.path.insert(0, ".")
+    apps: list[Celery] = []
+    for name in modules:
+        try:
+            app = _load(name)
+        except CeleryBridgeError as exc:
+            raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
+        except ImportError as exc:
+            raise click.ClickException(f"cannot import {exc.name or name}: {exc}") from exc
+        except Exception as exc:  # the module's own bug: named, without a traceback
+            raise click.ClickException(
+                _p(f"cannot import {name}: {type(exc).__name__}: {exc}")
+            ) from exc
+        if isinstance(app, Celery) and app not in apps:
+            apps.append(app)
+    return apps
+
+
+def _plain_tasks(apps: Iterable[Celery]) -> dict[str, Callable[..., Any]]:
+    """Task bodies registered on ``apps``, by task name."""
     bodies: dict[str, Callable[..., Any]] = {}
-    for module in modules:
-        for value in vars(module).values():
-            if isinstance(value, Celery):
-                for name, task in value.tasks.items():
-                    bodies.setdefault(name, task.run)
+    for app in apps:
+        for name, task in app.tasks.items():
+            bodies.setdefault(name, task.run)
     return bodies
-
-
-@click.group()
-@click.version_option(package_name="celerybridge")
-def main() -> None:
-    """Typed contracts between services that talk over Celery."""
-
-
-@main.command()
-@click.argument("modules", nargs=-1, required=True)
-@click.option(
-    "--allow-missing", is_flag=True, help="Do not fail on versions with no implementation."
-)
-def check(modules: tuple[str, ...], allow_missing: bool) -> None:
-    """Check that every contract version in MODULES has a compatible implementation.
-
-    MODULES are imported (bindings and workers alike). Implementations are found
-    among ``@stub.implement`` functions and plain ``@app.task(name=...)`` tasks of
-    Celery apps defined in MODULES. Exits 1 on any mismatch or missing version.
-    """
-    imported = _import(modules)
-    plain = _plain_tasks(imported)
-    failed = False
-    for contract in registry:
-        for version, stub in sorted(contract.versions.items()):
-            fn = registry.implementations.get(stub.wire_name) or plain.get(stub.wire_name)
-            label = f"{contract.name} v{version} ({stub.wire_name}, queue {stub.queue})"
-            if fn is None:
-                failed |= not allow_missing
-                click.echo(f"MISSING   {label}: no implementation")
-                continue
-            problem = check_signature(stub, fn)
-            failed |= problem is not None
-            click.echo(f"MISMATCH  {label}: {problem}" if problem else f"ok        {label}")
-    if failed:
-        sys.exit(1)
-
-
-@main.command()
-@click.argument("modules", nargs=-1, required=True)
-def contracts(modules: tuple[str, ...]) -> None:
-    """Print the contracts declared in MODULES as JSON Schema."""
-    _import(modules)
-    out = []
-    for contract in registry:
-        for version, stub in sorted(contract.versions.items()):
-            out.append(
-                {
-                    "name": contract.name,
-                    "version": version,
-                    "wire_name": stub.wire_name,
-                    "queue": stub.queue,
-                    "default": version == contract.default_version,
-                    "deprecated": stub.deprecated,
-                    "arguments": arguments_schema(stub.binder),
-                    "returns": result_schema(stub.binder),
-                }
-            )
-    click.echo(json.dumps(out, indent=2))
-
-
-@main.group()
-def dlq() -> None:
-    """Dead letters: what workers could not accept, on <queue>.dead.
-
-    The broker is CELERYBRIDGE_BROKER_URL unless --broker says otherwise.
-    """
 
 
 _broker_option = click.option("--broker", help="Broker URL (default: CELERYBRIDGE_BROKER_URL).")
@@ -128,6 +112,197 @@ def _broker(url: str | None) -> str:
         return BridgeSettings().broker_url
     except CeleryBridgeError as exc:
         raise click.ClickException(_p(exc)) from exc
+
+
+@click.group()
+@click.version_option(package_name="celerybridge")
+def main() -> None:
+    """Typed contracts between services that talk over Celery."""
+
+
+@main.command()
+@click.argument("modules", nargs=-1, required=True)
+@click.option(
+    "--allow-missing", is_flag=True, help="Do not fail on versions with no implementation."
+)
+@click.option(
+    "--strict", is_flag=True, help="Fail on types it cannot compare, too (UNCHECKED lines)."
+)
+def check(modules: tuple[str, ...], allow_missing: bool, strict: bool) -> None:
+    """Check that every contract version in MODULES has an implementation that fits it:
+    one that takes its arguments (positionally and by keyword) and whose parameter and
+    return annotations agree with the contract's, compared as JSON Schema.
+
+    MODULES are imported (bindings and workers alike), and their Celery apps found as
+    `celery -A` finds them: `check pusher` reads `pusher.celery:app`. Implementations
+    are `@stub.implement` functions and plain `@app.task(name=...)` tasks of those
+    apps. Exits 1 on a mismatch, a missing version, or when MODULES declare no contract
+    or implement none (and with --strict, on types it cannot compare).
+    """
+    plain = _plain_tasks(_import(modules))
+    contracts = list(registry)
+    if not contracts:
+        raise click.ClickException(
+            f"no contract found in {', '.join(modules)}; name the bindings module(s) that "
+            "declare them, or a worker module that imports them"
+        )
+    failed = implemented = False
+    for contract in contracts:
+        for version, stub in sorted(contract.versions.items()):
+            fn = registry.implementations.get(stub.wire_name) or plain.get(stub.wire_name)
+            label = f"{contract.name} v{version} ({stub.wire_name}, queue {stub.queue})"
+            if fn is None:
+                failed |= not allow_missing
+                click.echo(f"MISSING   {label}: no implementation")
+                continue
+            implemented = True
+            findings = check_implementation(stub, fn)
+            for finding in findings:
+                failed |= finding.ok is False or strict
+                mark = "MISMATCH " if finding.ok is False else "UNCHECKED"
+                click.echo(f"{mark} {label}: {finding.text}")
+            if not findings:
+                click.echo(f"ok        {label}")
+    if not implemented:
+        raise click.ClickException(
+            f"no implementation found in {', '.join(modules)}; name the worker's module "
+            "or app too (as for celery -A)"
+        )
+    if failed:
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("modules", nargs=-1, required=True)
+@click.option(
+    "--format",
+    "form",
+    type=click.Choice(["json", "asyncapi"]),
+    default="json",
+    show_default=True,
+    help="json: a list of contract versions with JSON Schemas; asyncapi: AsyncAPI 3.0.",
+)
+@click.option("--title", default="celerybridge contracts", help="asyncapi: info.title.")
+@click.option("--api-version", default="1", help="asyncapi: info.version.")
+def contracts(modules: tuple[str, ...], form: str, title: str, api_version: str) -> None:
+    """Print the contracts declared in MODULES, as their calls travel.
+
+    Each version's positional arguments are a JSON array (`args`, with `prefixItems`),
+    its keyword-only arguments an object (`kwargs`), and its result `returns`: JSON
+    Schema 2020-12, bytes as base64 strings. With --format asyncapi, an AsyncAPI 3.0
+    document: a channel per queue, a message per version in Celery's protocol 2 envelope.
+    """
+    _import(modules)
+    if form == "asyncapi":
+        out: Any = document(registry, title=title, version=api_version)
+    else:
+        out = [
+            describe(stub, default=version == contract.default_version)
+            for contract in registry
+            for version, stub in sorted(contract.versions.items())
+        ]
+    click.echo(json.dumps(out, indent=2))
+
+
+def _finite_timeout(
+    ctx: click.Context, param: click.Parameter, value: float | None
+) -> float | None:
+    # FloatRange lets NaN through: every comparison with NaN is false.
+    if value is not None and math.isnan(value):
+        raise click.BadParameter("nan is not a number of seconds")
+    return value
+
+
+def _call_failed(exc: CeleryBridgeError) -> NoReturn:
+    click.echo(f"Error: {_p(f'{type(exc).__name__}: {exc}')}", err=True)
+    sys.exit(_call.exit_code(exc))
+
+
+def _json_argument(what: str, text: str) -> Any:
+    try:
+        return _call.parse_json(text, what)
+    except _call.BadJSON as exc:
+        raise click.UsageError(_p(exc)) from None
+
+
+@main.command()
+@click.argument("name")
+@click.argument("args", nargs=-1)
+@click.option(
+    "-m",
+    "--module",
+    "modules",
+    multiple=True,
+    required=True,
+    help="A bindings module that declares NAME (repeatable), e.g. pusher.bindings.",
+)
+@click.option("--kwargs", "kwargs_json", help="Keyword arguments as one JSON object.")
+@click.option("--version", "version", type=click.IntRange(min=1), help="Contract version.")
+@click.option("--queue", help="Send to this queue instead of the contract's.")
+@click.option("--wait", is_flag=True, help="Wait for the result and print it.")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True, max=86400),
+    callback=_finite_timeout,
+    help="--wait: seconds to wait (default: CELERYBRIDGE_RESULT_TIMEOUT).",
+)
+@click.option("--dry-run", is_flag=True, help="Validate and print the message; send nothing.")
+@_broker_option
+def call(
+    name: str,
+    args: tuple[str, ...],
+    modules: tuple[str, ...],
+    kwargs_json: str | None,
+    version: int | None,
+    queue: str | None,
+    wait: bool,
+    timeout: float | None,
+    dry_run: bool,
+    broker: str | None,
+) -> None:
+    """Validate the task NAME with ARGS (each one JSON text: '"items/1.json"', 3,
+    '{"a": "b"}'; bytes as base64), send it, and print JSON: the task id, and with
+    --wait its result. Settings (broker, result backend) are CELERYBRIDGE_*'s.
+
+    Exit codes: 0 done; 1 a module cannot be imported; 2 usage (bad JSON); 3 refused
+    before sending (unknown task or version, arguments that do not fit); 4 the broker did
+    not accept it; 5 the task failed; 6 no result within the timeout; 7 the result
+    backend failed; 8 settings (--broker included).
+    """
+    if broker is not None:
+        problem = url_problem(broker, BROKER_SCHEMES)
+        if problem is not None:  # a setting given on the command line: exit code 8
+            _call_failed(ConfigurationError(f"--broker: {problem}"))
+    _import(modules)
+    positional = [_json_argument(f"argument {i + 1}", text) for i, text in enumerate(args)]
+    keywords = {} if kwargs_json is None else _json_argument("--kwargs", kwargs_json)
+    if not isinstance(keywords, dict):
+        raise click.UsageError("--kwargs must be a JSON object")
+    try:
+        prepared = _call.prepare(name, positional, keywords, version=version, queue=queue)
+        if dry_run:
+            click.echo(json.dumps({**prepared.describe(), **prepared.wire()}, indent=2))
+            return
+        overrides: dict[str, Any] = {} if broker is None else {"broker_url": broker}
+
+        async def run() -> tuple[dict[str, Any], CeleryBridgeError | None]:
+            async with Bridge(**overrides) as bridge:
+                return await _call.send(prepared, bridge, wait=wait, timeout=timeout)
+
+        out, error = asyncio.run(run())
+    except CeleryBridgeError as exc:
+        _call_failed(exc)
+    click.echo(json.dumps(out, indent=2))
+    if error is not None:
+        _call_failed(error)
+
+
+@main.group()
+def dlq() -> None:
+    """Dead letters: what workers could not accept, on <queue>.dead.
+
+    The broker is CELERYBRIDGE_BROKER_URL unless --broker says otherwise.
+    """
 
 
 @contextmanager

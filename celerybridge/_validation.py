@@ -252,21 +252,3 @@ def _first_error(exc: ValidationError) -> str:
     error = exc.errors(include_url=False)[0]
     where = "".join(f"[{p!r}]" for p in error["loc"])
     return f"{error['msg']}{' at ' + where if where else ''} (got {error['input']!r:.80})"
-
-
-def arguments_schema(binder: Binder) -> dict[str, Any]:
-    """JSON Schema of a contract version's arguments, as an object keyed by parameter."""
-    from pydantic import create_model
-
-    fields: dict[str, Any] = {}
-    for param in binder.signature.parameters.values():
-        annotation = Any if param.annotation is inspect.Parameter.empty else param.annotation
-        default = ... if param.default is inspect.Parameter.empty else param.default
-        fields[param.name] = (annotation, default)
-    model = create_model(f"{binder.task} v{binder.version} arguments", **fields)
-    return model.model_json_schema()
-
-
-def result_schema(binder: Binder) -> dict[str, Any]:
-    """JSON Schema of a contract version's return value."""
-    return binder._result.json_schema()

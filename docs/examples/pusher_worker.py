@@ -121,11 +121,10 @@ async def main() -> None:
     command = [sys.executable, "-m", "celerybridge", "contracts", "bindings"]
     schema = json.loads((await anyio.run_process(command, cwd=HERE)).stdout)
     v2 = next(c for c in schema if c["wire_name"] == "pusher.send_to_s3_v2")
-    assert (v2["version"], v2["default"], v2["arguments"]["required"]) == (
-        2,
-        True,
-        ["key", "content", "meta"],
-    )
+    # Positional arguments travel as a JSON array: one schema per position.
+    args = v2["args"]
+    assert (v2["version"], v2["default"], args["type"], args["minItems"]) == (2, True, "array", 3)
+    assert [item["title"] for item in args["prefixItems"]] == ["key", "content", "meta"]
     # --8<-- [end:cli]
 
 

@@ -17,7 +17,7 @@ from celerybridge import Bridge, MemoryTransport, RemoteTaskError
 async def save_item(bridge: Bridge, item_id: int, body: str) -> str:
     """Store the item through the pusher; return the key it was stored under."""
     meta = {"source": "service-a"}
-    handle = await bridge.send(send_to_s3_v2, (f"items/{item_id}.json", body, meta), {})
+    handle = await send_to_s3_v2.via(bridge).delegate(f"items/{item_id}.json", body, meta)
     receipt = await handle.result(timeout=10)
     return receipt.key
 
@@ -68,11 +68,11 @@ async def main() -> None:
         assert message.args == ("markers/7", "", {})
         assert message.kwargs == {}
 
-        handle = await bridge.send(send_to_s3_v2, ("a.json", "{}", {}), {})
+        handle = await send_to_s3_v2.via(bridge).delegate("a.json", "{}", {})
         transport.set_result(handle.id, {"key": "a.json", "size": 2})
         assert await handle == Receipt(key="a.json", size=2)
 
-        handle = await bridge.send(send_to_s3_v2, ("b.json", "{}", {}), {})
+        handle = await send_to_s3_v2.via(bridge).delegate("b.json", "{}", {})
         transport.set_failure(handle.id, PermissionError("bucket is read-only"))
         try:
             await handle

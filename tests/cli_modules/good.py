@@ -21,5 +21,5 @@ def add_impl(x: int, y: int) -> int:
 
 
 @app.task(name="cli.add_v2")
-def plain_add_v2(x, y, z):  # type: ignore[no-untyped-def]
+def plain_add_v2(x: int, y: int, z: int) -> int:
     return x + y + z
