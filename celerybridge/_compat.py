@@ -60,23 +60,23 @@ class Verdict:
 OK = Verdict(True)
 
 
-def _no(reason: str) -> Verdict:
+def no(reason: str) -> Verdict:
     return Verdict(False, reason)
 
 
-def _unknown(reason: str) -> Verdict:
+def unknown(reason: str) -> Verdict:
     return Verdict(None, reason)
 
 
-def _all(verdicts: Iterable[Verdict]) -> Verdict:
+def all_of(verdicts: Iterable[Verdict]) -> Verdict:
     """Every verdict ok: ok; else the first refusal, else the first unknown."""
-    unknown = None
+    undecided = None
     for verdict in verdicts:
         if verdict.ok is False:
             return verdict
-        if verdict.ok is None and unknown is None:
-            unknown = verdict
-    return unknown or OK
+        if verdict.ok is None and undecided is None:
+            undecided = verdict
+    return undecided or OK
 
 
 def subset(narrow: dict[str, Any], wide: dict[str, Any]) -> Verdict:
@@ -208,39 +208,39 @@ class _Comparison:
             return OK
         odd = sorted((set(a) | set(b)) - _COMPARED - {"title"})
         if odd:
-            return _unknown(f"keyword {odd[0]!r} is not compared")
+            return unknown(f"keyword {odd[0]!r} is not compared")
         if a == b and (self.same_defs or not _has_reference(a)):
             return OK
         if not a:
-            return _no(f"any value is not {self.wide(b)}")
+            return no(f"any value is not {self.wide(b)}")
         for side in (a, b):
             if isinstance(side.get("allOf"), list):
-                return _unknown("allOf of several schemas is not compared")
+                return unknown("allOf of several schemas is not compared")
         values = _values(a, few="const" in b or "enum" in b)
         if values is not None:
-            return _all(self._value(v, b) for v in values)
+            return all_of(self._value(v, b) for v in values)
         branches = a.get("anyOf") or a.get("oneOf")
         if branches:
-            return _all(self.subset(branch, b) for branch in branches)
+            return all_of(self.subset(branch, b) for branch in branches)
         if "const" in b or "enum" in b:
-            return _no(f"{self.narrow(a)} is not {self.wide(b)}")
+            return no(f"{self.narrow(a)} is not {self.wide(b)}")
         branches = b.get("anyOf") or b.get("oneOf")
         if branches:
             verdicts = [self.subset(a, branch) for branch in branches]
             if any(v.ok for v in verdicts):
                 return OK
             if all(v.ok is False for v in verdicts):
-                return _no(f"{self.narrow(a)} is not {self.wide(b)}")
+                return no(f"{self.narrow(a)} is not {self.wide(b)}")
             return next(v for v in verdicts if v.ok is None)
         types_a, types_b = _types(a), _types(b)
         if types_a is None or types_b is None:
-            return _unknown("a schema without a type is not compared")
+            return unknown("a schema without a type is not compared")
         checks = []
         for kind in sorted(types_a):
             if kind not in types_b and not (kind == "integer" and "number" in types_b):
-                return _no(f"{self.narrow(a)} is not {self.wide(b)}")
+                return no(f"{self.narrow(a)} is not {self.wide(b)}")
             checks.append(self._same_kind(kind, a, b))
-        return _all(checks)
+        return all_of(checks)
 
     def narrow(self, schema: dict[str, Any]) -> str:
         return describe(schema, self.narrow_root)
@@ -251,16 +251,16 @@ class _Comparison:
     def _value(self, value: Any, b: dict[str, Any]) -> Verdict:
         fits = _admits(value, b, self.wide_root)
         if fits is None:
-            return _unknown(f"whether {self.wide(b)} admits {_json(value)} is not decided")
-        return OK if fits else _no(f"{_json(value)} is not {self.wide(b)}")
+            return unknown(f"whether {self.wide(b)} admits {_json(value)} is not decided")
+        return OK if fits else no(f"{_json(value)} is not {self.wide(b)}")
 
     def _same_kind(self, kind: str, a: dict[str, Any], b: dict[str, Any]) -> Verdict:
         if kind == "string":
             for keyword in ("format", "contentEncoding"):
                 if a.get(keyword) != b.get(keyword):
-                    return _no(f"{self.narrow(a)} is not {self.wide(b)}")
+                    return no(f"{self.narrow(a)} is not {self.wide(b)}")
             if "pattern" in b and a.get("pattern") != b["pattern"]:
-                return _unknown(f"pattern {b['pattern']!r} is not compared")
+                return unknown(f"pattern {b['pattern']!r} is not compared")
             return _bounds(a, b, "minLength", "maxLength", "length")
         if kind == "integer":
             return _numbers(_closed(a), b)
@@ -283,18 +283,18 @@ class _Comparison:
         for name in a.get("properties", {}):
             fits = _admits(name, names_b, self.wide_root)
             if fits is False:
-                return _no(f"property {name!r} is not a key of {self.wide(b)}")
-            checks.append(OK if fits else _unknown(f"whether key {name!r} fits is not decided"))
+                return no(f"property {name!r} is not a key of {self.wide(b)}")
+            checks.append(OK if fits else unknown(f"whether key {name!r} fits is not decided"))
         if a.get("additionalProperties", False if "properties" in a else {}) is not False:
             verdict = self.subset(_names_of(a), names_b)
             if verdict.ok is False:
-                return _no(f"keys: {verdict.reason}")
+                return no(f"keys: {verdict.reason}")
             checks.append(verdict)
-        return _all(checks)
+        return all_of(checks)
 
     def _arrays(self, a: dict[str, Any], b: dict[str, Any]) -> Verdict:
         if b.get("uniqueItems") and not a.get("uniqueItems"):
-            return _no(f"{self.narrow(a)} may repeat items; {self.wide(b)} may not")
+            return no(f"{self.narrow(a)} may repeat items; {self.wide(b)} may not")
         size = _bounds(a, b, "minItems", "maxItems", "number of items")
         if size.ok is not True:
             return size
@@ -309,14 +309,14 @@ class _Comparison:
             if item_a is False:
                 break
             if item_b is False:
-                return _no(f"{self.narrow(a)} may have more items than {self.wide(b)}")
+                return no(f"{self.narrow(a)} may have more items than {self.wide(b)}")
             verdict = self.subset(item_a, item_b)
             if verdict.ok is False:
-                return _no(
+                return no(
                     f"item {index}: {verdict.reason}" if prefix_a or prefix_b else verdict.reason
                 )
             checks.append(verdict)
-        return _all(checks)
+        return all_of(checks)
 
     def _objects(self, a: dict[str, Any], b: dict[str, Any]) -> Verdict:
         props_a, props_b = a.get("properties", {}), b.get("properties", {})
@@ -328,7 +328,7 @@ class _Comparison:
         for name in b.get("required", []):
             if name not in required_a:
                 where = "optional" if name in props_a else "not declared"
-                return _no(
+                return no(
                     f"property {name!r} is required by {self.wide(b)}, {where} in {self.narrow(a)}"
                 )
         checks = []
@@ -338,10 +338,10 @@ class _Comparison:
         for name, schema in props_a.items():
             target = props_b.get(name, extra_b)
             if target is False:
-                return _no(f"property {name!r} is not allowed by {self.wide(b)}")
+                return no(f"property {name!r} is not allowed by {self.wide(b)}")
             verdict = self.subset(schema, target)
             if verdict.ok is False:
-                return _no(f"property {name!r}: {verdict.reason}")
+                return no(f"property {name!r}: {verdict.reason}")
             checks.append(verdict)
         if extra_a is not False:
             # Other keys with extra_a values: each must fit wherever b puts such a key.
@@ -350,15 +350,15 @@ class _Comparison:
                 ("", extra_b),
             ]:
                 if target is False:
-                    return _no(
+                    return no(
                         f"{self.narrow(a)} may have properties {self.wide(b)} does not allow"
                     )
                 verdict = self.subset(extra_a, target)
                 if verdict.ok is False:
                     what = f"property {name!r}" if name else "other properties"
-                    return _no(f"{what}: {verdict.reason}")
+                    return no(f"{what}: {verdict.reason}")
                 checks.append(verdict)
-        return _all(checks)
+        return all_of(checks)
 
 
 def _names_of(schema: dict[str, Any]) -> dict[str, Any]:
@@ -381,9 +381,9 @@ def _values(schema: dict[str, Any], *, few: bool) -> list[Any] | None:
 
 def _bounds(a: dict[str, Any], b: dict[str, Any], low: str, high: str, what: str) -> Verdict:
     if a.get(low, 0) < b.get(low, 0):
-        return _no(f"{what} from {a.get(low, 0)} is below the minimum {b[low]}")
+        return no(f"{what} from {a.get(low, 0)} is below the minimum {b[low]}")
     if a.get(high, math.inf) > b.get(high, math.inf):
-        return _no(f"{what} up to {a.get(high, 'any')} is above the maximum {b[high]}")
+        return no(f"{what} up to {a.get(high, 'any')} is above the maximum {b[high]}")
     return OK
 
 
@@ -399,15 +399,15 @@ def _numbers(a: dict[str, Any], b: dict[str, Any]) -> Verdict:
 
     (low_a, open_a), (low_b, open_b) = lower(a), lower(b)
     if low_a < low_b or (low_a == low_b and open_b and not open_a):
-        return _no(f"numbers from {_edge(low_a)} are below the minimum {_edge(low_b)}")
+        return no(f"numbers from {_edge(low_a)} are below the minimum {_edge(low_b)}")
     (high_a, open_a), (high_b, open_b) = upper(a), upper(b)
     if high_a > high_b or (high_a == high_b and open_b and not open_a):
-        return _no(f"numbers up to {_edge(high_a)} are above the maximum {_edge(high_b)}")
+        return no(f"numbers up to {_edge(high_a)} are above the maximum {_edge(high_b)}")
     step_b = b.get("multipleOf")
     if step_b is not None:
         step_a = a.get("multipleOf")
         if step_a is None or (step_a / step_b) % 1:
-            return _unknown(f"multipleOf {step_b} is not compared")
+            return unknown(f"multipleOf {step_b} is not compared")
     return OK
 
 

@@ -28,7 +28,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 from typing_extensions import TypeAliasType, is_typeddict
 
-from ._compat import OK, Verdict
+from ._compat import OK, Verdict, all_of, no, unknown
 
 _EMPTY = inspect.Parameter.empty
 _UNIONS = (typing.Union, types.UnionType)
@@ -50,14 +50,6 @@ _ITEMS = frozenset(
     }
 )  # fmt: skip
 _MAPPINGS = frozenset({dict, abc.Mapping, abc.MutableMapping})
-
-
-def _no(reason: str) -> Verdict:
-    return Verdict(False, reason)
-
-
-def _unknown(reason: str) -> Verdict:
-    return Verdict(None, reason)
 
 
 def _bare(annotation: Any) -> Any:
@@ -88,18 +80,8 @@ def _any_of(verdicts: list[Verdict], reason: str) -> Verdict:
     if any(v.ok for v in verdicts):
         return OK
     if all(v.ok is False for v in verdicts):
-        return _no(reason)
+        return no(reason)
     return next(v for v in verdicts if v.ok is None)
-
-
-def _all(verdicts: list[Verdict]) -> Verdict:
-    unknown = None
-    for verdict in verdicts:
-        if verdict.ok is False:
-            return verdict
-        if verdict.ok is None and unknown is None:
-            unknown = verdict
-    return unknown or OK
 
 
 def received_fits(sent: Any, taken: Any) -> Verdict:
@@ -117,17 +99,17 @@ class _Comparison:
         if taken is Any or sent == taken:
             return OK
         if sent is Any:
-            return _unknown(f"what {_name(taken)} receives from Any is not compared")
+            return unknown(f"what {_name(taken)} receives from Any is not compared")
         if typing.get_origin(sent) in _UNIONS:
-            return _all([self.fits(branch, taken) for branch in typing.get_args(sent)])
+            return all_of([self.fits(branch, taken) for branch in typing.get_args(sent)])
         values = _values(sent)
         if values is not None:
-            return _all([self._value(value, taken) for value in values])
+            return all_of([self._value(value, taken) for value in values])
         if typing.get_origin(taken) in _UNIONS:
             verdicts = [self.fits(sent, branch) for branch in typing.get_args(taken)]
             return _any_of(verdicts, self._other(sent, taken))
         if sent is type(None):  # None into a taken side that is not optional
-            return _no(self._other(sent, taken))
+            return no(self._other(sent, taken))
         if isinstance(sent, type) and typing.get_origin(sent) is None:
             return self._class(sent, taken)
         return self._generic(sent, taken)
@@ -139,7 +121,7 @@ class _Comparison:
         """Whether the object ``value`` is one of ``taken``: the class's instance, one of
         the literal values, or (anything else) accepted by pydantic's strict mode."""
         taken = _bare(taken)
-        refused = _no(f"it receives {value!r}, not {_name(taken)}")
+        refused = no(f"it receives {value!r}, not {_name(taken)}")
         if taken is Any:
             return OK
         if typing.get_origin(taken) in _UNIONS:
@@ -156,7 +138,7 @@ class _Comparison:
         except ValidationError:
             return refused
         except Exception as exc:  # an annotation pydantic cannot validate
-            return _unknown(f"whether {_name(taken)} takes {value!r} is not decided: {exc}")
+            return unknown(f"whether {_name(taken)} takes {value!r} is not decided: {exc}")
         return OK
 
     def _class(self, sent: type, taken: Any) -> Verdict:
@@ -165,7 +147,7 @@ class _Comparison:
         if typing.get_origin(taken) is not None or not isinstance(taken, type):
             if sent in _BUILT and typing.get_origin(taken) is not None:
                 return self._generic(sent, taken)  # bare list into list[int]: items Any
-            return _no(self._other(sent, taken))
+            return no(self._other(sent, taken))
         if _subclass(sent, taken):
             return OK
         if (
@@ -177,7 +159,7 @@ class _Comparison:
             return self._fields(sent, taken, _model_fields(sent), _model_fields(taken))
         if dataclasses.is_dataclass(sent) and dataclasses.is_dataclass(taken):
             return self._fields(sent, taken, _dataclass_fields(sent), _dataclass_fields(taken))
-        return _no(self._other(sent, taken))
+        return no(self._other(sent, taken))
 
     def _fields(
         self, sent: type, taken: type, sent_fields: dict[str, Any], taken_fields: dict[str, Any]
@@ -194,9 +176,9 @@ class _Comparison:
                 if name in sent_fields:
                     verdict = self.fits(sent_fields[name], annotation)
                     if verdict.ok is False:
-                        return _no(f"field {name!r}: {verdict.reason}")
+                        return no(f"field {name!r}: {verdict.reason}")
                     checks.append(verdict)
-            return _all(checks)
+            return all_of(checks)
         finally:
             self._assumed.discard(key)
 
@@ -211,9 +193,9 @@ class _Comparison:
             args = typing.get_args(taken) or (Any, Any)
             keys = self.fits(str, args[0])
             if keys.ok is False:
-                return _no(f"keys: {keys.reason}")
-            return _all([keys, *(self.fits(f, args[1]) for f in fields.values())])
-        return _no(self._other(sent, taken))
+                return no(f"keys: {keys.reason}")
+            return all_of([keys, *(self.fits(f, args[1]) for f in fields.values())])
+        return no(self._other(sent, taken))
 
     def _generic(self, sent: Any, taken: Any) -> Verdict:
         origin_sent = typing.get_origin(sent) or sent
@@ -222,32 +204,32 @@ class _Comparison:
         built = _BUILT.get(origin_sent)
         if built is None:
             if origin_sent == origin_taken and len(args_sent) == len(args_taken):
-                return _all([self.fits(a, b) for a, b in zip(args_sent, args_taken, strict=True)])
-            return _unknown(f"what {_name(sent)} is validated into is not compared")
+                return all_of([self.fits(a, b) for a, b in zip(args_sent, args_taken, strict=True)])
+            return unknown(f"what {_name(sent)} is validated into is not compared")
         if not isinstance(origin_taken, type) or not issubclass(built, origin_taken):
-            return _no(self._other(sent, taken))
+            return no(self._other(sent, taken))
         if built is dict:
             if origin_taken not in _MAPPINGS:
-                return _unknown(f"{_name(taken)} is not compared")
+                return unknown(f"{_name(taken)} is not compared")
             keys_sent, values_sent = args_sent or (Any, Any)
             keys_taken, values_taken = args_taken or (Any, Any)
             keys = self.fits(keys_sent, keys_taken)
             if keys.ok is False:
-                return _no(f"keys: {keys.reason}")
+                return no(f"keys: {keys.reason}")
             values = self.fits(values_sent, values_taken)
             if values.ok is False:
-                return _no(f"values: {values.reason}")
-            return _all([keys, values])
+                return no(f"values: {values.reason}")
+            return all_of([keys, values])
         items_sent = _items(built, args_sent)
         if origin_taken is tuple and args_taken and args_taken[-1] is not Ellipsis:
             if items_sent is None or len(items_sent) != len(args_taken):
-                return _unknown(f"the items of {_name(sent)} and {_name(taken)} are not compared")
+                return unknown(f"the items of {_name(sent)} and {_name(taken)} are not compared")
             pairs = list(zip(items_sent, args_taken, strict=True))
         elif origin_taken is tuple or origin_taken in _ITEMS:
             item_taken = args_taken[0] if args_taken else Any
             pairs = [(item, item_taken) for item in (items_sent or [_rest(args_sent)])]
         else:
-            return _unknown(f"{_name(taken)} is not compared")
+            return unknown(f"{_name(taken)} is not compared")
         for index, (a, b) in enumerate(pairs):
             verdict = self.fits(a, b)
             if verdict.ok is not True:
