@@ -131,7 +131,10 @@ def run_demo(tmp_path: Path, python: str = sys.executable, **config: str) -> Ite
             assert httpx.get(f"{url}/healthz").json() == {"service": name}
         yield demo
         process.send_signal(signal.SIGINT)
-        assert process.wait(30) == 0, demo.output()
+        try:
+            assert process.wait(30) == 0, demo.output()
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the demo did not stop within 30 s of SIGINT:\n{demo.output()}")
     finally:
         if process.poll() is None:  # a failed test: the demo still stops its children
             children = children or psutil.Process(process.pid).children(recursive=True)
