@@ -1,0 +1,383 @@
+"""The channel and QoS of the reliable Redis transport: wait without taking, take atomically.
+
+kombu's consumer sends ``BRPOP`` on its event loop and, once the reply is read, records
+the message as unacknowledged. This channel waits with ``BLMOVE key key RIGHT RIGHT``
+instead (the list's last entry moved onto itself: it wakes when the list has one, and
+takes nothing), then takes with the ``TAKE`` script (``scripts.py``): up to what QoS may
+still hold, popped and recorded in one step. While the last take filled its batch the
+channel sends ``TAKE`` itself on the event loop instead of waiting.
+
+``BLMOVE`` watches one list: the first queue's unprioritised list in kombu's cycle (where
+kombu's first ``BRPOP`` key is). Every take looks at all candidate lists in kombu's
+order, so the other lists wait at most the ``BLMOVE`` timeout when the watched one is
+empty: kombu's ``brpop_timeout`` (1 s) for the priority lists of a single queue,
+``SEVERAL_QUEUES_WAIT`` when the channel consumes several queues.
+
+What the take returns passes the intake's raw-entry check (``_intake/redis.py``) as
+before; what kombu could parse but the worker refuses is dead-lettered and its record
+removed in one transaction. A message taken more than ``celerybridge_max_deliveries``
+times is handed to the intake gate marked (:data:`OVER_LIMIT`), which dead-letters it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
+from kombu.utils.encoding import bytes_to_str
+from kombu.utils.json import dumps, loads
+from redis.exceptions import NoScriptError
+
+from .._constants import (
+    DEAD_LETTER_SUFFIX,
+    DEFAULT_MAX_DELIVERIES,
+    DELIVERIES_KEY,
+    SEVERAL_QUEUES_WAIT,
+    TAG_ALIAS_SEP,
+    TAKE_BATCH,
+)
+from .._intake.envelope import envelope_limit, envelope_refusal, raw_dead_letter
+from .._intake.redis import OVER_LIMIT, POPPED_FROM, RawEntryGuard
+from .scripts import TAKE_SHA, run_take, take_arguments
+from .visibility import VisibilityRefresher
+
+log = logging.getLogger("celerybridge.redis")
+
+MAX_DELIVERIES_OPTION = "celerybridge_max_deliveries"
+"""The transport option (set by ``celery_app`` from ``CELERYBRIDGE_MAX_DELIVERIES``)."""
+REFRESH_OPTION = "celerybridge_refresh_interval"
+"""Seconds between visibility refreshes; a quarter of the visibility timeout by default."""
+DELIVERIES_KEY_OPTION = "celerybridge_deliveries_key"
+
+_BLMOVE = "BLMOVE"
+_TAKE = "EVALSHA"
+
+
+def original_tag(tag: str) -> str:
+    """The delivery tag a message carries, from the one its record is held under."""
+    return tag.split(TAG_ALIAS_SEP, 1)[0]
+
+
+class QoS(kombu_redis.QoS):
+    """kombu's Redis QoS for messages the take script recorded already: appending one
+    writes nothing more; acknowledging or rejecting one also forgets its delivery count."""
+
+    channel: Any
+    _vrestore_count: int
+    _remove_from_indices: Any
+
+    def append(self, message: Any, delivery_tag: str) -> None:
+        if self.channel.celerybridge_recorded(delivery_tag):
+            virtual.QoS.append(self, message, delivery_tag)
+        else:  # delivered some other way (a fanout queue): recorded as kombu does
+            super().append(message, delivery_tag)
+
+    def ack(self, delivery_tag: str) -> None:
+        self._forget(delivery_tag)
+        virtual.QoS.ack(self, delivery_tag)
+
+    def reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        if requeue:  # delivered again: the count goes on
+            self.restore_by_tag(delivery_tag, leftmost=True)
+        else:
+            self._forget(delivery_tag)
+        virtual.QoS.ack(self, delivery_tag)
+
+    def _forget(self, delivery_tag: str) -> None:
+        channel = self.channel
+        getattr(channel, OVER_LIMIT).pop(delivery_tag, None)
+        with self.pipe_or_acquire() as pipe:
+            self._remove_from_indices(delivery_tag, pipe)
+            pipe.hdel(channel.celerybridge_deliveries_key, original_tag(delivery_tag))
+            pipe.execute()
+
+    def restore_visible(self, start: int = 0, num: int = 10, interval: int = 10) -> None:
+        self._vrestore_count += 1
+        if (self._vrestore_count - 1) % (interval or 1):
+            return
+        with self.channel.conn_or_acquire() as client:
+            ceil = time.time() - self.visibility_timeout
+            try:
+                with kombu_redis.Mutex(client, self.unacked_mutex_key, self.unacked_mutex_expire):
+                    visible = client.zrange(
+                        self.unacked_index_key, ceil, 0, desc=True, byscore=True,
+                        offset=num and start, num=num, withscores=True,
+                    )  # fmt: skip
+                    for tag, _ in visible or []:
+                        self._restore_if_stale(tag, ceil, client)
+            except kombu_redis.MutexHeld:
+                pass
+
+    def _restore_if_stale(self, tag: Any, ceil: float, client: Any) -> None:
+        """Restore ``tag`` unless its worker refreshed it since the sweep looked: the
+        score is read again inside the transaction that restores."""
+
+        def restore(pipe: Any) -> None:
+            score = pipe.zscore(self.unacked_index_key, tag)
+            payload = pipe.hget(self.unacked_key, tag)
+            pipe.multi()
+            if score is not None and score > ceil:
+                return
+            self._remove_from_indices(tag, pipe)
+            if payload:
+                message, exchange, routing_key = loads(bytes_to_str(payload))
+                self.channel._do_restore_message(message, exchange, routing_key, pipe, False)
+
+        client.transaction(restore, self.unacked_key, self.unacked_index_key)
+
+
+class ReliableChannel(RawEntryGuard):
+    """The take path, for kombu's Redis channels (plain and Sentinel)."""
+
+    # kombu's channel attributes this mixin uses.
+    client: Any
+    connection: Any
+    qos: Any
+    active_queues: Any
+    priority_steps: list[int]
+    global_keyprefix: str
+    unacked_key: str
+    unacked_index_key: str
+    visibility_timeout: Any
+    brpop_timeout: Any
+    ack_emulation: bool
+    connection_errors: tuple[type[BaseException], ...]
+    _queue_cycle: Any
+    _in_poll: Any
+    _brpop_sent_at: float | None
+    _closing: bool
+
+    celerybridge_max_deliveries: int = DEFAULT_MAX_DELIVERIES
+    celerybridge_refresh_interval: float | None = None
+    celerybridge_deliveries_key: str = DELIVERIES_KEY
+
+    _cb_sent: str | None = None
+    _cb_more = False
+    _cb_candidates: Sequence[tuple[str, str, str]] = ()
+    _cb_refresher: VisibilityRefresher | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._cb_recorded: set[str] = set()
+        setattr(self, OVER_LIMIT, {})
+        self._cb_lock = threading.Lock()
+        super().__init__(*args, **kwargs)
+
+    # -- what the take recorded --------------------------------------------------------
+
+    def celerybridge_recorded(self, tag: str) -> bool:
+        """Whether the take script recorded ``tag`` (once: QoS asks as it appends)."""
+        try:
+            self._cb_recorded.remove(tag)
+        except KeyError:
+            return False
+        return True
+
+    def _held_tags(self) -> list[str]:
+        qos = self.qos
+        for _ in range(10):  # another thread may ack meanwhile: copy again
+            try:
+                return [t for t in list(qos._delivered) if t not in qos._dirty]
+            except RuntimeError:
+                continue
+        return []
+
+    def _start_refresher(self) -> None:
+        if self._cb_refresher is not None or not self.ack_emulation:
+            return
+        interval = self.celerybridge_refresh_interval or self.visibility_timeout / 4
+        self._cb_refresher = VisibilityRefresher(
+            "celerybridge-visibility",
+            max(float(interval), 0.05),
+            self._held_tags,
+            self._create_client,  # type: ignore[attr-defined]
+            self.unacked_index_key,
+            tuple(self.connection_errors),
+        )
+        self._cb_refresher.start()
+
+    def basic_consume(self, queue: str, *args: Any, **kwargs: Any) -> Any:
+        self._start_refresher()
+        return super().basic_consume(queue, *args, **kwargs)  # type: ignore[misc]
+
+    def close(self) -> None:
+        refresher, self._cb_refresher = self._cb_refresher, None
+        if refresher is not None:
+            refresher.stop()
+        super().close()  # type: ignore[misc]
+
+    # -- candidates and the script ------------------------------------------------------
+
+    def _candidates(self, queues: Sequence[str]) -> list[tuple[str, str, str]]:
+        """``(list key, dead-letter list key, queue)`` in kombu's ``BRPOP`` order, prefixed."""
+        prefix = self.global_keyprefix or ""
+        return [
+            (
+                prefix + self._q_for_pri(queue, pri),  # type: ignore[attr-defined]
+                prefix + queue + DEAD_LETTER_SUFFIX,
+                queue,
+            )
+            for pri in self.priority_steps
+            for queue in queues
+        ]
+
+    def _take_arguments(self, candidates: Sequence[tuple[str, str, str]], limit: int) -> list[Any]:
+        prefix = self.global_keyprefix or ""
+        max_bytes = int(self.celerybridge_max_message_bytes)
+        return take_arguments(
+            prefix + self.unacked_key,
+            prefix + self.unacked_index_key,
+            prefix + self.celerybridge_deliveries_key,
+            candidates,
+            time.time(),
+            limit,
+            envelope_limit(max_bytes),
+            max_bytes,
+        )
+
+    def _limit(self) -> int:
+        estimate = self.qos.can_consume_max_estimate()
+        return TAKE_BATCH if estimate is None else max(1, min(int(estimate), TAKE_BATCH))
+
+    # -- the event loop: wait, then take ------------------------------------------------
+
+    def _brpop_start(self, timeout: float | None = None) -> None:
+        if not self.ack_emulation:
+            return super()._brpop_start(timeout)  # type: ignore[misc, no-any-return]
+        if timeout is None:
+            timeout = self.brpop_timeout
+        queues = self._queue_cycle.consume(len(self.active_queues))
+        if not queues:
+            return
+        self._cb_candidates = candidates = self._candidates(queues)
+        connection = self.client.connection
+        self._in_poll = connection
+        self._brpop_sent_at = time.monotonic()
+        if self._cb_more:
+            self._cb_sent = _TAKE
+            connection.send_command(_TAKE, *self._take_script_arguments(candidates))
+            return
+        wait = timeout or 0
+        if len(queues) > 1:
+            wait = min(wait, SEVERAL_QUEUES_WAIT) if wait else SEVERAL_QUEUES_WAIT
+        watched = candidates[0][0]
+        self._cb_sent = _BLMOVE
+        connection.send_command(_BLMOVE, watched, watched, "RIGHT", "RIGHT", wait)
+
+    def _take_script_arguments(self, candidates: Sequence[tuple[str, str, str]]) -> list[Any]:
+        return [TAKE_SHA, *self._take_arguments(candidates, self._limit())]
+
+    def _brpop_read(self, **options: Any) -> Any:
+        if not self.ack_emulation:
+            return super()._brpop_read(**options)  # type: ignore[misc]
+        sent, self._cb_sent = self._cb_sent, None
+        candidates = self._cb_candidates
+        client = self.client
+        try:
+            connection = client.connection
+            try:
+                try:
+                    reply = client.parse_response(connection, sent or _BLMOVE, **options)
+                except NoScriptError:  # Redis restarted or flushed its scripts
+                    reply, sent = None, _BLMOVE
+                if sent == _TAKE:
+                    taken = reply
+                elif self._closing:
+                    raise virtual.Empty()  # waited: nothing was taken
+                else:
+                    limit = self._limit()
+                    taken = run_take(client, self._take_arguments(candidates, limit))
+            except self.connection_errors:
+                connection.disconnect()
+                raise
+            if not self._deliver_taken(taken, candidates, client):
+                raise virtual.Empty()
+            return True
+        finally:
+            self._in_poll = None
+            self._flush_brpop_reauth()  # type: ignore[attr-defined]
+
+    def _deliver_taken(
+        self, taken: Any, candidates: Sequence[tuple[str, str, str]], client: Any
+    ) -> bool:
+        """Hand what the script took to kombu; ``False`` when it took nothing."""
+        more, dead, entries = taken
+        self._cb_more = bool(more)
+        if dead:
+            log.error("%d raw entries that are not kombu messages moved to dead letters", dead)
+        entries = list(entries)
+        if self._closing:  # taken as the channel closes: back to their queues at once
+            for _, tag, _, _ in entries:
+                self.qos.restore_by_tag(bytes_to_str(tag), client=None)
+            return False
+        delivered = False
+        while entries:
+            index, tag, item, count = entries.pop(0)
+            queue = candidates[int(index) - 1][2]
+            try:
+                if self._deliver_one(queue, bytes_to_str(tag), item, int(count)):
+                    delivered = True
+            except BaseException:
+                for _, rest, _, _ in entries:  # not handed over: not held until the sweep
+                    self.qos.restore_by_tag(bytes_to_str(rest), client=None)
+                raise
+        return delivered
+
+    def _deliver_one(self, queue: str, tag: str, item: bytes, count: int) -> bool:
+        refusal = envelope_refusal(item, int(self.celerybridge_max_message_bytes))
+        if refusal is not None:
+            self._dead_letter_recorded(queue, tag, item, refusal)
+            return False
+        payload = loads(bytes_to_str(item))
+        if tag != payload["properties"]["delivery_tag"]:
+            payload["properties"]["delivery_tag"] = tag  # acknowledged under its alias
+        limit = int(self.celerybridge_max_deliveries)
+        if count > limit:
+            getattr(self, OVER_LIMIT)[tag] = (count, limit)
+        self._cb_recorded.add(tag)
+        self._queue_cycle.rotate(queue)
+        setattr(self, POPPED_FROM, queue)  # delivered at once, on this thread
+        self.connection._deliver(payload, queue)
+        return True
+
+    def _dead_letter_recorded(self, queue: str, tag: str, item: bytes, reason: str) -> None:
+        """Move a recorded entry the intake refuses to ``<queue>.dead`` as it came, and
+        drop its record, in one transaction."""
+        dead = f"{queue}{DEAD_LETTER_SUFFIX}"
+        with self.conn_or_acquire() as client, client.pipeline() as pipe:  # type: ignore[attr-defined]
+            pipe.lpush(dead, dumps(raw_dead_letter(item, queue, reason)))
+            pipe.zrem(self.unacked_index_key, tag)
+            pipe.hdel(self.unacked_key, tag)
+            pipe.hdel(self.celerybridge_deliveries_key, original_tag(tag))
+            pipe.execute()
+        log.error("a raw entry of %d bytes on %s moved to %s: %s", len(item), queue, dead, reason)
+
+    # -- basic_get ----------------------------------------------------------------------
+
+    def _get(self, queue: str, timeout: float | None = None) -> Any:
+        if not self.ack_emulation:
+            return super()._get(queue)  # type: ignore[misc]
+        candidates = self._candidates([queue])
+        with self.conn_or_acquire() as client:  # type: ignore[attr-defined]
+            _, dead, entries = run_take(client, self._take_arguments(candidates, 1))
+            self._maybe_update_queues_expire(client, queue)  # type: ignore[attr-defined]
+        if dead:
+            log.error("%d raw entries that are not kombu messages moved to dead letters", dead)
+        for _, tag, item, count in entries:
+            tag = bytes_to_str(tag)
+            refusal = envelope_refusal(item, int(self.celerybridge_max_message_bytes))
+            if refusal is not None:
+                self._dead_letter_recorded(queue, tag, item, refusal)
+                continue
+            payload = loads(bytes_to_str(item))
+            payload["properties"]["delivery_tag"] = tag
+            if int(count) > int(self.celerybridge_max_deliveries):
+                getattr(self, OVER_LIMIT)[tag] = (int(count), int(self.celerybridge_max_deliveries))
+            self._cb_recorded.add(tag)
+            setattr(self, POPPED_FROM, queue)
+            return payload
+        raise virtual.Empty()
