@@ -328,21 +328,28 @@ class ReliableChannel(RawEntryGuard):
         return delivered
 
     def _deliver_one(self, queue: str, tag: str, item: bytes, count: int) -> bool:
-        refusal = envelope_refusal(item, int(self.celerybridge_max_message_bytes))
-        if refusal is not None:
-            self._dead_letter_recorded(queue, tag, item, refusal)
+        payload = self._accept(queue, tag, item, count)
+        if payload is None:
             return False
-        payload = loads(bytes_to_str(item))
-        if tag != payload["properties"]["delivery_tag"]:
-            payload["properties"]["delivery_tag"] = tag  # acknowledged under its alias
-        limit = int(self.celerybridge_max_deliveries)
-        if count > limit:
-            getattr(self, OVER_LIMIT)[tag] = (count, limit)
-        self._cb_recorded.add(tag)
         self._queue_cycle.rotate(queue)
         setattr(self, POPPED_FROM, queue)  # delivered at once, on this thread
         self.connection._deliver(payload, queue)
         return True
+
+    def _accept(self, queue: str, tag: str, item: bytes, count: int) -> dict[str, Any] | None:
+        """The message an entry the script recorded makes, marked with its delivery count;
+        ``None`` when the intake refuses it (then dead-lettered, its record dropped)."""
+        refusal = envelope_refusal(item, int(self.celerybridge_max_message_bytes))
+        if refusal is not None:
+            self._dead_letter_recorded(queue, tag, item, refusal)
+            return None
+        payload: dict[str, Any] = loads(bytes_to_str(item))
+        payload["properties"]["delivery_tag"] = tag  # an alias is acknowledged as such
+        limit = int(self.celerybridge_max_deliveries)
+        if count > limit:
+            getattr(self, OVER_LIMIT)[tag] = (count, limit)
+        self._cb_recorded.add(tag)
+        return payload
 
     def _dead_letter_recorded(self, queue: str, tag: str, item: bytes, reason: str) -> None:
         """Move a recorded entry the intake refuses to ``<queue>.dead`` as it came, and
@@ -363,21 +370,19 @@ class ReliableChannel(RawEntryGuard):
             return super()._get(queue)  # type: ignore[misc]
         candidates = self._candidates([queue])
         with self.conn_or_acquire() as client:  # type: ignore[attr-defined]
-            _, dead, entries = run_take(client, self._take_arguments(candidates, 1))
-            self._maybe_update_queues_expire(client, queue)  # type: ignore[attr-defined]
-        if dead:
-            log.error("%d raw entries that are not kombu messages moved to dead letters", dead)
-        for _, tag, item, count in entries:
-            tag = bytes_to_str(tag)
-            refusal = envelope_refusal(item, int(self.celerybridge_max_message_bytes))
-            if refusal is not None:
-                self._dead_letter_recorded(queue, tag, item, refusal)
-                continue
-            payload = loads(bytes_to_str(item))
-            payload["properties"]["delivery_tag"] = tag
-            if int(count) > int(self.celerybridge_max_deliveries):
-                getattr(self, OVER_LIMIT)[tag] = (int(count), int(self.celerybridge_max_deliveries))
-            self._cb_recorded.add(tag)
-            setattr(self, POPPED_FROM, queue)
-            return payload
-        raise virtual.Empty()
+            try:
+                while True:  # until a message, or nothing: refused entries do not count
+                    _, dead, entries = run_take(client, self._take_arguments(candidates, 1))
+                    if dead:
+                        log.error(
+                            "%d raw entries that are not kombu messages moved to dead letters", dead
+                        )
+                    if not (dead or entries):
+                        raise virtual.Empty()
+                    for _, tag, item, count in entries:
+                        payload = self._accept(queue, bytes_to_str(tag), item, int(count))
+                        if payload is not None:
+                            setattr(self, POPPED_FROM, queue)
+                            return payload
+            finally:
+                self._maybe_update_queues_expire(client, queue)  # type: ignore[attr-defined]
