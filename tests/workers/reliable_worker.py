@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from kombu.transport import virtual
 
 from celerybridge import celery_app
 
-from . import reliable_bindings
+from . import bindings, reliable_bindings
 
 app = celery_app(
     "reliable_worker",
@@ -41,6 +42,12 @@ def add(x: int, y: int) -> list[int]:
 def sleep(seconds: float) -> int:
     time.sleep(seconds)
     return os.getpid()
+
+
+@bindings.store.implement(app)
+def store(key: str, content: str) -> dict[str, str]:
+    # As tests.workers.plain_worker answers, so a caller tells which worker ran it.
+    return {"key": key, "content": content, "bridge_loaded": str("celerybridge" in sys.modules)}
 
 
 @reliable_bindings.crash.implement(app)
