@@ -83,6 +83,7 @@ class QoS(kombu_redis.QoS):
 
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
         if requeue:  # delivered again: the count goes on
+            getattr(self.channel, OVER_LIMIT).pop(delivery_tag, None)
             self.restore_by_tag(delivery_tag, leftmost=True)
         else:
             self._forget(delivery_tag)
