@@ -93,10 +93,8 @@ async def test_refused_at_the_gate(
 async def test_a_text_body_that_cannot_be_encoded_back_is_kept(
     bridge: Bridge, bridge_worker: Worker, broker_url: str
 ) -> None:
-    """A Redis envelope whose body is a lone surrogate, not base64: kombu handed it over as
-    text; writing the dead letter raised UnicodeEncodeError and the worker exited. The
-    take script's JSON decoder refuses the escape, so the entry is now kept raw, byte for
-    byte, before kombu sees it."""
+    """A Redis envelope whose body is a lone surrogate, not base64: kombu hands it over as
+    text; writing the dead letter raised UnicodeEncodeError and the worker exited."""
     assert bridge_worker.process is not None
     pid = bridge_worker.process.pid
     envelope = {
@@ -112,8 +110,7 @@ async def test_a_text_body_that_cannot_be_encoded_back_is_kept(
     redis.Redis.from_url(broker_url).lpush(bridge_worker.queue, json.dumps(envelope))
 
     [dead] = await anyio.to_thread.run_sync(dead_letters, broker_url, bridge_worker.queue)
-    assert dead["x-celerybridge-dead-kind"] == "raw"
-    assert dead["body"] == json.dumps(envelope).encode()
+    assert dead["x-celerybridge-dead-kind"] == "malformed"
     await good_call_runs(bridge, bridge_worker)
     alive(bridge_worker, pid)
 
