@@ -68,6 +68,7 @@ class QoS(kombu_redis.QoS):
     writes nothing more; acknowledging or rejecting one also forgets its delivery count."""
 
     channel: Any
+    _delivered: Any
     _vrestore_count: int
     _remove_from_indices: Any
 
@@ -88,6 +89,23 @@ class QoS(kombu_redis.QoS):
         else:
             self._forget(delivery_tag)
         virtual.QoS.ack(self, delivery_tag)
+
+    def restore_unacked(self, client: Any = None) -> None:
+        """Put back what this channel holds as it closes. Every message it holds is
+        recorded in Redis already: when putting back fails (the broker went away; kombu's
+        own QoS then raised ``'NoneType' object has no attribute 'hostname'`` and the
+        worker exited), the records stay for the visibility sweep."""
+        try:
+            super().restore_unacked(client)
+        except Exception as exc:
+            log.warning(
+                "could not put back %d unacknowledged messages as the channel closed (%s: %s); "
+                "they come back after the visibility timeout",
+                len(self._delivered),
+                type(exc).__name__,
+                exc,
+            )
+            self._delivered.clear()
 
     def _forget(self, delivery_tag: str) -> None:
         channel = self.channel

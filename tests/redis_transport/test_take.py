@@ -272,3 +272,27 @@ def test_celery_app_picks_the_reliable_transport(url: str, transport: type) -> N
         assert type(connection.transport) is transport
         assert issubclass(connection.transport.Channel, ReliableChannel)
     app.close()
+
+
+def test_a_channel_closing_without_its_broker_leaves_the_records(
+    queue: str, raw: redis.Redis
+) -> None:
+    """Closing a channel puts back what it holds; when that fails (the broker went away:
+    kombu's QoS raised ``'NoneType' object has no attribute 'hostname'`` and the worker
+    exited), the close goes on and the records stay for the visibility sweep."""
+    with kombu.Connection(URL) as producer:
+        producer.Producer().publish({"n": 1}, routing_key=queue, declare=[kombu.Queue(queue)])
+    connection = reliable()
+    channel = connection.default_channel
+    held = channel.basic_get(queue)
+    channel._disconnect_pools()
+    client, connection.transport.client = connection.transport.client, None
+    try:
+        channel.close()
+    finally:
+        connection.transport.client = client
+        connection.close()
+    assert raw.hexists("unacked", held.delivery_tag)
+    raw.hdel("unacked", held.delivery_tag)
+    raw.zrem("unacked_index", held.delivery_tag)
+    raw.hdel("celerybridge.deliveries", held.delivery_tag)
