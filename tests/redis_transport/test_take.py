@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import signal
+import subprocess
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -29,6 +33,7 @@ from celerybridge._redis_transport.channel import ReliableChannel
 from celerybridge._redis_transport.transport import TlsChannel
 
 from ..faults._private_brokers import PrivateRedis
+from ..pusher._s3server import free_port
 from .conftest import URL, reliable
 
 pytestmark = pytest.mark.integration
@@ -245,6 +250,52 @@ def test_whatever_an_entry_is_it_is_delivered_or_dead_lettered_as_it_came(
     refused = [e for e in entries if envelope_refusal(e, DEFAULT_MAX_MESSAGE_BYTES) is not None]
     assert sorted(kept) == sorted(refused)
     assert len(delivered) == len(entries) - len(refused)
+
+
+def test_taking_through_sentinel(tmp_path: Path) -> None:
+    """A ``sentinel://`` broker: the transport asks a Sentinel (ours, on a private Redis)
+    for the master, and takes and records there."""
+    master = PrivateRedis(tmp_path / "master")
+    master.start()
+    sentinel_port = free_port()
+    config = tmp_path / "sentinel.conf"
+    config.write_text(
+        f"port {sentinel_port}\nbind 127.0.0.1\ndir {tmp_path}\n"
+        f"sentinel monitor cbmaster 127.0.0.1 {master.port} 1\n"
+    )
+    sentinel = subprocess.Popen(
+        ["redis-server", str(config), "--sentinel"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        with redis.Redis(port=sentinel_port) as client:
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    if client.sentinel_get_master_addr_by_name("cbmaster"):
+                        break
+                except redis.ConnectionError:
+                    pass
+                assert time.monotonic() < deadline, "the sentinel did not start"
+                time.sleep(0.05)
+        queue = "cb-sentinel"
+        with kombu.Connection(master.url) as producer:
+            producer.Producer().publish({"n": 1}, routing_key=queue, declare=[kombu.Queue(queue)])
+        url = f"sentinel://127.0.0.1:{sentinel_port}"
+        options = {"master_name": "cbmaster"}
+        with kombu.Connection(url, transport=SentinelTransport, transport_options=options) as c:
+            message = c.default_channel.basic_get(queue)
+            assert message.payload == {"n": 1}
+            with redis.Redis.from_url(master.url) as client:
+                assert client.hexists("unacked", message.delivery_tag)
+                message.ack()
+                assert not client.hexists("unacked", message.delivery_tag)
+    finally:
+        os.killpg(sentinel.pid, signal.SIGKILL)
+        sentinel.wait()
+        master.stop()
 
 
 def test_rediss_uses_tls_without_ssl_parameters() -> None:
