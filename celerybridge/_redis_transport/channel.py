@@ -58,6 +58,10 @@ _BLMOVE = "BLMOVE"
 _TAKE = "EVALSHA"
 
 
+class ChannelClosed(Exception):
+    """An acknowledgement came after the channel closed, and it had no pool to use."""
+
+
 def original_tag(tag: str) -> str:
     """The delivery tag a message carries, from the one its record is held under."""
     return tag.split(TAG_ALIAS_SEP, 1)[0]
@@ -108,12 +112,26 @@ class QoS(kombu_redis.QoS):
             self._delivered.clear()
 
     def _forget(self, delivery_tag: str) -> None:
+        """Drop the record and the count of a message acknowledged or rejected. A task that
+        ends after its channel closed (the broker went away meanwhile) is acknowledged
+        through the closed channel's pool; if Redis cannot be reached, the record stays and
+        the message is delivered again after the visibility timeout (kombu's QoS raised,
+        and the worker exited)."""
         channel = self.channel
         getattr(channel, OVER_LIMIT).pop(delivery_tag, None)
-        with self.pipe_or_acquire() as pipe:
-            self._remove_from_indices(delivery_tag, pipe)
-            pipe.hdel(channel.celerybridge_deliveries_key, original_tag(delivery_tag))
-            pipe.execute()
+        try:
+            with channel.celerybridge_client().pipeline() as pipe:
+                self._remove_from_indices(delivery_tag, pipe)
+                pipe.hdel(channel.celerybridge_deliveries_key, original_tag(delivery_tag))
+                pipe.execute()
+        except channel.celerybridge_errors as exc:
+            log.warning(
+                "could not acknowledge message %s (%s: %s); it is delivered again after the "
+                "visibility timeout",
+                delivery_tag,
+                type(exc).__name__,
+                exc,
+            )
 
     def restore_visible(self, start: int = 0, num: int = 10, interval: int = 10) -> None:
         self._vrestore_count += 1
@@ -179,12 +197,15 @@ class ReliableChannel(RawEntryGuard):
     _cb_more = False
     _cb_candidates: Sequence[tuple[str, str, str]] = ()
     _cb_refresher: VisibilityRefresher | None = None
+    _cb_saved_pool: Any = None
+    _cb_errors: tuple[type[BaseException], ...] = ()
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._cb_recorded: set[str] = set()
         setattr(self, OVER_LIMIT, {})
         self._cb_lock = threading.Lock()
         super().__init__(*args, **kwargs)
+        self._cb_errors = tuple(self.connection_errors)
 
     # -- what the take recorded --------------------------------------------------------
 
@@ -195,6 +216,26 @@ class ReliableChannel(RawEntryGuard):
         except KeyError:
             return False
         return True
+
+    def celerybridge_client(self) -> Any:
+        """A client for acknowledgements: the channel's, or once the channel is closed,
+        one on the pool it had (a pool reconnects when used)."""
+        if getattr(self, "connection", None) is not None:
+            return self._create_client()  # type: ignore[attr-defined]
+        if self._cb_saved_pool is None:
+            raise ChannelClosed("the channel is closed and never had a connection pool")
+        return self.Client(connection_pool=self._cb_saved_pool)  # type: ignore[attr-defined]
+
+    @property
+    def celerybridge_errors(self) -> tuple[type[BaseException], ...]:
+        """What an acknowledgement on a closed channel may raise."""
+        return (*self._cb_errors, ChannelClosed)
+
+    def _disconnect_pools(self) -> None:
+        pool = getattr(self, "_pool", None)
+        if pool is not None:
+            self._cb_saved_pool = pool
+        super()._disconnect_pools()  # type: ignore[misc]
 
     def _held_tags(self) -> list[str]:
         qos = self.qos
