@@ -22,7 +22,6 @@ times is handed to the intake gate marked (:data:`OVER_LIMIT`), which dead-lette
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -203,7 +202,6 @@ class ReliableChannel(RawEntryGuard):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._cb_recorded: set[str] = set()
         setattr(self, OVER_LIMIT, {})
-        self._cb_lock = threading.Lock()
         super().__init__(*args, **kwargs)
         self._cb_errors = tuple(self.connection_errors)
 
