@@ -8,10 +8,11 @@ still hold, popped and recorded in one step. While the last take filled its batc
 channel sends ``TAKE`` itself on the event loop instead of waiting.
 
 ``BLMOVE`` watches one list: the first queue's unprioritised list in kombu's cycle (where
-kombu's first ``BRPOP`` key is). Every take looks at all candidate lists in kombu's
-order, so the other lists wait at most the ``BLMOVE`` timeout when the watched one is
-empty: kombu's ``brpop_timeout`` (1 s) for the priority lists of a single queue,
-``SEVERAL_QUEUES_WAIT`` when the channel consumes several queues.
+kombu's first ``BRPOP`` key is). No loss-free command waits on several lists (``BRPOP``
+and ``BLMPOP`` pop), so when the channel has other candidate lists (priorities, other
+queues) it waits at most ``SEVERAL_LISTS_WAIT`` (0.1 s) and then takes from all of them:
+a message on another list waits up to 0.1 s on an idle worker, and an idle channel
+sends about ten ``BLMOVE`` and ten takes a second.
 
 What the take returns passes the intake's raw-entry check (``_intake/redis.py``) as
 before; what kombu could parse but the worker refuses is dead-lettered and its record
@@ -21,7 +22,10 @@ times is handed to the intake gate marked (:data:`OVER_LIMIT`), which dead-lette
 
 from __future__ import annotations
 
+import json
 import logging
+import re
+import sys
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -35,10 +39,11 @@ from redis.exceptions import NoScriptError
 from .._constants import (
     DEAD_LETTER_SUFFIX,
     DEFAULT_MAX_DELIVERIES,
-    DELIVERIES_KEY,
-    SEVERAL_QUEUES_WAIT,
-    TAG_ALIAS_SEP,
+    DELIVERIES_PROPERTY,
+    HOLD_SUFFIX,
+    SEVERAL_LISTS_WAIT,
     TAKE_BATCH,
+    UNRESTORABLE_QUEUE,
 )
 from .._intake.envelope import envelope_limit, envelope_refusal, raw_dead_letter
 from .._intake.redis import OVER_LIMIT, POPPED_FROM, RawEntryGuard
@@ -51,7 +56,8 @@ MAX_DELIVERIES_OPTION = "celerybridge_max_deliveries"
 """The transport option (set by ``celery_app`` from ``CELERYBRIDGE_MAX_DELIVERIES``)."""
 REFRESH_OPTION = "celerybridge_refresh_interval"
 """Seconds between visibility refreshes; a quarter of the visibility timeout by default."""
-DELIVERIES_KEY_OPTION = "celerybridge_deliveries_key"
+_REFUSED = "not a kombu message: outside what Redis's cjson and Python's json read alike"
+_RECORD_TAIL = re.compile(rb',\s*("(?:[^"\\]|\\.)*")\s*,\s*("(?:[^"\\]|\\.)*")\s*\]\s*\Z', re.S)
 
 _BLMOVE = "BLMOVE"
 _TAKE = "EVALSHA"
@@ -61,14 +67,54 @@ class ChannelClosed(Exception):
     """An acknowledgement came after the channel closed, and it had no pool to use."""
 
 
-def original_tag(tag: str) -> str:
-    """The delivery tag a message carries, from the one its record is held under."""
-    return tag.split(TAG_ALIAS_SEP, 1)[0]
+class _Unrestorable(Exception):
+    """A record kombu's restore cannot put back (it logged and dropped such records)."""
+
+
+def _key_for(client: Any, command: str, key: str) -> str:
+    """``key`` as ``command`` must name it on ``client``: kombu's prefixing client and
+    pipeline prefix only the commands they list (not ``ZSCORE`` nor ``LINDEX``)."""
+    prefix = getattr(client, "global_keyprefix", "") or ""
+    if prefix and command not in getattr(client, "PREFIXED_SIMPLE_COMMANDS", ()):
+        return prefix + key
+    return key
+
+
+def _read_record(payload: bytes) -> tuple[dict[str, Any], Any, Any]:
+    """A record of ``unacked`` as kombu's restore reads it; :class:`_Unrestorable` when
+    Python cannot parse it, or kombu's restore would raise on it."""
+    try:
+        message, exchange, routing_key = loads(bytes_to_str(payload))
+    except (ValueError, TypeError) as exc:
+        raise _Unrestorable(f"an unacknowledged record Python cannot read ({exc})") from exc
+    properties = message.get("properties") if isinstance(message, dict) else None
+    if not (
+        isinstance(message, dict)
+        and isinstance(message.get("headers"), dict)
+        and isinstance(properties, dict)
+        and isinstance(properties.get("delivery_info"), dict)
+    ):
+        raise _Unrestorable("an unacknowledged record kombu cannot put back (not an envelope)")
+    return message, exchange, routing_key
+
+
+def _split_record(payload: bytes) -> tuple[bytes, str | None]:
+    """The entry a record holds, as it came, and its routing key (``None`` if unreadable)."""
+    match = _RECORD_TAIL.search(payload)
+    if not payload.startswith(b"[") or match is None:
+        return payload, None
+    try:
+        routing_key = json.loads(match.group(2))
+    except ValueError:
+        routing_key = None
+    return payload[1 : match.start()], routing_key if isinstance(routing_key, str) else None
 
 
 class QoS(kombu_redis.QoS):
     """kombu's Redis QoS for messages the take script recorded already: appending one
-    writes nothing more; acknowledging or rejecting one also forgets its delivery count."""
+    writes nothing more. Putting back never drops a record: one kombu cannot restore is
+    dead-lettered as it came. The sweep and a requeue count a delivery as they put a
+    message back; a clean close does not (what it puts back was prefetched, not run)."""
 
     channel: Any
     _delivered: Any
@@ -88,40 +134,48 @@ class QoS(kombu_redis.QoS):
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
         if requeue:  # delivered again: the count goes on
             getattr(self.channel, OVER_LIMIT).pop(delivery_tag, None)
-            self.restore_by_tag(delivery_tag, leftmost=True)
+            self._put_back(delivery_tag, leftmost=True, count=True)
         else:
             self._forget(delivery_tag)
         virtual.QoS.ack(self, delivery_tag)
 
+    def restore_by_tag(self, tag: Any, client: Any = None, leftmost: bool = False) -> None:
+        self._put_back(tag, client, leftmost=leftmost)
+
     def restore_unacked(self, client: Any = None) -> None:
-        """Put back what this channel holds as it closes. Every message it holds is
-        recorded in Redis already: when putting back fails (the broker went away; kombu's
-        own QoS then raised ``'NoneType' object has no attribute 'hostname'`` and the
-        worker exited), the records stay for the visibility sweep."""
+        """Put back what this channel holds as it closes, except, when the channel's
+        connection was lost, the messages of tasks still running (they are acknowledged
+        through the saved pool as they end, their records refreshed meanwhile). Every
+        message held is recorded in Redis already: when putting back fails (the broker
+        went away), the records stay for the visibility sweep."""
+        kept = self.channel.celerybridge_running_tags() if self.channel.celerybridge_lost else set()
         try:
-            super().restore_unacked(client)
+            with self.channel.conn_or_acquire(client) as client:
+                for tag in [t for t in list(self._delivered) if t not in kept]:
+                    self.restore_by_tag(tag, client=client)
+                    self._delivered.pop(tag, None)
         except Exception as exc:
             log.warning(
                 "could not put back %d unacknowledged messages as the channel closed (%s: %s); "
                 "they come back after the visibility timeout",
-                len(self._delivered),
+                len(self._delivered) - len(kept),
                 type(exc).__name__,
                 exc,
             )
-            self._delivered.clear()
+            for tag in [t for t in list(self._delivered) if t not in kept]:
+                self._delivered.pop(tag, None)
 
     def _forget(self, delivery_tag: str) -> None:
-        """Drop the record and the count of a message acknowledged or rejected. A task that
-        ends after its channel closed (the broker went away meanwhile) is acknowledged
-        through the closed channel's pool; if Redis cannot be reached, the record stays and
-        the message is delivered again after the visibility timeout (kombu's QoS raised,
-        and the worker exited)."""
+        """Drop the record of a message acknowledged or rejected. A task that ends after
+        its channel closed (the broker went away meanwhile) is acknowledged through the
+        closed channel's pool; if Redis cannot be reached, the record stays and the
+        message is delivered again after the visibility timeout (kombu's QoS raised, and
+        the worker exited)."""
         channel = self.channel
         getattr(channel, OVER_LIMIT).pop(delivery_tag, None)
         try:
             with channel.celerybridge_client().pipeline() as pipe:
                 self._remove_from_indices(delivery_tag, pipe)
-                pipe.hdel(channel.celerybridge_deliveries_key, original_tag(delivery_tag))
                 pipe.execute()
         except channel.celerybridge_errors as exc:
             log.warning(
@@ -150,21 +204,68 @@ class QoS(kombu_redis.QoS):
                 pass
 
     def _restore_if_stale(self, tag: Any, ceil: float, client: Any) -> None:
-        """Restore ``tag`` unless its worker refreshed it since the sweep looked: the
-        score is read again inside the transaction that restores."""
+        """Restore ``tag`` unless its worker refreshed it since the sweep looked (the
+        score is read again inside the transaction that restores); one more delivery."""
+        self._put_back(tag, client, ceil=ceil, count=True)
+
+    def _put_back(
+        self,
+        tag: Any,
+        client: Any = None,
+        *,
+        leftmost: bool = False,
+        count: bool = False,
+        ceil: float | None = None,
+    ) -> None:
+        """Move a record back to its queue in one transaction (kombu's ``restore_by_tag``),
+        only if its score is still at most ``ceil`` when given; ``count``: one more
+        delivery in the message's properties. A record kombu cannot put back (it logged
+        and dropped those) is dead-lettered as it came instead."""
+        channel = self.channel
 
         def restore(pipe: Any) -> None:
-            score = pipe.zscore(self.unacked_index_key, tag)
+            score = None
+            if ceil is not None:
+                score = pipe.zscore(_key_for(pipe, "ZSCORE", self.unacked_index_key), tag)
             payload = pipe.hget(self.unacked_key, tag)
+            record = _read_record(payload) if payload else None
             pipe.multi()
-            if score is not None and score > ceil:
+            if score is not None and ceil is not None and score > ceil:
                 return
             self._remove_from_indices(tag, pipe)
-            if payload:
-                message, exchange, routing_key = loads(bytes_to_str(payload))
-                self.channel._do_restore_message(message, exchange, routing_key, pipe, False)
+            if record is not None:
+                message, exchange, routing_key = record
+                if count:
+                    properties = message["properties"]
+                    prior = properties.get(DELIVERIES_PROPERTY)
+                    prior = prior if isinstance(prior, int) and prior > 0 else 0
+                    properties[DELIVERIES_PROPERTY] = prior + 1
+                channel.celerybridge_restore_message(message, exchange, routing_key, pipe, leftmost)
 
-        client.transaction(restore, self.unacked_key, self.unacked_index_key)
+        with channel.conn_or_acquire(client) as client:
+            try:
+                client.transaction(restore, self.unacked_key, self.unacked_index_key)
+            except _Unrestorable as exc:
+                self._dead_letter_record(tag, client, str(exc))
+
+    def _dead_letter_record(self, tag: Any, client: Any, reason: str) -> None:
+        """Move the entry a record holds, as it came, to its queue's dead letters, and drop
+        the record, in one transaction."""
+        moved: list[str] = []
+
+        def dead(pipe: Any) -> None:
+            payload = pipe.hget(self.unacked_key, tag)
+            pipe.multi()
+            self._remove_from_indices(tag, pipe)
+            if payload:
+                entry, routing_key = _split_record(payload)
+                queue = routing_key or UNRESTORABLE_QUEUE
+                pipe.lpush(queue + DEAD_LETTER_SUFFIX, dumps(raw_dead_letter(entry, queue, reason)))
+                moved[:] = [queue + DEAD_LETTER_SUFFIX]
+
+        client.transaction(dead, self.unacked_key)
+        if moved:
+            log.error("unacknowledged message %s moved to %s: %s", tag, moved[0], reason)
 
 
 class ReliableChannel(RawEntryGuard):
@@ -190,7 +291,7 @@ class ReliableChannel(RawEntryGuard):
 
     celerybridge_max_deliveries: int = DEFAULT_MAX_DELIVERIES
     celerybridge_refresh_interval: float | None = None
-    celerybridge_deliveries_key: str = DELIVERIES_KEY
+    celerybridge_lost = False
 
     _cb_sent: str | None = None
     _cb_more = False
@@ -229,6 +330,47 @@ class ReliableChannel(RawEntryGuard):
         """What an acknowledgement on a closed channel may raise."""
         return (*self._cb_errors, ChannelClosed)
 
+    def celerybridge_connection_lost(self) -> None:
+        """The connection broke (kombu's ``collect``): the close keeps running tasks."""
+        self.celerybridge_lost = True
+
+    def celerybridge_running_tags(self) -> set[str]:
+        """The delivery tags of this channel's messages whose tasks Celery runs now
+        (``celery.worker.state.active_requests``); none outside a Celery worker."""
+        state = sys.modules.get("celery.worker.state")
+        for _ in range(10):  # the pool's threads may change the set meanwhile
+            try:
+                requests = list(getattr(state, "active_requests", ()))
+                break
+            except RuntimeError:
+                continue
+        else:
+            requests = []
+        tags = set()
+        for request in requests:
+            message = getattr(request, "message", None)
+            tag = getattr(message, "delivery_tag", None)
+            if getattr(message, "channel", None) is self and isinstance(tag, str):
+                tags.add(tag)
+        return tags
+
+    def celerybridge_restore_message(
+        self, payload: Any, exchange: Any, routing_key: Any, pipe: Any, leftmost: bool
+    ) -> None:
+        """kombu's ``_do_restore_message``, raising :class:`_Unrestorable` where kombu
+        logged and dropped the message."""
+        try:
+            payload["headers"]["redelivered"] = True
+            payload["properties"]["delivery_info"]["redelivered"] = True
+            for queue in self._lookup(exchange, routing_key):  # type: ignore[attr-defined]
+                priority = self._get_message_priority(payload, reverse=False)  # type: ignore[attr-defined]
+                push = pipe.lpush if leftmost else pipe.rpush
+                push(self._q_for_pri(queue, priority), dumps(payload))  # type: ignore[attr-defined]
+        except self.connection_errors:
+            raise
+        except Exception as exc:
+            raise _Unrestorable(f"kombu cannot put it back ({type(exc).__name__}: {exc})") from exc
+
     def _disconnect_pools(self) -> None:
         pool = getattr(self, "_pool", None)
         if pool is not None:
@@ -252,7 +394,7 @@ class ReliableChannel(RawEntryGuard):
             "celerybridge-visibility",
             max(float(interval), 0.05),
             self._held_tags,
-            self._create_client,  # type: ignore[attr-defined]
+            self.celerybridge_client,
             self.unacked_index_key,
             tuple(self.connection_errors),
         )
@@ -262,21 +404,34 @@ class ReliableChannel(RawEntryGuard):
         self._start_refresher()
         return super().basic_consume(queue, *args, **kwargs)  # type: ignore[misc]
 
+    def _held_running(self) -> list[str]:
+        running = self.celerybridge_running_tags()
+        return [tag for tag in self._held_tags() if tag in running]
+
     def close(self) -> None:
-        refresher, self._cb_refresher = self._cb_refresher, None
-        if refresher is not None:
+        """Close; when the connection was lost, the refresher goes on for the tasks still
+        running (their messages stay held) until they are acknowledged."""
+        refresher = self._cb_refresher
+        if refresher is not None and not self.celerybridge_lost:
+            self._cb_refresher = None
             refresher.stop()
         super().close()  # type: ignore[misc]
+        refresher, self._cb_refresher = self._cb_refresher, None
+        if refresher is not None:
+            if self._held_running():
+                refresher.follow(self._held_running)
+            else:
+                refresher.stop()
 
     # -- candidates and the script ------------------------------------------------------
 
     def _candidates(self, queues: Sequence[str]) -> list[tuple[str, str, str]]:
-        """``(list key, dead-letter list key, queue)`` in kombu's ``BRPOP`` order, prefixed."""
+        """``(list key, holding list key, queue)`` in kombu's ``BRPOP`` order, prefixed."""
         prefix = self.global_keyprefix or ""
         return [
             (
                 prefix + self._q_for_pri(queue, pri),  # type: ignore[attr-defined]
-                prefix + queue + DEAD_LETTER_SUFFIX,
+                prefix + queue + HOLD_SUFFIX,
                 queue,
             )
             for pri in self.priority_steps
@@ -285,16 +440,13 @@ class ReliableChannel(RawEntryGuard):
 
     def _take_arguments(self, candidates: Sequence[tuple[str, str, str]], limit: int) -> list[Any]:
         prefix = self.global_keyprefix or ""
-        max_bytes = int(self.celerybridge_max_message_bytes)
         return take_arguments(
             prefix + self.unacked_key,
             prefix + self.unacked_index_key,
-            prefix + self.celerybridge_deliveries_key,
             candidates,
             time.time(),
             limit,
-            envelope_limit(max_bytes),
-            max_bytes,
+            envelope_limit(int(self.celerybridge_max_message_bytes)),
         )
 
     def _limit(self) -> int:
@@ -320,8 +472,8 @@ class ReliableChannel(RawEntryGuard):
             connection.send_command(_TAKE, *self._take_script_arguments(candidates))
             return
         wait = timeout or 0
-        if len(queues) > 1:
-            wait = min(wait, SEVERAL_QUEUES_WAIT) if wait else SEVERAL_QUEUES_WAIT
+        if len(candidates) > 1:  # BLMOVE watches one list: look at the others often
+            wait = min(wait, SEVERAL_LISTS_WAIT) if wait else SEVERAL_LISTS_WAIT
         watched = candidates[0][0]
         self._cb_sent = _BLMOVE
         connection.send_command(_BLMOVE, watched, watched, "RIGHT", "RIGHT", wait)
@@ -363,10 +515,10 @@ class ReliableChannel(RawEntryGuard):
         self, taken: Any, candidates: Sequence[tuple[str, str, str]], client: Any
     ) -> bool:
         """Hand what the script took to kombu; ``False`` when it took nothing."""
-        more, dead, entries = taken
+        more, held, entries = taken
         self._cb_more = bool(more)
-        if dead:
-            log.error("%d raw entries that are not kombu messages moved to dead letters", dead)
+        if held:
+            self._dead_letter_held(candidates)
         entries = list(entries)
         if self._closing:  # taken as the channel closes: back to their queues at once
             for _, tag, _, _ in entries:
@@ -417,9 +569,35 @@ class ReliableChannel(RawEntryGuard):
             pipe.lpush(dead, dumps(raw_dead_letter(item, queue, reason)))
             pipe.zrem(self.unacked_index_key, tag)
             pipe.hdel(self.unacked_key, tag)
-            pipe.hdel(self.celerybridge_deliveries_key, original_tag(tag))
             pipe.execute()
         log.error("a raw entry of %d bytes on %s moved to %s: %s", len(item), queue, dead, reason)
+
+    def _dead_letter_held(self, candidates: Sequence[tuple[str, str, str]]) -> None:
+        """Wrap what the take script moved to the holding lists as raw dead letters
+        (``<queue>.dead``), one entry per transaction: never lost, never doubled."""
+        max_bytes = int(self.celerybridge_max_message_bytes)
+        for queue in dict.fromkeys(queue for _, _, queue in candidates):
+            self._dead_letter_held_of(queue, max_bytes)
+
+    def _dead_letter_held_of(self, queue: str, max_bytes: int) -> None:
+        hold, dead = queue + HOLD_SUFFIX, queue + DEAD_LETTER_SUFFIX
+
+        def move(pipe: Any) -> bool:
+            item = pipe.lindex(_key_for(pipe, "LINDEX", hold), -1)
+            if item is None:
+                return False
+            reason = envelope_refusal(item, max_bytes) or _REFUSED
+            pipe.multi()
+            pipe.lpush(dead, dumps(raw_dead_letter(item, queue, reason)))
+            pipe.rpop(hold)
+            log.error(
+                "a raw entry of %d bytes on %s moved to %s: %s", len(item), queue, dead, reason
+            )
+            return True
+
+        with self.conn_or_acquire() as client:  # type: ignore[attr-defined]
+            while client.transaction(move, hold, value_from_callable=True):
+                pass
 
     # -- basic_get ----------------------------------------------------------------------
 
@@ -430,12 +608,10 @@ class ReliableChannel(RawEntryGuard):
         with self.conn_or_acquire() as client:  # type: ignore[attr-defined]
             try:
                 while True:  # until a message, or nothing: refused entries do not count
-                    _, dead, entries = run_take(client, self._take_arguments(candidates, 1))
-                    if dead:
-                        log.error(
-                            "%d raw entries that are not kombu messages moved to dead letters", dead
-                        )
-                    if not (dead or entries):
+                    _, held, entries = run_take(client, self._take_arguments(candidates, 1))
+                    if held:
+                        self._dead_letter_held(candidates)
+                    if not (held or entries):
                         raise virtual.Empty()
                     for _, tag, item, count in entries:
                         payload = self._accept(queue, bytes_to_str(tag), item, int(count))

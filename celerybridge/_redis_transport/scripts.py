@@ -9,19 +9,31 @@ formats, so stock workers can acknowledge, restore and sweep what it recorded:
 - ``unacked`` (hash): delivery tag -> ``[<entry as it came>, exchange, routing_key]``,
   built by concatenation: the entry is never decoded and encoded again (cjson would
   round numbers), only the two strings are encoded;
-- ``unacked_index`` (sorted set): delivery tag -> the time it was taken;
-- ``celerybridge.deliveries`` (hash): delivery tag -> how often it was taken.
+- ``unacked_index`` (sorted set): delivery tag -> the time it was taken.
+
+The script records only what the worker's envelope check (``_intake/envelope.py``) and
+kombu's restore accept, read as Python's ``json`` reads it: a record kombu cannot
+restore was dropped by the sweep (lost) and one Python cannot parse stopped every sweep,
+stock workers' too. So the decoder refuses lua-cjson's "invalid numbers" (``0x10``,
+``inf``...), control characters inside strings and depth beyond the envelope's, and
+tells an empty array from an empty object.
+
+How often a message was delivered travels in the message (``properties``,
+``DELIVERIES_PROPERTY``): the visibility sweep and a requeue add one as they put it
+back (``channel.py``), the script returns it plus one. It dies with the message: no
+count outlives its message, whichever worker (stock or not) acknowledges it.
 
 A tag already in ``unacked`` (a message restored or replayed while another copy is held)
 is recorded under ``<tag>#celerybridge-<sha1>``, so neither copy's record replaces the
 other's; the worker acknowledges that alias.
 
-An entry kombu could not record or restore (not UTF-8, not JSON, no string delivery tag,
-no exchange and routing key, headers that are not an object, larger than a message may
-be) is pushed to ``<queue>.dead`` in the same step, base64 inside a kombu envelope with
-the reason (the format of ``_intake/envelope.py``'s ``raw_dead_letter``): it is never
-lost, and it never reaches the worker. Everything is checked before anything is written
-for an entry: Redis does not roll back a script's earlier writes when it fails.
+Anything else (larger than a message may be, not UTF-8, not JSON, not an envelope) is
+moved as it came to the queue's holding list (``<queue>.dead.held``), and the worker
+wraps it as a raw dead letter in Python (``channel.py``). The size is checked first
+(O(1)): a larger entry is not read at all (encoding it in Lua blocked Redis for seconds).
+Within the limit, cjson decodes (fast, C); the UTF-8 and control-character scans (Lua
+patterns, ~30 ms a MB) run only on entries up to ``SCAN_LIMIT``: a larger one Python
+cannot read is caught by the sweep, which dead-letters it.
 
 Keys are passed as ``KEYS`` (with kombu's ``global_keyprefix`` applied by the caller), and
 the script is run with ``EVALSHA``, loaded again after ``NOSCRIPT`` (a restarted or
@@ -37,175 +49,169 @@ from typing import Any
 import redis
 from redis.exceptions import NoScriptError
 
-from .._constants import (
-    DEAD_FROM_HEADER,
-    DEAD_KIND_HEADER,
-    DEAD_KIND_RAW,
-    DEAD_REASON_HEADER,
-    TAG_ALIAS_SEP,
-)
+from .._constants import DELIVERIES_PROPERTY, TAG_ALIAS_SEP
+from .._intake.envelope import ENVELOPE_DEPTH
+
+SCAN_LIMIT = 1024 * 1024
+"""Entries up to this size are also scanned for what Python's ``json`` refuses and cjson
+reads (invalid UTF-8, control characters in strings): ~30 ms a megabyte inside Redis."""
 
 _LUA = r"""
-local now, limit = ARGV[1], tonumber(ARGV[2])
-local envelope_limit, max_bytes = tonumber(ARGV[3]), ARGV[4]
-local unacked, index, deliveries = KEYS[1], KEYS[2], KEYS[3]
+local now, limit, envelope_limit = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local unacked, index = KEYS[1], KEYS[2]
 
+-- A decoder of our own (cjson.new): the settings below do not change the shared cjson
+-- other scripts on this server use. Python's json refuses what lua-cjson calls invalid
+-- numbers (0x10, +1, inf, nan): a record kombu's sweep cannot read stops every sweep.
+local json = cjson.new()
+json.decode_invalid_numbers(false)
+json.decode_max_depth(@DEPTH@)
+
+-- Whether the bytes are UTF-8 as Python decodes it (no surrogates, no overlongs):
+-- every valid sequence is replaced by one ASCII byte in C (gsub), then any byte left
+-- above 127 is invalid. No Lua loop over the entry.
 local function utf8_ok(s)
-  local i, n = 1, #s
+  if not string.find(s, '[\128-\255]') then return true end
+  s = string.gsub(s, '[\240][\144-\191][\128-\191][\128-\191]', '.')
+  s = string.gsub(s, '[\241-\243][\128-\191][\128-\191][\128-\191]', '.')
+  s = string.gsub(s, '[\244][\128-\143][\128-\191][\128-\191]', '.')
+  s = string.gsub(s, '[\224][\160-\191][\128-\191]', '.')
+  s = string.gsub(s, '[\225-\236\238\239][\128-\191][\128-\191]', '.')
+  s = string.gsub(s, '[\237][\128-\159][\128-\191]', '.')
+  s = string.gsub(s, '[\194-\223][\128-\191]', '.')
+  return not string.find(s, '[\128-\255]')
+end
+
+-- Python's json refuses control characters inside strings; cjson reads them. Jumps from
+-- quote to backslash to control character (string.find, in C); only entries that have
+-- a control character at all are walked.
+local function controls_ok(s)
+  if not string.find(s, '[%z\1-\31]') then return true end
+  local i, inside = 1, false
   while true do
-    i = string.find(s, '[\128-\255]', i)
+    i = string.find(s, '[%z\1-\31"\\]', i)
     if not i then return true end
     local c = string.byte(s, i)
-    local len
-    if c >= 194 and c <= 223 then len = 2
-    elseif c >= 224 and c <= 239 then len = 3
-    elseif c >= 240 and c <= 244 then len = 4
-    else return false end
-    if i + len - 1 > n then return false end
-    local c2 = string.byte(s, i + 1)
-    local lo, hi = 128, 191
-    if c == 224 then lo = 160 elseif c == 237 then hi = 159
-    elseif c == 240 then lo = 144 elseif c == 244 then hi = 143 end
-    if c2 < lo or c2 > hi then return false end
-    for k = i + 2, i + len - 1 do
-      local b = string.byte(s, k)
-      if b < 128 or b > 191 then return false end
-    end
-    i = i + len
+    if c == 34 then inside = not inside
+    elseif c == 92 then i = i + 1
+    elseif inside or (c ~= 9 and c ~= 10 and c ~= 13) then return false end
+    i = i + 1
   end
 end
 
-local function kind(v)
-  if v == nil then return 'missing' end
-  if v == cjson.null then return 'null' end
-  if type(v) == 'table' then return 'a JSON array or object' end
-  return 'a ' .. type(v)
+local function object(v)
+  return type(v) == 'table' and v[1] == nil
 end
 
--- The delivery tag, exchange and routing key of an entry, or nil and why not.
+local function optional_string(v)
+  return v == nil or v == cjson.null or v == json.null or type(v) == 'string'
+end
+
+-- cjson decodes [] and {} alike (an empty table). Where an empty table was found, the
+-- entry is decoded again with every empty array made a one-element array, and the same
+-- path looked at: kombu's restore writes into headers, so they must be an object.
+local function empty_is_array(item, path)
+  local ok, doc = pcall(json.decode, (string.gsub(item, '%[(%s*)%]', '[0%1]')))
+  if not ok then return true end
+  for _, name in ipairs(path) do
+    if type(doc) ~= 'table' then return true end
+    doc = doc[name]
+  end
+  return not object(doc)
+end
+
+-- The delivery tag, exchange, routing key and prior deliveries of an entry, or nil:
+-- nil when Python's envelope check (_intake/envelope.py) or kombu's restore could
+-- refuse it. Python then says why, as it dead-letters the entry.
 local function check(item)
-  if #item > envelope_limit then
-    return nil, nil, nil, 'a raw entry of ' .. #item .. ' bytes, more than a message of '
-      .. max_bytes .. ' bytes can take (CELERYBRIDGE_MAX_MESSAGE_BYTES)'
-  end
-  if not utf8_ok(item) then
-    return nil, nil, nil, 'not a kombu message: not UTF-8 JSON (UnicodeDecodeError)'
-  end
-  local ok, doc = pcall(cjson.decode, item)
+  local ok, doc = pcall(json.decode, item)
   if not ok then
     -- Lone surrogates in \u escapes: kombu's JSON reads them, cjson does not. Read the
     -- shape without them (the record keeps the entry as it came).
     local patched, n = string.gsub(item, '\\u[dD][89a-fA-F]%x%x', '\\ufffd')
-    if n > 0 then ok, doc = pcall(cjson.decode, patched) end
+    if n > 0 then ok, doc = pcall(json.decode, patched) end
   end
-  if not ok then
-    return nil, nil, nil, 'not a kombu message: not UTF-8 JSON (JSONDecodeError)'
-  end
-  if type(doc) ~= 'table' or doc[1] ~= nil then
-    return nil, nil, nil, 'not a kombu message: a JSON ' .. kind(doc) .. ', not an object'
-  end
-  local p = doc['properties']
-  if type(p) ~= 'table' then
-    return nil, nil, nil, "not a kombu message: 'properties' is " .. kind(p) .. ', not an object'
-  end
-  if type(p['delivery_tag']) ~= 'string' then
-    return nil, nil, nil, "not a kombu message: no string 'delivery_tag' in its properties"
-  end
+  if not ok or not object(doc) then return nil end
+  -- Lua's pattern scans cost ~30 ns a byte: above @SCAN@ bytes they are left to the
+  -- sweep, which dead-letters a record Python cannot read (channel.py).
+  if #item <= @SCAN@ and (not utf8_ok(item) or not controls_ok(item)) then return nil end
+  local p, headers = doc['properties'], doc['headers']
+  if not object(p) or type(p['delivery_tag']) ~= 'string' then return nil end
   local info = p['delivery_info']
-  if type(info) ~= 'table' or type(info['exchange']) ~= 'string'
-      or type(info['routing_key']) ~= 'string' then
-    return nil, nil, nil,
-      "not a kombu message: 'delivery_info' lacks a string exchange and routing key"
+  if not object(info) or type(info['exchange']) ~= 'string'
+      or type(info['routing_key']) ~= 'string' or not object(headers) then
+    return nil
   end
-  local headers = doc['headers']
-  if type(headers) ~= 'table' or headers[1] ~= nil then
-    return nil, nil, nil, "not a kombu message: 'headers' is " .. kind(headers)
-      .. ', not an object'
+  for _, path in ipairs({{}, {'properties'}, {'properties', 'delivery_info'}, {'headers'}}) do
+    local v = doc
+    for _, name in ipairs(path) do v = v[name] end
+    if next(v) == nil and empty_is_array(item, path) then return nil end
   end
-  return p['delivery_tag'], info['exchange'], info['routing_key'], nil
+  if not optional_string(doc['content-type']) or not optional_string(doc['content-encoding'])
+      or not optional_string(doc['body']) then
+    return nil
+  end
+  local encoding, body = p['body_encoding'], doc['body']
+  if encoding ~= nil and encoding ~= json.null and encoding ~= 'base64' then return nil end
+  if encoding == 'base64' and type(body) == 'string' and #body > 0 then
+    if #body % 4 ~= 0 or string.find(body, '[^A-Za-z0-9+/=]')
+        or string.find(body, '=[^=]') or string.find(body, '===') then
+      return nil
+    end
+  end
+  local priority = p['priority']
+  if priority ~= nil and priority ~= json.null
+      and (type(priority) ~= 'number' or priority ~= math.floor(priority)) then
+    return nil
+  end
+  local prior = p['@DELIVERIES@']
+  if type(prior) ~= 'number' or prior < 0 or prior ~= prior then prior = 0 end
+  return p['delivery_tag'], info['exchange'], info['routing_key'], math.floor(prior)
 end
 
-local alphabet = 'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/'
-local digits = {}
-for k = 1, 64 do digits[k - 1] = string.sub(alphabet, k, k) end
-
-local function base64(s)
-  local out, n = {}, #s
-  local whole = n - n % 3
-  for i = 1, whole, 3 do
-    local a, b, c = string.byte(s, i, i + 2)
-    local v = a * 65536 + b * 256 + c
-    out[#out + 1] = digits[math.floor(v / 262144)] .. digits[math.floor(v / 4096) % 64]
-      .. digits[math.floor(v / 64) % 64] .. digits[v % 64]
-  end
-  if n % 3 == 1 then
-    local v = string.byte(s, n) * 65536
-    out[#out + 1] = digits[math.floor(v / 262144)] .. digits[math.floor(v / 4096) % 64] .. '=='
-  elseif n % 3 == 2 then
-    local a, b = string.byte(s, n - 1, n)
-    local v = a * 65536 + b * 256
-    out[#out + 1] = digits[math.floor(v / 262144)] .. digits[math.floor(v / 4096) % 64]
-      .. digits[math.floor(v / 64) % 64] .. '='
-  end
-  return table.concat(out)
-end
-
-local function letter(item, queue, reason, tag)
-  return cjson.encode({
-    ['body'] = base64(item),
-    ['content-encoding'] = 'binary',
-    ['content-type'] = 'application/octet-stream',
-    ['headers'] = {['@REASON@'] = reason, ['@FROM@'] = queue, ['@KIND@'] = '@RAW@'},
-    ['properties'] = {
-      ['body_encoding'] = 'base64',
-      ['delivery_tag'] = tag,
-      ['delivery_info'] = {['exchange'] = '', ['routing_key'] = queue},
-      ['priority'] = 0,
-    },
-  })
-end
-
-local taken, dead = {}, 0
-local candidates = (#KEYS - 3) / 2
+local taken, held = {}, 0
+local candidates = (#KEYS - 2) / 2
 for i = 1, candidates do
-  local key, dead_key, queue = KEYS[2 + 2 * i], KEYS[3 + 2 * i], ARGV[4 + i]
+  local key, hold_key = KEYS[1 + 2 * i], KEYS[2 + 2 * i]
   while #taken < limit do
     local item = redis.call('RPOP', key)
     if not item then break end
-    local tag, exchange, routing_key, reason = check(item)
-    if reason then
-      dead = dead + 1
-      local id = redis.sha1hex(item .. now .. dead)
-      redis.call('LPUSH', dead_key, letter(item, queue, reason, id))
+    -- The size first (O(1)): a larger entry is not read at all.
+    local tag, exchange, routing_key, prior
+    if #item <= envelope_limit then
+      tag, exchange, routing_key, prior = check(item)
+    end
+    if not tag then
+      -- Moved as it came; the worker dead-letters it (base64 in Python, not here).
+      held = held + 1
+      redis.call('LPUSH', hold_key, item)
     else
-      local held = tag
+      local alias = tag
       local n = 0
-      while redis.call('HEXISTS', unacked, held) == 1 do
+      while redis.call('HEXISTS', unacked, alias) == 1 do
         n = n + 1
-        held = tag .. '@ALIAS@' .. redis.sha1hex(item .. now .. n .. #taken)
+        alias = tag .. '@ALIAS@' .. redis.sha1hex(tag .. now .. n .. #taken)
       end
-      redis.call('HSET', unacked, held, '[' .. item .. ',' .. cjson.encode(exchange) .. ','
+      redis.call('HSET', unacked, alias, '[' .. item .. ',' .. cjson.encode(exchange) .. ','
         .. cjson.encode(routing_key) .. ']')
-      redis.call('ZADD', index, now, held)
-      local count = redis.call('HINCRBY', deliveries, tag, 1)
-      taken[#taken + 1] = {i, held, item, count}
+      redis.call('ZADD', index, now, alias)
+      taken[#taken + 1] = {i, alias, item, prior + 1}
     end
   end
   if #taken >= limit then break end
 end
 local more = 0
 if #taken >= limit then more = 1 end
-return {more, dead, taken}
+return {more, held, taken}
 """
 
 TAKE = (
-    _LUA.replace("@REASON@", DEAD_REASON_HEADER)
-    .replace("@FROM@", DEAD_FROM_HEADER)
-    .replace("@KIND@", DEAD_KIND_HEADER)
-    .replace("@RAW@", DEAD_KIND_RAW)
+    _LUA.replace("@DEPTH@", str(ENVELOPE_DEPTH))
+    .replace("@SCAN@", str(SCAN_LIMIT))
+    .replace("@DELIVERIES@", DELIVERIES_PROPERTY)
     .replace("@ALIAS@", TAG_ALIAS_SEP)
 )
-"""The take script, with the header names and the alias separator of ``_constants``."""
+"""The take script, with the names of ``_constants``."""
 
 TAKE_SHA = hashlib.sha1(TAKE.encode()).hexdigest()
 
@@ -213,21 +219,17 @@ TAKE_SHA = hashlib.sha1(TAKE.encode()).hexdigest()
 def take_arguments(
     unacked: str,
     index: str,
-    deliveries: str,
     candidates: Sequence[tuple[str, str, str]],
     now: float,
     limit: int,
     envelope_limit: int,
-    max_bytes: int,
 ) -> list[Any]:
     """``EVALSHA``'s arguments after the script: key count, keys, argv. ``candidates``
-    are ``(list key, dead-letter list key, queue name)``, keys already prefixed."""
-    keys = [unacked, index, deliveries]
-    for key, dead_key, _ in candidates:
-        keys += [key, dead_key]
-    argv: list[Any] = [repr(now), limit, envelope_limit, max_bytes]
-    argv += [queue for _, _, queue in candidates]
-    return [len(keys), *keys, *argv]
+    are ``(list key, holding list key, queue name)``, keys already prefixed."""
+    keys = [unacked, index]
+    for key, hold_key, _ in candidates:
+        keys += [key, hold_key]
+    return [len(keys), *keys, repr(now), limit, envelope_limit]
 
 
 def run_take(client: Any, arguments: Sequence[Any]) -> Any:

@@ -17,7 +17,6 @@ from kombu.transport import redis as kombu_redis
 
 from .._intake.redis import MAX_BYTES_OPTION
 from .channel import (
-    DELIVERIES_KEY_OPTION,
     MAX_DELIVERIES_OPTION,
     REFRESH_OPTION,
     QoS,
@@ -26,7 +25,7 @@ from .channel import (
 
 log = logging.getLogger("celerybridge.redis")
 
-OPTIONS = (MAX_BYTES_OPTION, MAX_DELIVERIES_OPTION, REFRESH_OPTION, DELIVERIES_KEY_OPTION)
+OPTIONS = (MAX_BYTES_OPTION, MAX_DELIVERIES_OPTION, REFRESH_OPTION)
 """The transport options the channels read, besides kombu's."""
 
 
@@ -37,7 +36,26 @@ class Channel(ReliableChannel, kombu_redis.Channel):
     from_transport_options = (*kombu_redis.Channel.from_transport_options, *OPTIONS)
 
 
-class Transport(kombu_redis.Transport):
+class _LostConnection:
+    """kombu calls a transport's ``_collect`` (Celery, through ``Connection.collect``) when
+    the connection broke: the channels are told before they close, so they keep the
+    messages of tasks still running instead of putting them back (to run twice)."""
+
+    channels: Any
+    close_connection: Any
+
+    def _collect(self, connection: Any) -> None:
+        for channel in list(self.channels):
+            lost = getattr(channel, "celerybridge_connection_lost", None)
+            if lost is not None:
+                lost()
+        try:
+            self.close_connection(connection)
+        except (*self.connection_errors, AttributeError, OSError):  # type: ignore[attr-defined]
+            pass
+
+
+class Transport(_LostConnection, kombu_redis.Transport):
     """kombu's Redis transport (``redis://``) that loses no message it takes."""
 
     Channel = Channel
@@ -70,7 +88,7 @@ class SentinelChannel(ReliableChannel, kombu_redis.SentinelChannel):
     from_transport_options = (*kombu_redis.SentinelChannel.from_transport_options, *OPTIONS)
 
 
-class SentinelTransport(kombu_redis.SentinelTransport):
+class SentinelTransport(_LostConnection, kombu_redis.SentinelTransport):
     """The reliable transport for ``sentinel://``."""
 
     Channel = SentinelChannel

@@ -36,6 +36,7 @@ class VisibilityRefresher:
         self._client = client
         self._index_key = index_key
         self._errors = errors
+        self._until_idle = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.refreshed = 0
@@ -49,6 +50,12 @@ class VisibilityRefresher:
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout=self.interval + 1)
 
+    def follow(self, held: Callable[[], list[str]]) -> None:
+        """Refresh ``held()`` from now on, and stop once it is empty (a closed channel's
+        running tasks, acknowledged as they end)."""
+        self._held = held
+        self._until_idle = True
+
     @property
     def alive(self) -> bool:
         return self._thread.is_alive()
@@ -57,6 +64,8 @@ class VisibilityRefresher:
         """Move the scores of the held tags to now; how many Redis moved."""
         tags = self._held()
         if not tags:
+            if self._until_idle:
+                self._stop.set()
             return 0
         now = time.time()
         scores = dict.fromkeys(tags, now)
