@@ -22,7 +22,12 @@ if os.environ.get("BENCH_MEMORY_REPLAY"):
 
     replay.store_for = lambda app: replay.MemorySeen()
 
-app = celery_app("bench_echo_worker", **(STOCK if os.environ.get("BENCH_STOCK_INTAKE") else {}))
+conf = dict(STOCK) if os.environ.get("BENCH_STOCK_INTAKE") else {}
+if os.environ.get("BENCH_STOCK_TRANSPORT"):
+    # bench.redis_transport: the intake gate on kombu's own Redis transport, to weigh
+    # celerybridge's reliable one against it.
+    conf["broker_transport"] = "kombu.transport.redis:Transport"
+app = celery_app("bench_echo_worker", **conf)
 
 
 @echo.implement(app)

@@ -22,6 +22,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from ._constants import (
     AMQP_SHORTSTR_BYTES,
     DEFAULT_BROKER_URL,
+    DEFAULT_MAX_DELIVERIES,
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_PUBLISH_TIMEOUT,
     DEFAULT_RESULT_TIMEOUT,
@@ -151,6 +152,13 @@ class BridgeSettings(BaseSettings):
     max_message_bytes: int = Field(default=DEFAULT_MAX_MESSAGE_BYTES, ge=1024)
     """The largest message body a worker built with :func:`~celerybridge.celery_app`
     reads (bytes, checked before anything is parsed); larger ones are dead-lettered."""
+
+    max_deliveries: int = Field(default=DEFAULT_MAX_DELIVERIES, ge=1)
+    """On a Redis broker, how many times a worker built with
+    :func:`~celerybridge.celery_app` may be handed one message (first delivery and
+    redeliveries after a crash, a lost connection or a killed pool process): a message
+    taken more often goes to ``<queue>.dead`` with that reason instead of running again,
+    so one task that kills its worker cannot do so forever."""
 
     service: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     """This service's name, sent with every message (``x-celerybridge-service``, covered

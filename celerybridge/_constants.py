@@ -26,6 +26,7 @@ DEAD_KIND_REPLAY: Final = "replay"  # a signed task id seen before within the wi
 DEAD_KIND_UNKNOWN_TASK: Final = "unknown-task"
 DEAD_KIND_CONTRACT: Final = "contract"  # arguments that fail the contract on receipt
 DEAD_KIND_RETRIES: Final = "retries"  # failed after its automatic retries
+DEAD_KIND_DELIVERIES: Final = "deliveries"  # delivered more than CELERYBRIDGE_MAX_DELIVERIES
 DEAD_KINDS_NEVER_RESIGNED: Final = frozenset({DEAD_KIND_SIGNATURE, DEAD_KIND_REPLAY})
 
 # The worker's intake (_intake/): the largest body it reads (CELERYBRIDGE_MAX_MESSAGE_BYTES),
@@ -121,6 +122,23 @@ RPC_REPLY_MAX_BYTES: Final = DEFAULT_MAX_MESSAGE_BYTES
 RPC_REPLY_QUEUE_EXPIRES: Final = 86400.0  # seconds
 RPC_REPLIES_KEPT: Final = 10_000
 RPC_DRAIN_LIMIT: Final = 1000
+
+# The reliable Redis transport of workers (_redis_transport/): the property of a Redis
+# message that counts its deliveries (added to as it is put back by the sweep or a
+# requeue), the list suffix where the take script moves entries it refuses, as they came,
+# for the worker to dead-letter, how many deliveries a message may have before it is
+# dead-lettered (CELERYBRIDGE_MAX_DELIVERIES), the most messages one take records at once
+# when the channel has no prefetch limit, how long an idle channel waits on its first
+# list before looking at its others (priority lists, other queues), and what joins a
+# delivery tag to the suffix that tells two messages with the same tag apart in the
+# unacknowledged hash.
+DELIVERIES_PROPERTY: Final = "x-celerybridge-deliveries"  # in a Redis message's properties
+HOLD_SUFFIX: Final = ".dead.held"  # entries the take script refused, as they came
+UNRESTORABLE_QUEUE: Final = "celerybridge.unrestorable"  # a record naming no queue: dead here
+DEFAULT_MAX_DELIVERIES: Final = 10
+TAKE_BATCH: Final = 16
+SEVERAL_LISTS_WAIT: Final = 0.1  # seconds
+TAG_ALIAS_SEP: Final = "#celerybridge-"
 
 # Polling the result backend (kombu path): first wait, growth factor, ceiling, in seconds.
 POLL_INITIAL: Final = 0.002

@@ -17,6 +17,7 @@ from ._dead_letter import DeadLetterTask
 from ._exceptions import ConfigurationError, ContractError, SignatureMismatchError
 from ._final_state import FinalStateLoader
 from ._intake import CONSUMER, MAX_BYTES_OPTION, intake_transport
+from ._redis_transport import MAX_DELIVERIES_OPTION
 from ._registry import registry
 from ._signing import signing_app
 from ._wakeup import SignalWakeup
@@ -77,7 +78,12 @@ def celery_app(main: str, settings: BridgeSettings | None = None, **conf: Any) -
     (over Celery's ``task_queues``), and the others as Celery does, with
     ``CELERYBRIDGE_DEFAULT_QUEUE_TYPE`` as Celery's ``task_create_missing_queue_type`` and
     ``task_default_queue_type`` unless ``conf`` sets them: workers and bridges configured
-    alike declare queues alike, whichever starts first."""
+    alike declare queues alike, whichever starts first.
+
+    On a Redis broker the worker takes messages with celerybridge's reliable transport: a
+    message is popped and recorded as unacknowledged in one step, the records of running
+    tasks are kept fresh, and a message delivered more than ``CELERYBRIDGE_MAX_DELIVERIES``
+    times is dead-lettered (docs/reliability.md)."""
     settings = load_settings(settings)
     if conf.get("task_compression"):
         # The intake gate reads uncompressed JSON only (and signatures cover the body as
@@ -97,6 +103,7 @@ def celery_app(main: str, settings: BridgeSettings | None = None, **conf: Any) -
     transport_options = {
         **client_transport_options(settings),
         MAX_BYTES_OPTION: settings.max_message_bytes,
+        MAX_DELIVERIES_OPTION: settings.max_deliveries,
         **conf.pop("broker_transport_options", {}),
     }
     conf.setdefault("worker_consumer", CONSUMER)

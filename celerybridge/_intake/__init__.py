@@ -1,7 +1,8 @@
 """The worker's intake: what a message must be before Celery reads any of it.
 
 - ``shape``: a well-formed protocol 2 JSON task message, bounded in size and depth;
-- ``envelope`` and ``redis``: raw Redis entries kombu could not parse, kept raw;
+- ``envelope`` and ``redis``: raw Redis entries kombu could not parse, kept raw (the
+  Redis transport itself is ``celerybridge._redis_transport``);
 - ``amqp``: AMQP headers py-amqp could not read, set apart;
 - ``replay``: a signed message runs once while its signature is valid;
 - ``consumer``: the gate in front of Celery's task handler, and the dead letters.
@@ -27,14 +28,15 @@ _TRANSPORTS = {
     "amqp": "celerybridge._intake.amqp:Transport",
     "amqps": "celerybridge._intake.amqp:Transport",
     "pyamqp": "celerybridge._intake.amqp:Transport",
-    "redis": "celerybridge._intake.redis:Transport",
-    "rediss": "celerybridge._intake.redis:Transport",
-    "sentinel": "celerybridge._intake.redis:SentinelTransport",
+    "redis": "celerybridge._redis_transport:Transport",
+    "rediss": "celerybridge._redis_transport:TlsTransport",
+    "sentinel": "celerybridge._redis_transport:SentinelTransport",
 }
 
 
 def intake_transport(broker_url: str) -> str | None:
     """The kombu transport (Celery's ``broker_transport``) a worker on this broker
-    uses, or ``None`` for kombu's own: on Redis raw entries are checked, on RabbitMQ
-    headers py-amqp cannot read are set apart."""
+    uses, or ``None`` for kombu's own: on Redis the reliable transport
+    (``celerybridge._redis_transport``: messages taken and recorded atomically, raw
+    entries checked), on RabbitMQ headers py-amqp cannot read are set apart."""
     return _TRANSPORTS.get(scheme_of(broker_url))

@@ -23,6 +23,7 @@ from celery.worker.consumer import Consumer
 from kombu.exceptions import ContentDisallowed, DecodeError
 
 from .._constants import (
+    DEAD_KIND_DELIVERIES,
     DEAD_KIND_MALFORMED,
     DEAD_KIND_REPLAY,
     DEAD_KIND_SIGNATURE,
@@ -35,7 +36,7 @@ from .._dead_letter import DeadLettered, consumed_queue, move_to_dead_letters
 from .._signing import Signer, signer_of
 from .._utils import printable
 from . import shape
-from .redis import MAX_BYTES_OPTION, POPPED_FROM
+from .redis import MAX_BYTES_OPTION, OVER_LIMIT, POPPED_FROM
 from .replay import ReplayGuard
 
 log = logging.getLogger("celerybridge.intake")
@@ -107,6 +108,8 @@ class Gate:
                 reason = shape.body_refusal(document)
         if reason is not None:
             return Refusal(DEAD_KIND_MALFORMED, reason, authentic)
+        if (reason := _over_limit(message)) is not None:
+            return Refusal(DEAD_KIND_DELIVERIES, reason, authentic)
         if self.guard is not None:
             redelivered = bool((message.delivery_info or {}).get("redelivered"))
             try:
@@ -120,6 +123,19 @@ class Gate:
                 # The first copy ran or is running: its result is not this copy's to fail.
                 return Refusal(DEAD_KIND_REPLAY, reason, False)
         return None
+
+
+def _over_limit(message: Any) -> str | None:
+    """Why ``message`` must not run again: the Redis transport took it more times than
+    ``CELERYBRIDGE_MAX_DELIVERIES`` allows (``_redis_transport``), or ``None``."""
+    marked = getattr(message.channel, OVER_LIMIT, None)
+    if not isinstance(marked, dict) or message.delivery_tag not in marked:
+        return None
+    count, limit = marked[message.delivery_tag]
+    return (
+        f"delivered {count} times, more than CELERYBRIDGE_MAX_DELIVERIES ({limit}) allows: "
+        "its worker died or lost the broker while it ran, every time"
+    )
 
 
 class StoreUnavailable(Exception):

@@ -30,7 +30,7 @@ RAW_CONTENT_TYPE = "application/octet-stream"
 
 # Envelope fields wrap the body: base64 makes a body a third larger, plus the headers.
 _ENVELOPE_SLACK = 64 * 1024
-_ENVELOPE_DEPTH = MAX_DEPTH + 3  # envelope > properties > delivery_info > ...
+ENVELOPE_DEPTH = MAX_DEPTH + 3  # envelope > properties > delivery_info > ...
 
 
 def envelope_limit(max_message_bytes: int) -> int:
@@ -50,13 +50,13 @@ def envelope_refusal(item: bytes | str, max_message_bytes: int) -> str | None:
         text = item.decode("utf-8") if isinstance(item, bytes) else item
         payload = json.loads(text)
     except RecursionError:
-        return f"not a kombu message: JSON nested deeper than {_ENVELOPE_DEPTH} levels"
+        return f"not a kombu message: JSON nested deeper than {ENVELOPE_DEPTH} levels"
     except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError alike
         return f"not a kombu message: not UTF-8 JSON ({type(exc).__name__})"
     if not isinstance(payload, dict):
         return f"not a kombu message: a JSON {kind_of(payload).split()[-1]}, not an object"
-    if depth_exceeds(payload, _ENVELOPE_DEPTH):
-        return f"not a kombu message: JSON nested deeper than {_ENVELOPE_DEPTH} levels"
+    if depth_exceeds(payload, ENVELOPE_DEPTH):
+        return f"not a kombu message: JSON nested deeper than {ENVELOPE_DEPTH} levels"
     properties = payload.get("properties")
     if not isinstance(properties, dict):
         return f"not a kombu message: 'properties' is {kind_of(properties)}, not an object"
