@@ -350,9 +350,7 @@ class _Comparison:
                 ("", extra_b),
             ]:
                 if target is False:
-                    return no(
-                        f"{self.narrow(a)} may have properties {self.wide(b)} does not allow"
-                    )
+                    return no(f"{self.narrow(a)} may have properties {self.wide(b)} does not allow")
                 verdict = self.subset(extra_a, target)
                 if verdict.ok is False:
                     what = f"property {name!r}" if name else "other properties"
