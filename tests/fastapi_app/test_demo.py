@@ -101,6 +101,15 @@ def check_the_quickstart_samples(demo: Demo) -> None:
     assert done["receipt"]["written"] is True
 
 
+def _signal_masks(pid: int) -> str:
+    """A process's blocked, ignored and caught signals, as /proc shows them."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return "?"
+    return " ".join(line for line in status if line.startswith(("SigBlk", "SigIgn", "SigCgt")))
+
+
 @contextmanager
 def run_demo(tmp_path: Path, python: str = sys.executable, **config: str) -> Iterator[Demo]:
     """``python -m examples.fastapi_app`` with only ``config`` set; SIGINT it on exit."""
@@ -134,7 +143,8 @@ def run_demo(tmp_path: Path, python: str = sys.executable, **config: str) -> Ite
         try:
             assert process.wait(30) == 0, demo.output()
         except subprocess.TimeoutExpired:
-            pytest.fail(f"the demo did not stop within 30 s of SIGINT:\n{demo.output()}")
+            masks = _signal_masks(process.pid) + " / this process: " + _signal_masks(os.getpid())
+            pytest.fail(f"the demo did not stop within 30 s of SIGINT ({masks}):\n{demo.output()}")
     finally:
         if process.poll() is None:  # a failed test: the demo still stops its children
             children = children or psutil.Process(process.pid).children(recursive=True)
