@@ -125,11 +125,15 @@ end
 -- refuse it. Python then says why, as it dead-letters the entry.
 local function check(item)
   local ok, doc = pcall(json.decode, item)
+  local readable = item
   if not ok then
     -- Lone surrogates in \u escapes: kombu's JSON reads them, cjson does not. Read the
     -- shape without them (the record keeps the entry as it came).
     local patched, n = string.gsub(item, '\\u[dD][89a-fA-F]%x%x', '\\ufffd')
-    if n > 0 then ok, doc = pcall(json.decode, patched) end
+    if n > 0 then
+      ok, doc = pcall(json.decode, patched)
+      readable = patched
+    end
   end
   if not ok or not object(doc) then return nil end
   -- Lua's pattern scans cost ~30 ns a byte: above @SCAN@ bytes they are left to the
@@ -145,7 +149,7 @@ local function check(item)
   for _, path in ipairs({{}, {'properties'}, {'properties', 'delivery_info'}, {'headers'}}) do
     local v = doc
     for _, name in ipairs(path) do v = v[name] end
-    if next(v) == nil and empty_is_array(item, path) then return nil end
+    if next(v) == nil and empty_is_array(readable, path) then return nil end
   end
   if not optional_string(doc['content-type']) or not optional_string(doc['content-encoding'])
       or not optional_string(doc['body']) then

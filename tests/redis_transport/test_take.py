@@ -21,7 +21,7 @@ from typing import Any
 import kombu
 import pytest
 import redis
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from celerybridge import BridgeSettings, celery_app
@@ -223,6 +223,9 @@ _entries = st.one_of(
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(entries=st.lists(_entries, min_size=1, max_size=4))
+# A lone surrogate beside empty headers: the script's second look at an empty table read
+# the entry without the surrogate's patch, and held a message Python accepts.
+@example(entries=[json.dumps(_envelope()).encode().replace(b"{", b'{"x": "\\udcff",', 1)])
 def test_whatever_an_entry_is_it_is_delivered_or_dead_lettered_as_it_came(
     entries: list[bytes], queue: str, raw: redis.Redis
 ) -> None:
