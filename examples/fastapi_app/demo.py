@@ -223,6 +223,11 @@ def main(port_a: int, port_b: int, data: Path | None) -> None:
             Port("Service B", port_b, "--port-b", "DEMO_PORT_B"),
         ]
     )
+    # Ctrl-C and SIGTERM stop the demo however it was started: a process launched with
+    # SIGINT ignored (a shell's background job, some process managers) or blocked would
+    # otherwise never hear them.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _interrupt)  # stop on SIGTERM as on Ctrl-C
     children: list[Child] = []
     with ExitStack() as stack:

@@ -101,6 +101,12 @@ def check_the_quickstart_samples(demo: Demo) -> None:
     assert done["receipt"]["written"] is True
 
 
+def _deafen() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
 def _signal_masks(pid: int) -> str:
     """A process's blocked, ignored and caught signals, as /proc shows them."""
     try:
@@ -111,8 +117,12 @@ def _signal_masks(pid: int) -> str:
 
 
 @contextmanager
-def run_demo(tmp_path: Path, python: str = sys.executable, **config: str) -> Iterator[Demo]:
-    """``python -m examples.fastapi_app`` with only ``config`` set; SIGINT it on exit."""
+def run_demo(
+    tmp_path: Path, python: str = sys.executable, *, deaf: bool = False, **config: str
+) -> Iterator[Demo]:
+    """``python -m examples.fastapi_app`` with only ``config`` set; SIGINT it on exit.
+    ``deaf``: started with SIGINT and SIGTERM ignored and blocked, as a shell's background
+    job or a careless process manager would start it."""
     env = {
         name: value
         for name, value in os.environ.items()
@@ -129,6 +139,7 @@ def run_demo(tmp_path: Path, python: str = sys.executable, **config: str) -> Ite
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
+            preexec_fn=_deafen if deaf else None,
         )
     demo = Demo(process, log, f"http://127.0.0.1:{port_a}")
     children: list[psutil.Process] = []
@@ -163,7 +174,8 @@ def run_demo(tmp_path: Path, python: str = sys.executable, **config: str) -> Ite
 
 
 def test_demo_runs_embedded_lands_an_item_in_s3_and_stops_every_child(tmp_path: Path) -> None:
-    with run_demo(tmp_path) as demo:
+    # Started deaf to SIGINT: Ctrl-C stops it all the same.
+    with run_demo(tmp_path, deaf=True) as demo:
         output = demo.output()
         assert "broker: embedded, kombu's filesystem transport" in output
         assert "results: embedded, Celery's file backend" in output
