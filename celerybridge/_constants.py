@@ -33,6 +33,9 @@ DEAD_KINDS_NEVER_RESIGNED: Final = frozenset({DEAD_KIND_SIGNATURE, DEAD_KIND_REP
 # and the record of signed messages already taken, kept as long as a signature is valid.
 DEFAULT_MAX_MESSAGE_BYTES: Final = 32 * 1024 * 1024
 SEEN_KEY_PREFIX: Final = "celerybridge-seen-"
+# Seconds a message waits, held, before it goes back to its queue when the replay record
+# cannot be read (it is not at fault: putting it back does not count as a delivery).
+STORE_RETRY_PAUSE: Final = 1.0
 # The only header of the stand-in for an AMQP message whose properties py-amqp cannot
 # read (_intake/amqp.py), and what it says; a dead letter names the headers it had to drop.
 UNREADABLE_HEADER: Final = "x-celerybridge-unreadable-headers"
@@ -139,6 +142,24 @@ DEFAULT_MAX_DELIVERIES: Final = 10
 TAKE_BATCH: Final = 16
 SEVERAL_LISTS_WAIT: Final = 0.1  # seconds
 TAG_ALIAS_SEP: Final = "#celerybridge-"
+# Entries up to this size are also scanned by the take script for what Python's json
+# refuses and cjson reads (invalid UTF-8, control characters): ~30 ms a megabyte in Redis.
+SCAN_LIMIT: Final = 1024 * 1024
+# The transport options the reliable channels read besides kombu's (set by celery_app
+# from CELERYBRIDGE_MAX_MESSAGE_BYTES, CELERYBRIDGE_MAX_DELIVERIES; the refresh interval
+# is a quarter of the visibility timeout unless given).
+MAX_BYTES_OPTION: Final = "celerybridge_max_message_bytes"
+MAX_DELIVERIES_OPTION: Final = "celerybridge_max_deliveries"
+REFRESH_OPTION: Final = "celerybridge_refresh_interval"
+# Channel attributes the intake gate reads: the queue the last entry was taken from (an
+# envelope names a routing key of the sender's choosing, the take names the real one);
+# the delivery tags of messages taken more often than CELERYBRIDGE_MAX_DELIVERIES allows,
+# mapped to (deliveries, limit); the tags the intake puts back without counting a delivery.
+POPPED_FROM: Final = "celerybridge_popped_from"
+OVER_LIMIT: Final = "celerybridge_over_limit"
+UNCOUNTED: Final = "celerybridge_uncounted"
+# The oldest Redis the reliable transport runs on (BLMOVE, Lua scripts).
+REDIS_MIN_VERSION: Final = (6, 2)
 
 # Polling the result backend (kombu path): first wait, growth factor, ceiling, in seconds.
 POLL_INITIAL: Final = 0.002

@@ -1,8 +1,8 @@
 """The worker's intake: what a message must be before Celery reads any of it.
 
 - ``shape``: a well-formed protocol 2 JSON task message, bounded in size and depth;
-- ``envelope`` and ``redis``: raw Redis entries kombu could not parse, kept raw (the
-  Redis transport itself is ``celerybridge._redis_transport``);
+- ``envelope``: raw Redis entries kombu could not parse, kept raw (the Redis transport
+  that checks them, ``celerybridge._redis_transport``, is apart);
 - ``amqp``: AMQP headers py-amqp could not read, set apart;
 - ``replay``: a signed message runs once while its signature is valid;
 - ``consumer``: the gate in front of Celery's task handler, and the dead letters.
@@ -17,7 +17,7 @@ effect, as on a plain Celery worker.
 from __future__ import annotations
 
 from .._config import scheme_of
-from .redis import MAX_BYTES_OPTION
+from .._constants import MAX_BYTES_OPTION
 
 __all__ = ["CONSUMER", "MAX_BYTES_OPTION", "intake_transport"]
 

@@ -30,19 +30,21 @@ from .._constants import (
     DEAD_KIND_UNKNOWN_TASK,
     DEFAULT_MAX_MESSAGE_BYTES,
     DROPPED_HEADER,
+    MAX_BYTES_OPTION,
+    OVER_LIMIT,
+    POPPED_FROM,
     SIGNATURE_HEADER,
+    STORE_RETRY_PAUSE,
+    UNCOUNTED,
 )
 from .._dead_letter import DeadLettered, consumed_queue, move_to_dead_letters
 from .._signing import Signer, signer_of
 from .._utils import printable
 from . import shape
-from .redis import MAX_BYTES_OPTION, OVER_LIMIT, POPPED_FROM
 from .replay import ReplayGuard
 
 log = logging.getLogger("celerybridge.intake")
 
-# Seconds a message waits before it goes back to its queue when the replay record is down.
-STORE_RETRY_PAUSE = 1.0
 # A dead letter's headers, as a broker frame, must stay under RabbitMQ's frame size
 # (128 KiB by default): values larger than this are named, not kept.
 MAX_KEPT_HEADER_BYTES = 16 * 1024
@@ -132,10 +134,7 @@ def _over_limit(message: Any) -> str | None:
     if not isinstance(marked, dict) or message.delivery_tag not in marked:
         return None
     count, limit = marked[message.delivery_tag]
-    return (
-        f"delivered {count} times, more than CELERYBRIDGE_MAX_DELIVERIES ({limit}) allows: "
-        "its worker died or lost the broker while it ran, every time"
-    )
+    return f"delivered {count} times, more than CELERYBRIDGE_MAX_DELIVERIES ({limit})"
 
 
 class StoreUnavailable(Exception):
@@ -248,10 +247,17 @@ class IntakeConsumer(Consumer):
         return consumed_queue(self.app, info.get("routing_key"))
 
     def _put_back(self, message: Any, why: str) -> None:
-        """Return ``message`` to its queue after a pause: it is not at fault."""
+        """Return ``message`` to its queue after a pause, on the event loop's timer (the
+        hub thread goes on consuming meanwhile): it is not at fault, so putting it back
+        is not counted as a delivery (:data:`UNCOUNTED`). Without an event loop (a
+        green pool) the pause blocks, as Celery's own consumer would."""
         log.error("a message waits: %s", printable(why))
+        hub = getattr(self, "hub", None)
+        if hub is not None:
+            hub.call_later(STORE_RETRY_PAUSE, _requeue_uncounted, message)
+            return
         time.sleep(STORE_RETRY_PAUSE)
-        message.reject(requeue=True)
+        _requeue_uncounted(message)
 
     def _refuse(self, message: Any, refusal: Refusal) -> None:
         """Move ``message`` as it came to its dead-letter queue, acknowledge it, and fail
@@ -310,6 +316,26 @@ class IntakeConsumer(Consumer):
             self.app.backend.mark_as_failure(task_id, DeadLettered(reason), request=request)
         except Exception:  # the letter is kept; the caller times out instead of hearing
             log.exception("could not mark task %s failed", printable(task_id))
+
+
+def _requeue_uncounted(message: Any) -> None:
+    """Put ``message`` back on its queue without counting a delivery; nothing when it
+    was settled meanwhile, or its channel is gone (then the broker redelivers it)."""
+    if message.acknowledged:
+        return
+    uncounted = getattr(message.channel, UNCOUNTED, None)
+    if isinstance(uncounted, set):
+        uncounted.add(message.delivery_tag)
+    try:
+        message.reject(requeue=True)
+    except Exception as exc:
+        if isinstance(uncounted, set):
+            uncounted.discard(message.delivery_tag)
+        log.warning(
+            "could not put a waiting message back (%s: %s); the broker delivers it again",
+            type(exc).__name__,
+            printable(str(exc)),
+        )
 
 
 def _keepable(headers: Any) -> dict[str, Any]:

@@ -9,7 +9,8 @@ stock producers, stock workers and celerybridge's publisher share one broker:
 
 - ``scripts``: the Lua script that pops and records in one step, and dead-letters raw
   entries kombu could not record;
-- ``channel``: waiting without taking (``BLMOVE``), taking, delivery counts, the QoS;
+- ``channel``: waiting without taking (``BLMOVE``), taking, the raw-entry check;
+- ``qos``: acknowledging, putting back (delivery counts), the visibility sweep;
 - ``visibility``: refreshing the records of tasks still running, so a short visibility
   timeout never hands a running task to a second worker;
 - ``transport``: the classes ``broker_transport`` names (plain, TLS, Sentinel).
@@ -17,7 +18,7 @@ stock producers, stock workers and celerybridge's publisher share one broker:
 
 from __future__ import annotations
 
-from .channel import MAX_DELIVERIES_OPTION, REFRESH_OPTION
+from .._constants import MAX_DELIVERIES_OPTION, REFRESH_OPTION
 from .transport import SentinelTransport, TlsTransport, Transport
 
 __all__ = [

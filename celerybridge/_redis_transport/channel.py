@@ -1,4 +1,4 @@
-"""The channel and QoS of the reliable Redis transport: wait without taking, take atomically.
+"""The channel of the reliable Redis transport: wait without taking, take atomically.
 
 kombu's consumer sends ``BRPOP`` on its event loop and, once the reply is read, records
 the message as unacknowledged. This channel waits with ``BLMOVE key key RIGHT RIGHT``
@@ -14,50 +14,46 @@ queues) it waits at most ``SEVERAL_LISTS_WAIT`` (0.1 s) and then takes from all 
 a message on another list waits up to 0.1 s on an idle worker, and an idle channel
 sends about ten ``BLMOVE`` and ten takes a second.
 
-What the take returns passes the intake's raw-entry check (``_intake/redis.py``) as
-before; what kombu could parse but the worker refuses is dead-lettered and its record
-removed in one transaction. A message taken more than ``celerybridge_max_deliveries``
-times is handed to the intake gate marked (:data:`OVER_LIMIT`), which dead-letters it.
+What the take returns passes the intake's raw-entry check
+(``_intake/envelope.py``); what kombu could parse but the worker refuses is
+dead-lettered and its record removed in one transaction. A message taken more than
+``celerybridge_max_deliveries`` times is handed to the intake gate marked
+(:data:`OVER_LIMIT`), which dead-letters it. The QoS (acknowledging, putting back, the
+sweep) is in ``qos.py``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import re
 import sys
 import time
 from collections.abc import Sequence
 from typing import Any
 
-from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 from redis.exceptions import NoScriptError
 
 from .._constants import (
-    DEAD_LETTER_SUFFIX,
     DEFAULT_MAX_DELIVERIES,
-    DELIVERIES_PROPERTY,
+    DEFAULT_MAX_MESSAGE_BYTES,
     HOLD_SUFFIX,
+    OVER_LIMIT,
+    POPPED_FROM,
     SEVERAL_LISTS_WAIT,
     TAKE_BATCH,
-    UNRESTORABLE_QUEUE,
+    UNCOUNTED,
 )
-from .._intake.envelope import envelope_limit, envelope_refusal, raw_dead_letter
-from .._intake.redis import OVER_LIMIT, POPPED_FROM, RawEntryGuard
+from .._intake.envelope import envelope_limit, envelope_refusal
+from .records import Found, Unrestorable, dead_letter, key_for
 from .scripts import TAKE_SHA, run_take, take_arguments
+from .versions import check_server
 from .visibility import VisibilityRefresher
 
 log = logging.getLogger("celerybridge.redis")
 
-MAX_DELIVERIES_OPTION = "celerybridge_max_deliveries"
-"""The transport option (set by ``celery_app`` from ``CELERYBRIDGE_MAX_DELIVERIES``)."""
-REFRESH_OPTION = "celerybridge_refresh_interval"
-"""Seconds between visibility refreshes; a quarter of the visibility timeout by default."""
 _REFUSED = "not a kombu message: outside what Redis's cjson and Python's json read alike"
-_RECORD_TAIL = re.compile(rb',\s*("(?:[^"\\]|\\.)*")\s*,\s*("(?:[^"\\]|\\.)*")\s*\]\s*\Z', re.S)
 
 _BLMOVE = "BLMOVE"
 _TAKE = "EVALSHA"
@@ -67,208 +63,7 @@ class ChannelClosed(Exception):
     """An acknowledgement came after the channel closed, and it had no pool to use."""
 
 
-class _Unrestorable(Exception):
-    """A record kombu's restore cannot put back (it logged and dropped such records)."""
-
-
-def _key_for(client: Any, command: str, key: str) -> str:
-    """``key`` as ``command`` must name it on ``client``: kombu's prefixing client and
-    pipeline prefix only the commands they list (not ``ZSCORE`` nor ``LINDEX``)."""
-    prefix = getattr(client, "global_keyprefix", "") or ""
-    if prefix and command not in getattr(client, "PREFIXED_SIMPLE_COMMANDS", ()):
-        return prefix + key
-    return key
-
-
-def _read_record(payload: bytes) -> tuple[dict[str, Any], Any, Any]:
-    """A record of ``unacked`` as kombu's restore reads it; :class:`_Unrestorable` when
-    Python cannot parse it, or kombu's restore would raise on it."""
-    try:
-        message, exchange, routing_key = loads(bytes_to_str(payload))
-    except (ValueError, TypeError) as exc:
-        raise _Unrestorable(f"an unacknowledged record Python cannot read ({exc})") from exc
-    properties = message.get("properties") if isinstance(message, dict) else None
-    if not (
-        isinstance(message, dict)
-        and isinstance(message.get("headers"), dict)
-        and isinstance(properties, dict)
-        and isinstance(properties.get("delivery_info"), dict)
-    ):
-        raise _Unrestorable("an unacknowledged record kombu cannot put back (not an envelope)")
-    return message, exchange, routing_key
-
-
-def _split_record(payload: bytes) -> tuple[bytes, str | None]:
-    """The entry a record holds, as it came, and its routing key (``None`` if unreadable)."""
-    match = _RECORD_TAIL.search(payload)
-    if not payload.startswith(b"[") or match is None:
-        return payload, None
-    try:
-        routing_key = json.loads(match.group(2))
-    except ValueError:
-        routing_key = None
-    return payload[1 : match.start()], routing_key if isinstance(routing_key, str) else None
-
-
-class QoS(kombu_redis.QoS):
-    """kombu's Redis QoS for messages the take script recorded already: appending one
-    writes nothing more. Putting back never drops a record: one kombu cannot restore is
-    dead-lettered as it came. The sweep and a requeue count a delivery as they put a
-    message back; a clean close does not (what it puts back was prefetched, not run)."""
-
-    channel: Any
-    _delivered: Any
-    _vrestore_count: int
-    _remove_from_indices: Any
-
-    def append(self, message: Any, delivery_tag: str) -> None:
-        if self.channel.celerybridge_recorded(delivery_tag):
-            virtual.QoS.append(self, message, delivery_tag)
-        else:  # delivered some other way (a fanout queue): recorded as kombu does
-            super().append(message, delivery_tag)
-
-    def ack(self, delivery_tag: str) -> None:
-        self._forget(delivery_tag)
-        virtual.QoS.ack(self, delivery_tag)
-
-    def reject(self, delivery_tag: str, requeue: bool = False) -> None:
-        if requeue:  # delivered again: the count goes on
-            getattr(self.channel, OVER_LIMIT).pop(delivery_tag, None)
-            self._put_back(delivery_tag, leftmost=True, count=True)
-        else:
-            self._forget(delivery_tag)
-        virtual.QoS.ack(self, delivery_tag)
-
-    def restore_by_tag(self, tag: Any, client: Any = None, leftmost: bool = False) -> None:
-        self._put_back(tag, client, leftmost=leftmost)
-
-    def restore_unacked(self, client: Any = None) -> None:
-        """Put back what this channel holds as it closes, except, when the channel's
-        connection was lost, the messages of tasks still running (they are acknowledged
-        through the saved pool as they end, their records refreshed meanwhile). Every
-        message held is recorded in Redis already: when putting back fails (the broker
-        went away), the records stay for the visibility sweep."""
-        kept = self.channel.celerybridge_running_tags() if self.channel.celerybridge_lost else set()
-        try:
-            with self.channel.conn_or_acquire(client) as client:
-                for tag in [t for t in list(self._delivered) if t not in kept]:
-                    self.restore_by_tag(tag, client=client)
-                    self._delivered.pop(tag, None)
-        except Exception as exc:
-            log.warning(
-                "could not put back %d unacknowledged messages as the channel closed (%s: %s); "
-                "they come back after the visibility timeout",
-                len(self._delivered) - len(kept),
-                type(exc).__name__,
-                exc,
-            )
-            for tag in [t for t in list(self._delivered) if t not in kept]:
-                self._delivered.pop(tag, None)
-
-    def _forget(self, delivery_tag: str) -> None:
-        """Drop the record of a message acknowledged or rejected. A task that ends after
-        its channel closed (the broker went away meanwhile) is acknowledged through the
-        closed channel's pool; if Redis cannot be reached, the record stays and the
-        message is delivered again after the visibility timeout (kombu's QoS raised, and
-        the worker exited)."""
-        channel = self.channel
-        getattr(channel, OVER_LIMIT).pop(delivery_tag, None)
-        try:
-            with channel.celerybridge_client().pipeline() as pipe:
-                self._remove_from_indices(delivery_tag, pipe)
-                pipe.execute()
-        except channel.celerybridge_errors as exc:
-            log.warning(
-                "could not acknowledge message %s (%s: %s); it is delivered again after the "
-                "visibility timeout",
-                delivery_tag,
-                type(exc).__name__,
-                exc,
-            )
-
-    def restore_visible(self, start: int = 0, num: int = 10, interval: int = 10) -> None:
-        self._vrestore_count += 1
-        if (self._vrestore_count - 1) % (interval or 1):
-            return
-        with self.channel.conn_or_acquire() as client:
-            ceil = time.time() - self.visibility_timeout
-            try:
-                with kombu_redis.Mutex(client, self.unacked_mutex_key, self.unacked_mutex_expire):
-                    visible = client.zrange(
-                        self.unacked_index_key, ceil, 0, desc=True, byscore=True,
-                        offset=num and start, num=num, withscores=True,
-                    )  # fmt: skip
-                    for tag, _ in visible or []:
-                        self._restore_if_stale(tag, ceil, client)
-            except kombu_redis.MutexHeld:
-                pass
-
-    def _restore_if_stale(self, tag: Any, ceil: float, client: Any) -> None:
-        """Restore ``tag`` unless its worker refreshed it since the sweep looked (the
-        score is read again inside the transaction that restores); one more delivery."""
-        self._put_back(tag, client, ceil=ceil, count=True)
-
-    def _put_back(
-        self,
-        tag: Any,
-        client: Any = None,
-        *,
-        leftmost: bool = False,
-        count: bool = False,
-        ceil: float | None = None,
-    ) -> None:
-        """Move a record back to its queue in one transaction (kombu's ``restore_by_tag``),
-        only if its score is still at most ``ceil`` when given; ``count``: one more
-        delivery in the message's properties. A record kombu cannot put back (it logged
-        and dropped those) is dead-lettered as it came instead."""
-        channel = self.channel
-
-        def restore(pipe: Any) -> None:
-            score = None
-            if ceil is not None:
-                score = pipe.zscore(_key_for(pipe, "ZSCORE", self.unacked_index_key), tag)
-            payload = pipe.hget(self.unacked_key, tag)
-            record = _read_record(payload) if payload else None
-            pipe.multi()
-            if score is not None and ceil is not None and score > ceil:
-                return
-            self._remove_from_indices(tag, pipe)
-            if record is not None:
-                message, exchange, routing_key = record
-                if count:
-                    properties = message["properties"]
-                    prior = properties.get(DELIVERIES_PROPERTY)
-                    prior = prior if isinstance(prior, int) and prior > 0 else 0
-                    properties[DELIVERIES_PROPERTY] = prior + 1
-                channel.celerybridge_restore_message(message, exchange, routing_key, pipe, leftmost)
-
-        with channel.conn_or_acquire(client) as client:
-            try:
-                client.transaction(restore, self.unacked_key, self.unacked_index_key)
-            except _Unrestorable as exc:
-                self._dead_letter_record(tag, client, str(exc))
-
-    def _dead_letter_record(self, tag: Any, client: Any, reason: str) -> None:
-        """Move the entry a record holds, as it came, to its queue's dead letters, and drop
-        the record, in one transaction."""
-        moved: list[str] = []
-
-        def dead(pipe: Any) -> None:
-            payload = pipe.hget(self.unacked_key, tag)
-            pipe.multi()
-            self._remove_from_indices(tag, pipe)
-            if payload:
-                entry, routing_key = _split_record(payload)
-                queue = routing_key or UNRESTORABLE_QUEUE
-                pipe.lpush(queue + DEAD_LETTER_SUFFIX, dumps(raw_dead_letter(entry, queue, reason)))
-                moved[:] = [queue + DEAD_LETTER_SUFFIX]
-
-        client.transaction(dead, self.unacked_key)
-        if moved:
-            log.error("unacknowledged message %s moved to %s: %s", tag, moved[0], reason)
-
-
-class ReliableChannel(RawEntryGuard):
+class ReliableChannel:
     """The take path, for kombu's Redis channels (plain and Sentinel)."""
 
     # kombu's channel attributes this mixin uses.
@@ -289,6 +84,8 @@ class ReliableChannel(RawEntryGuard):
     _brpop_sent_at: float | None
     _closing: bool
 
+    # kombu's channels copy the transport options they name onto themselves.
+    celerybridge_max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     celerybridge_max_deliveries: int = DEFAULT_MAX_DELIVERIES
     celerybridge_refresh_interval: float | None = None
     celerybridge_lost = False
@@ -299,10 +96,12 @@ class ReliableChannel(RawEntryGuard):
     _cb_refresher: VisibilityRefresher | None = None
     _cb_saved_pool: Any = None
     _cb_errors: tuple[type[BaseException], ...] = ()
+    _cb_checked = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._cb_recorded: set[str] = set()
         setattr(self, OVER_LIMIT, {})
+        setattr(self, UNCOUNTED, set())
         super().__init__(*args, **kwargs)
         self._cb_errors = tuple(self.connection_errors)
 
@@ -369,7 +168,7 @@ class ReliableChannel(RawEntryGuard):
         except self.connection_errors:
             raise
         except Exception as exc:
-            raise _Unrestorable(f"kombu cannot put it back ({type(exc).__name__}: {exc})") from exc
+            raise Unrestorable(f"kombu cannot put it back ({type(exc).__name__}: {exc})") from exc
 
     def _disconnect_pools(self) -> None:
         pool = getattr(self, "_pool", None)
@@ -401,8 +200,18 @@ class ReliableChannel(RawEntryGuard):
         self._cb_refresher.start()
 
     def basic_consume(self, queue: str, *args: Any, **kwargs: Any) -> Any:
+        """Consume ``queue``, once the server is known to run the take (Redis 6.2 or
+        later, with Lua); what a worker that died left on its holding list is
+        dead-lettered first."""
+        if self.ack_emulation and not self._cb_checked:
+            with self.conn_or_acquire() as client:  # type: ignore[attr-defined]
+                check_server(client)
+            self._cb_checked = True
         self._start_refresher()
-        return super().basic_consume(queue, *args, **kwargs)  # type: ignore[misc]
+        consumer = super().basic_consume(queue, *args, **kwargs)  # type: ignore[misc]
+        if self.ack_emulation:
+            self._dead_letter_held_of(queue, int(self.celerybridge_max_message_bytes))
+        return consumer
 
     def _held_running(self) -> list[str]:
         running = self.celerybridge_running_tags()
@@ -564,13 +373,13 @@ class ReliableChannel(RawEntryGuard):
     def _dead_letter_recorded(self, queue: str, tag: str, item: bytes, reason: str) -> None:
         """Move a recorded entry the intake refuses to ``<queue>.dead`` as it came, and
         drop its record, in one transaction."""
-        dead = f"{queue}{DEAD_LETTER_SUFFIX}"
-        with self.conn_or_acquire() as client, client.pipeline() as pipe:  # type: ignore[attr-defined]
-            pipe.lpush(dead, dumps(raw_dead_letter(item, queue, reason)))
+
+        def drop(pipe: Any) -> None:
             pipe.zrem(self.unacked_index_key, tag)
             pipe.hdel(self.unacked_key, tag)
-            pipe.execute()
-        log.error("a raw entry of %d bytes on %s moved to %s: %s", len(item), queue, dead, reason)
+
+        with self.conn_or_acquire() as client:  # type: ignore[attr-defined]
+            dead_letter(client, lambda pipe: (item, queue, reason), drop)
 
     def _dead_letter_held(self, candidates: Sequence[tuple[str, str, str]]) -> None:
         """Wrap what the take script moved to the holding lists as raw dead letters
@@ -579,24 +388,25 @@ class ReliableChannel(RawEntryGuard):
         for queue in dict.fromkeys(queue for _, _, queue in candidates):
             self._dead_letter_held_of(queue, max_bytes)
 
-    def _dead_letter_held_of(self, queue: str, max_bytes: int) -> None:
-        hold, dead = queue + HOLD_SUFFIX, queue + DEAD_LETTER_SUFFIX
+    def celerybridge_drain_held(self) -> None:
+        """Dead-letter what is left on the holding lists of the queues this channel
+        consumes (the sweep calls this: a worker may have died before doing so)."""
+        max_bytes = int(self.celerybridge_max_message_bytes)
+        for queue in list(self.active_queues):
+            self._dead_letter_held_of(queue, max_bytes)
 
-        def move(pipe: Any) -> bool:
-            item = pipe.lindex(_key_for(pipe, "LINDEX", hold), -1)
+    def _dead_letter_held_of(self, queue: str, max_bytes: int) -> None:
+        """Move ``queue``'s holding list, oldest first, one entry per transaction."""
+        hold = queue + HOLD_SUFFIX
+
+        def read(pipe: Any) -> Found | None:
+            item = pipe.lindex(key_for(pipe, "LINDEX", hold), -1)
             if item is None:
-                return False
-            reason = envelope_refusal(item, max_bytes) or _REFUSED
-            pipe.multi()
-            pipe.lpush(dead, dumps(raw_dead_letter(item, queue, reason)))
-            pipe.rpop(hold)
-            log.error(
-                "a raw entry of %d bytes on %s moved to %s: %s", len(item), queue, dead, reason
-            )
-            return True
+                return None
+            return item, queue, envelope_refusal(item, max_bytes) or _REFUSED
 
         with self.conn_or_acquire() as client:  # type: ignore[attr-defined]
-            while client.transaction(move, hold, value_from_callable=True):
+            while dead_letter(client, read, lambda pipe: pipe.rpop(hold), hold):
                 pass
 
     # -- basic_get ----------------------------------------------------------------------

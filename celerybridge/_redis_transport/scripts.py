@@ -49,12 +49,8 @@ from typing import Any
 import redis
 from redis.exceptions import NoScriptError
 
-from .._constants import DELIVERIES_PROPERTY, TAG_ALIAS_SEP
+from .._constants import DELIVERIES_PROPERTY, SCAN_LIMIT, TAG_ALIAS_SEP
 from .._intake.envelope import ENVELOPE_DEPTH
-
-SCAN_LIMIT = 1024 * 1024
-"""Entries up to this size are also scanned for what Python's ``json`` refuses and cjson
-reads (invalid UTF-8, control characters in strings): ~30 ms a megabyte inside Redis."""
 
 _LUA = r"""
 local now, limit, envelope_limit = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])

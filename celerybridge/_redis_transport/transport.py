@@ -15,13 +15,9 @@ from typing import Any
 
 from kombu.transport import redis as kombu_redis
 
-from .._intake.redis import MAX_BYTES_OPTION
-from .channel import (
-    MAX_DELIVERIES_OPTION,
-    REFRESH_OPTION,
-    QoS,
-    ReliableChannel,
-)
+from .._constants import MAX_BYTES_OPTION, MAX_DELIVERIES_OPTION, REFRESH_OPTION
+from .channel import ReliableChannel
+from .qos import QoS
 
 log = logging.getLogger("celerybridge.redis")
 
