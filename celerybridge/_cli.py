@@ -21,8 +21,8 @@ from . import _call, _dlq
 from ._asyncapi import document
 from ._bridge import Bridge
 from ._check import check_implementation
-from ._config import BROKER_SCHEMES, BridgeSettings, url_problem
-from ._constants import DEAD_FROM_HEADER
+from ._config import BROKER_SCHEMES, BridgeSettings, client_transport_options, url_problem
+from ._constants import DEAD_FROM_HEADER, DEAD_KIND_DELIVERIES
 from ._dead_letter import dead_letter_queue
 from ._exceptions import CeleryBridgeError, ConfigurationError
 from ._registry import registry
@@ -317,24 +317,38 @@ def _dead(queue: str) -> str:
     return _p(dead_letter_queue(queue))
 
 
+def _dlq_broker(broker: str | None) -> tuple[str, dict[str, Any]]:
+    """The broker URL and the transport options the bridge and workers use with it
+    (``CELERYBRIDGE_BROKER_TRANSPORT_OPTIONS``: Sentinel's master name, a key prefix)."""
+    url = _broker(broker)
+    try:
+        settings = BridgeSettings(broker_url=url)
+    except CeleryBridgeError as exc:
+        raise click.ClickException(_p(exc)) from exc
+    return url, client_transport_options(settings)
+
+
 @dlq.command("list")
 @click.argument("queue")
 @_broker_option
 def dlq_list(queue: str, broker: str | None) -> None:
-    """List QUEUE's dead letters (id, task, reason), leaving them where they are.
+    """List QUEUE's dead letters (id, task, kind, reason), leaving them where they are.
 
-    Entries that are not messages are listed as garbage (size, first bytes) and kept.
-    Control characters and backslashes are escaped as in a Python string.
+    Entries that are not messages are listed as garbage (size, first bytes) and kept;
+    on Redis, so are entries still on QUEUE.dead.held (set apart raw, not yet wrapped
+    by a worker). Control characters and backslashes are escaped as in a Python string.
     """
+    url, options = _dlq_broker(broker)
     with _clean_errors():
-        entries = _dlq.list_dead_letters(_broker(broker), queue)
+        entries = _dlq.list_dead_letters(url, queue, options)
     garbage = 0
     for entry in entries:
         if isinstance(entry, _dlq.Garbage):
             garbage += 1
-            click.echo(f"-\tgarbage\t{entry.describe()}")  # printable as it is
+            click.echo(f"-\tgarbage\t-\t{entry.describe()}")  # printable as it is
         else:
-            click.echo(f"{_p(entry.task_id)}\t{_p(entry.task)}\t{_p(entry.reason)}")
+            kind = _p(entry.kind) or "-"
+            click.echo(f"{_p(entry.task_id)}\t{_p(entry.task)}\t{kind}\t{_p(entry.reason)}")
     counted = f"{len(entries) - garbage} dead letter(s)"
     if garbage:
         counted += f" and {garbage} garbage entr{'y' if garbage == 1 else 'ies'}"
@@ -350,8 +364,9 @@ def dlq_show(queue: str, task_id: str, broker: str | None) -> None:
 
     TASK_ID is the id as it is or as `list` prints it (escaped).
     """
+    url, options = _dlq_broker(broker)
     with _clean_errors():
-        entries = _dlq.list_dead_letters(_broker(broker), queue)
+        entries = _dlq.list_dead_letters(url, queue, options)
     found = [e for e in entries if isinstance(e, _dlq.DeadLetter) and e.named_by({task_id})]
     if not found:
         raise click.ClickException(f"no dead letter {_p(task_id)} on {_dead(queue)}")
@@ -364,6 +379,14 @@ def dlq_show(queue: str, task_id: str, broker: str | None) -> None:
 @click.argument("queue")
 @click.argument("task_ids", nargs=-1)
 @click.option("--all", "everything", is_flag=True, help="Replay every dead letter of QUEUE.")
+@click.option(
+    "--kind",
+    "kinds",
+    multiple=True,
+    metavar="KIND",
+    help=f"With --all, only letters of this kind (repeatable); --kind {DEAD_KIND_DELIVERIES} "
+    "is the only way --all replays those.",
+)
 @click.option(
     "--to",
     "to",
@@ -380,6 +403,7 @@ def dlq_replay(
     queue: str,
     task_ids: tuple[str, ...],
     everything: bool,
+    kinds: tuple[str, ...],
     to: str | None,
     sign: bool,
     broker: str | None,
@@ -389,10 +413,15 @@ def dlq_replay(
     refuses expired signatures).
 
     --all --sign does not re-sign, nor replay, letters refused for their signature or as
-    replays: name such a letter's id to vouch for it. Garbage stays where it is.
+    replays: name such a letter's id to vouch for it. --all skips letters of kind
+    deliveries (delivered more than CELERYBRIDGE_MAX_DELIVERIES times: they may kill a
+    worker again) unless --kind deliveries asks for them or their id is named. Garbage
+    stays where it is.
     """
     if bool(task_ids) == everything:
         raise click.UsageError("give task ids or --all (not both)")
+    if kinds and not everything:
+        raise click.UsageError("--kind goes with --all")
     if to is not None and (not to or to == dead_letter_queue(queue)):
         raise click.UsageError(f"--to must name a queue other than {_dead(queue)}")
     signer = None
@@ -401,9 +430,16 @@ def dlq_replay(
             signer = Signer.from_settings(BridgeSettings())
         if signer is None:
             raise click.UsageError("--sign needs the key in CELERYBRIDGE_SIGNING_KEY")
+    url, options = _dlq_broker(broker)
     with _clean_errors():
         report = _dlq.replay(
-            _broker(broker), queue, None if everything else task_ids, signer, to=to
+            url,
+            queue,
+            None if everything else task_ids,
+            signer,
+            to=to,
+            options=options,
+            kinds=kinds,
         )
     target = to or queue
     for letter in report.replayed:
@@ -429,9 +465,11 @@ def dlq_replay(
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 @_broker_option
 def dlq_purge(queue: str, yes: bool, broker: str | None) -> None:
-    """Drop every entry of QUEUE's dead-letter queue, garbage included."""
+    """Drop every entry of QUEUE's dead-letter queue, garbage included (on Redis, what
+    QUEUE.dead.held holds too)."""
+    url, options = _dlq_broker(broker)
     if not yes:
         click.confirm(f"Drop every message on {_dead(queue)}?", abort=True)
     with _clean_errors():
-        dropped = _dlq.purge(_broker(broker), queue)
+        dropped = _dlq.purge(url, queue, options)
     click.echo(f"purged {dropped} dead letter(s) from {_dead(queue)}")

@@ -8,7 +8,10 @@ too, so nothing read there is trusted: an entry that is not a message is listed 
 names, and what is printed is passed through :func:`printable` by the command line.
 
 Nothing is removed while reading. On Redis the lists are read with ``LRANGE`` and a
-replayed letter is removed (``LREM``) only once it has been republished; elsewhere
+replayed letter is removed (``LREM``) only once it has been republished (under the
+``global_keyprefix`` of ``CELERYBRIDGE_BROKER_TRANSPORT_OPTIONS``, which kombu does not
+apply to those two commands); entries the take script set apart on ``<queue>.dead.held``
+and no worker has wrapped yet are listed as raw garbage (and purged); elsewhere
 (RabbitMQ) every message is taken without acknowledging it and the channel is closed, so
 the broker puts back all that was not replayed. A replay interrupted half-way may send a
 letter twice, never lose one.
@@ -30,14 +33,17 @@ from ._config import AMQP_SCHEMES, broker_transport_options, kombu_url, scheme_o
 from ._constants import (
     CONTENT_TYPE,
     DEAD_FROM_HEADER,
+    DEAD_KIND_DELIVERIES,
     DEAD_KIND_HEADER,
     DEAD_KIND_SIGNATURE,
     DEAD_KINDS_NEVER_RESIGNED,
     DEAD_REASON_HEADER,
+    HOLD_SUFFIX,
     KOMBU_PRIORITY_STEPS,
 )
 from ._dead_letter import dead_letter_queue
 from ._exceptions import CallError, DelegationError
+from ._redis_transport.records import key_for
 from ._signing import Signer
 from ._transports._errors import translate
 from ._transports._protocol import redis_queue_key
@@ -58,6 +64,11 @@ _SIGNATURE_REASONS = (
     "signature from the future",
 )
 _PREVIEW = 48  # bytes of a garbage entry shown by ``list``
+_HELD = "raw: set apart by the take script, not yet wrapped by a worker (on {key})"
+
+Options = Mapping[str, Any] | None
+"""kombu transport options; ``None``: only what the broker URL implies (the command line
+passes ``client_transport_options``, as the bridge and workers use)."""
 
 
 @dataclass(frozen=True)
@@ -198,11 +209,15 @@ class _Taken:
     entries: list[tuple[Entry, Any]] = field(default_factory=list)
 
 
+def _options(broker_url: str, options: Options) -> dict[str, Any]:
+    return dict(broker_transport_options(broker_url) if options is None else options)
+
+
 @contextmanager
-def _taken(broker_url: str, queue: str) -> Iterator[_Taken]:
+def _taken(broker_url: str, queue: str, options: Options = None) -> Iterator[_Taken]:
     """Every entry of ``queue``'s dead-letter queue, read without removing any."""
     target = dead_letter_queue(queue)
-    options = broker_transport_options(broker_url)
+    options = _options(broker_url, options)
     with (
         translate(DelegationError, f"reading {target!r}"),
         kombu.Connection(kombu_url(broker_url), transport_options=options) as connection,
@@ -238,18 +253,24 @@ def _taken(broker_url: str, queue: str) -> Iterator[_Taken]:
 
 def _redis_taken(connection: Any, client: Any, queue: str) -> _Taken:
     """The entries of the dead-letter lists (one per priority step), oldest first, as
-    the Redis transport would deliver them; each is removed by value once replayed."""
-    taken = _Taken(connection, lambda where: client.lrem(where[0], 1, where[1]))
+    the Redis transport would deliver them, each removed by value once replayed; then
+    the holding list's entries, as raw garbage."""
+    taken = _Taken(
+        connection, lambda where: client.lrem(key_for(client, "LREM", where[0]), 1, where[1])
+    )
     for step in KOMBU_PRIORITY_STEPS:
         key = redis_queue_key(dead_letter_queue(queue), step)
-        for raw in reversed(client.lrange(key, 0, -1)):
+        for raw in reversed(client.lrange(key_for(client, "LRANGE", key), 0, -1)):
             taken.entries.append((_from_redis(raw, queue), (key, raw)))
+    held = queue + HOLD_SUFFIX
+    for raw in reversed(client.lrange(key_for(client, "LRANGE", held), 0, -1)):
+        taken.entries.append((Garbage(raw, _HELD.format(key=held)), None))
     return taken
 
 
-def list_dead_letters(broker_url: str, queue: str) -> list[Entry]:
+def list_dead_letters(broker_url: str, queue: str, options: Options = None) -> list[Entry]:
     """The dead letters of ``queue``, and any garbage there, left where they are."""
-    with _taken(broker_url, queue) as taken:
+    with _taken(broker_url, queue, options) as taken:
         return [entry for entry, _ in taken.entries]
 
 
@@ -304,6 +325,17 @@ def _ambiguous(letters: list[DeadLetter], names: Iterable[str]) -> set[int]:
     return shared
 
 
+def _why_not_all(letter: DeadLetter, kinds: Collection[str]) -> str | None:
+    """Why ``replay --all`` leaves ``letter``, if it does: a message delivered more than
+    CELERYBRIDGE_MAX_DELIVERIES times may kill its worker again."""
+    if letter.kind == DEAD_KIND_DELIVERIES and DEAD_KIND_DELIVERIES not in kinds:
+        return (
+            f"refused as {letter.kind!r}: --all replays those only with --kind "
+            f"{DEAD_KIND_DELIVERIES}; or name its id"
+        )
+    return None
+
+
 def _why_not(letter: DeadLetter, everything: bool, ambiguous: bool) -> str | None:
     """Why ``letter`` must not be re-signed, if it must not."""
     if everything and letter.never_resigned:
@@ -334,6 +366,8 @@ def replay(
     task_ids: Iterable[str] | None,
     signer: Signer | None = None,
     to: str | None = None,
+    options: Options = None,
+    kinds: Collection[str] = (),
 ) -> ReplayReport:
     """Send dead letters (``None``: all of them) back to ``queue``, where they were
     refused, or to ``to``: never where their dead-from header says.
@@ -342,8 +376,10 @@ def replay(
     republished. With a ``signer`` each is signed afresh (:func:`signed_headers`), so a
     worker with the key runs a letter refused for an expired or missing signature; with
     ``task_ids=None`` letters refused for their signature or as replays are skipped, and
-    so is, for named ids, every letter of an id that differing letters share. Garbage
-    stays where it is.
+    so is, for named ids, every letter of an id that differing letters share. With
+    ``task_ids=None``, ``deliveries`` letters (delivered too often: they may kill a worker
+    again) are skipped unless ``kinds`` names that kind; ``kinds`` otherwise limits
+    ``--all`` to the letters of those kinds. Garbage stays where it is.
     """
     wanted = None if task_ids is None else set(task_ids)
     target = to or queue
@@ -352,11 +388,13 @@ def replay(
     queue_class = ExistingFirstQueue if _on_rabbitmq(broker_url) else kombu.Queue
     declared = queue_class(target, exchange, routing_key=target)
     report = ReplayReport([], [], [], [])
-    with _taken(broker_url, queue) as taken:
+    with _taken(broker_url, queue, options) as taken:
         chosen = [
             (entry, handle)
             for entry, handle in taken.entries
-            if isinstance(entry, DeadLetter) and (wanted is None or entry.named_by(wanted))
+            if isinstance(entry, DeadLetter)
+            and (wanted is None or entry.named_by(wanted))
+            and (wanted is not None or not kinds or entry.kind in kinds)
         ]
         letters = [letter for letter, _ in chosen]
         if wanted is None:
@@ -369,6 +407,8 @@ def replay(
         producer = taken.connection.Producer()
         for position, (letter, handle) in enumerate(chosen):
             why = _why_not(letter, wanted is None, position in shared) if signer else None
+            if why is None and wanted is None:
+                why = _why_not_all(letter, kinds)
             if why is None:
                 try:
                     headers = _replay_headers(letter, signer)
@@ -393,10 +433,11 @@ def replay(
     return report
 
 
-def purge(broker_url: str, queue: str) -> int:
-    """Drop every entry of ``queue``'s dead-letter queue; returns how many there were."""
+def purge(broker_url: str, queue: str, options: Options = None) -> int:
+    """Drop every entry of ``queue``'s dead-letter queue (on Redis its holding list's
+    too); returns how many there were."""
     target = dead_letter_queue(queue)
-    options = broker_transport_options(broker_url)
+    options = _options(broker_url, options)
     with (
         translate(DelegationError, f"purging {target!r}"),
         kombu.Connection(kombu_url(broker_url), transport_options=options) as connection,
@@ -404,7 +445,12 @@ def purge(broker_url: str, queue: str) -> int:
         channel: Any = connection.default_channel
         queue_class = ExistingFirstQueue if _on_rabbitmq(broker_url) else kombu.Queue
         queue_class(target, durable=True)(channel).declare()
-        return int(channel.queue_purge(target) or 0)
+        dropped = int(channel.queue_purge(target) or 0)
+        if connection.transport.driver_type == "redis":
+            with channel.conn_or_acquire() as client, client.pipeline() as pipe:
+                held = queue + HOLD_SUFFIX  # LLEN and DEL are prefixed by kombu's client
+                dropped += int(pipe.llen(held).delete(held).execute()[0] or 0)
+        return dropped
 
 
 def _on_rabbitmq(broker_url: str) -> bool:

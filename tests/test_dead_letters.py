@@ -139,9 +139,9 @@ async def test_dlq_command_lists_shows_replays_and_purges(
     lines = sorted(listed.stdout.splitlines())
     assert lines == sorted(
         [
-            f"{refused}\tcalc.add\tcontent type '{PICKLE}' refused: only application/json "
-            "is accepted",
-            f"{fixed}\tcalc.add\tS3 was down",
+            f"{refused}\tcalc.add\tmalformed\tcontent type '{PICKLE}' refused: only "
+            "application/json is accepted",
+            f"{fixed}\tcalc.add\tretries\tS3 was down",
         ]
     )
     assert dlq("list", queue, "--broker", broker_url).stdout.count("\n") == 2  # left in place

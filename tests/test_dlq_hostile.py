@@ -25,7 +25,7 @@ from celerybridge._cli import main
 from celerybridge._signing import Signer
 from celerybridge._utils import printable
 
-from ._brokers import purge, queue_length
+from ._brokers import BROKERS, purge, queue_length
 
 pytestmark = pytest.mark.integration
 KEY = "dlq-" + "0123456789abcdef" * 3
@@ -63,10 +63,12 @@ def unescape(text: str) -> str:
     return _ESCAPE.sub(lambda m: _SHORT.get(m[1]) or chr(int(m[1][1:], 16)), text)
 
 
-def dlq(*args: str, key: str | None = None) -> Result:
-    """``celerybridge dlq ...`` in this process, with no CELERYBRIDGE_* setting but ``key``."""
+def dlq(*args: str, key: str | None = None, **settings: str) -> Result:
+    """``celerybridge dlq ...`` in this process, with no CELERYBRIDGE_* setting but ``key``
+    and ``settings`` (``BROKER_TRANSPORT_OPTIONS="..."``)."""
     env: dict[str, str | None] = {k: None for k in os.environ if k.startswith("CELERYBRIDGE_")}
     env["CELERYBRIDGE_SIGNING_KEY"] = key
+    env.update({f"CELERYBRIDGE_{name}": value for name, value in settings.items()})
     return CliRunner().invoke(main, ["dlq", *args], env=env)
 
 
@@ -152,8 +154,10 @@ def test_list_prints_one_printable_line_per_letter(
     assert lines.pop() == ""
     assert len(lines) == len(listed.stdout.splitlines()) == len(letters)
     fields = [line.split("\t") for line in lines]
-    assert all(len(row) == 3 and all(f.isprintable() for f in row) for row in fields), lines
-    assert sorted(tuple(unescape(f) for f in row) for row in fields) == sorted(letters)
+    assert all(len(row) == 4 and all(f.isprintable() for f in row) for row in fields), lines
+    assert all(row[2] == "-" for row in fields), lines  # no kind header
+    rows = [(row[0], row[1], row[3]) for row in fields]
+    assert sorted(tuple(unescape(f) for f in row) for row in rows) == sorted(letters)
     assert listed.stderr == f"{len(letters)} dead letter(s) on {queue}.dead\n"
 
 
@@ -215,11 +219,11 @@ def test_garbage_on_redis_is_listed_kept_and_only_purged(broker_url: str, queue:
     listed = dlq("list", queue, "--broker", url)
     assert listed.exit_code == 0, listed.output
     lines = listed.stdout.splitlines()
-    assert lines[0] == "genuine\tcalc.add\tS3 was down"
+    assert lines[0] == "genuine\tcalc.add\t-\tS3 was down"
     assert len(lines) == 1 + len(GARBAGE)
     assert all(line.startswith("-\tgarbage\t") for line in lines[1:])
     assert all(all(f.isprintable() for f in line.split("\t")) for line in lines)
-    assert f"-\tgarbage\tnot JSON; {len(GARBAGE[0])} bytes: {GARBAGE[0]!r}\n" in listed.stdout
+    assert f"-\tgarbage\t-\tnot JSON; {len(GARBAGE[0])} bytes: {GARBAGE[0]!r}\n" in listed.stdout
     assert listed.stderr == f"1 dead letter(s) and {len(GARBAGE)} garbage entries on {queue}.dead\n"
     assert client.lrange(f"{queue}.dead", 0, -1) == before  # nothing taken, nothing moved
     assert dlq("show", queue, "genuine", "--broker", url).exit_code == 0
@@ -382,3 +386,89 @@ def test_sign_refuses_an_id_shared_by_different_letters(broker_url: str, queue: 
     shown = dlq("show", queue, "twin", "--broker", broker_url)
     assert shown.stderr == "2 dead letters have this id; showing the oldest\n"
     assert json.loads(shown.stdout)["body"] == BODY.decode()
+
+
+def test_dlq_uses_the_broker_transport_options_of_the_settings() -> None:
+    """Workers and the bridge read CELERYBRIDGE_BROKER_TRANSPORT_OPTIONS (Sentinel's master
+    name, a ``global_keyprefix``); ``dlq`` ignored it, so it listed nothing under a key
+    prefix, and once told, kombu's prefixing client does not prefix LRANGE nor LREM."""
+    url = BROKERS["redis"]
+    queue = f"dlq-prefix-{uuid.uuid4().hex[:10]}"
+    prefix = f"pfx-{uuid.uuid4().hex[:6]}:"
+    options = {"global_keyprefix": prefix}
+    client = redis.Redis.from_url(url)
+    try:
+        with kombu.Connection(url, transport_options=options) as connection:
+            connection.Producer().publish(
+                BODY,
+                exchange="",
+                routing_key=f"{queue}.dead",
+                declare=[kombu.Queue(f"{queue}.dead", durable=True)],
+                headers=letter("prefixed"),
+                content_type="application/json",
+                content_encoding="utf-8",
+            )
+        assert client.llen(f"{prefix}{queue}.dead") == 1
+        setting = json.dumps(options)
+
+        listed = dlq("list", queue, "--broker", url, BROKER_TRANSPORT_OPTIONS=setting)
+        assert listed.stdout == "prefixed\tcalc.add\t-\tS3 was down\n", listed.output
+
+        replayed = dlq("replay", queue, "--all", "--broker", url, BROKER_TRANSPORT_OPTIONS=setting)
+        assert replayed.stdout == f"replayed prefixed (calc.add) to {queue}\n", replayed.output
+        assert client.llen(f"{prefix}{queue}.dead") == 0  # removed once replayed
+        assert client.llen(f"{prefix}{queue}") == 1  # where a prefixed worker takes it
+        assert client.llen(queue) == 0
+    finally:
+        client.delete(*client.keys(f"*{queue}*") or ["-"])
+        client.close()
+
+
+def test_entries_held_by_the_take_script_are_listed_raw_and_purged() -> None:
+    """The take script sets entries kombu cannot read apart on ``<queue>.dead.held`` for
+    a worker to wrap as dead letters; what no worker wrapped yet was invisible to
+    ``dlq list`` and survived ``dlq purge``."""
+    url = BROKERS["redis"]
+    queue = f"dlq-held-{uuid.uuid4().hex[:10]}"
+    client = redis.Redis.from_url(url)
+    try:
+        client.lpush(f"{queue}.dead.held", b"\xff raw")
+        listed = dlq("list", queue, "--broker", url)
+        assert listed.stdout == (
+            "-\tgarbage\t-\traw: set apart by the take script, not yet wrapped by a worker "
+            f"(on {queue}.dead.held); 5 bytes: b'\\xff raw'\n"
+        ), listed.output
+        assert client.llen(f"{queue}.dead.held") == 1  # left where it is
+        purged = dlq("purge", queue, "--yes", "--broker", url)
+        assert purged.stdout == f"purged 1 dead letter(s) from {queue}.dead\n", purged.output
+        assert client.llen(f"{queue}.dead.held") == 0
+    finally:
+        client.delete(*client.keys(f"*{queue}*") or ["-"])
+        client.close()
+
+
+def test_replay_all_leaves_deliveries_letters_unless_asked(broker_url: str, queue: str) -> None:
+    """A ``deliveries`` letter was taken more than CELERYBRIDGE_MAX_DELIVERIES times: it
+    may kill a worker again. ``list`` shows the kind; ``replay --all`` skips such letters
+    unless ``--kind deliveries`` asks for them."""
+    purge(broker_url, f"{queue}.dead")
+    plant(broker_url, queue, letter("ran"))
+    plant(broker_url, queue, {**letter("killer", "delivered 11 times"), KIND: "deliveries"})
+
+    listed = dlq("list", queue, "--broker", broker_url)
+    assert sorted(listed.stdout.splitlines()) == [
+        "killer\tcalc.add\tdeliveries\tdelivered 11 times",
+        "ran\tcalc.add\t-\tS3 was down",
+    ]
+
+    replayed = dlq("replay", queue, "--all", "--broker", broker_url)
+    assert replayed.exit_code == 0, replayed.output
+    assert replayed.stdout == f"replayed ran (calc.add) to {queue}\n"
+    assert replayed.stderr == (
+        "skipped killer (calc.add): refused as 'deliveries': --all replays those only with "
+        "--kind deliveries; or name its id\n"
+    )
+    again = dlq("replay", queue, "--all", "--kind", "deliveries", "--broker", broker_url)
+    assert again.stdout == f"replayed killer (calc.add) to {queue}\n", again.output
+    assert sorted(h["id"] for h, _ in drain(broker_url, queue)) == ["killer", "ran"]
+    assert dlq("replay", queue, "x", "--kind", "deliveries", "--broker", broker_url).exit_code == 2
