@@ -159,10 +159,22 @@ def _loaded() -> PusherSettings:
         raise _cannot_start(str(exc).removeprefix("the pusher cannot start: ")) from None
 
 
+def _reliable_transport(conf: Any) -> bool:
+    """Whether the worker takes from Redis with celerybridge's transport (running tasks'
+    records refreshed), not kombu's own (``broker_transport="redis"``)."""
+    return str(conf.broker_transport or "").startswith("celerybridge._redis_transport")
+
+
 def _apply(conf: Any) -> None:
     """Configure the worker from ``PUSHER_*`` (again: the same values, so harmless)."""
     loaded = _loaded()
     conf.worker_concurrency = loaded.concurrency
+    problem = loaded.visibility_problem()
+    if _redis and problem is not None and not _reliable_transport(conf):
+        raise _cannot_start(
+            f"{problem}: kombu's Redis transport (broker_transport) redelivers tasks that "
+            "are still running"
+        )
     if _redis:
         conf.broker_transport_options = {
             **conf.broker_transport_options,
@@ -203,6 +215,14 @@ def _check_at_start(sender: Any = None, **_: Any) -> None:
 @signals.worker_ready.connect(weak=False)
 def _announce(**_: Any) -> None:
     # Logged here, not at the check: Celery sets up logging only after worker_init.
+    problem = settings().visibility_problem()
+    if _redis and problem is not None and _reliable_transport(app.conf):
+        logger.warning(
+            "%s: celerybridge's Redis transport refreshes the records of running tasks, so "
+            "none is delivered twice while its worker lives; a worker that stalls longer "
+            "than the visibility timeout may see its task run again elsewhere",
+            problem,
+        )
     logger.info(
         "pusher ready: bucket %r, %d uploads in flight per process",
         settings().bucket,

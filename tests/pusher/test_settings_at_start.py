@@ -55,3 +55,57 @@ def test_settings_are_read_at_worker_start_and_configure_the_worker() -> None:
         "refused": "the pusher cannot start: PUSHER_BUCKET: String should have at least 3 "
         "characters",
     }
+
+
+VISIBILITY = """
+import json, logging, os
+from celery import signals
+import pusher.celery as worker
+
+out = {"default": worker.PusherSettings(bucket="bbb").visibility_timeout}
+os.environ.update(PUSHER_BUCKET="backups", PUSHER_VISIBILITY_TIMEOUT="10",
+                  PUSHER_TASK_TIME_LIMIT="20")
+records = []
+logging.getLogger("pusher").addHandler(logging.Handler())
+logging.getLogger("pusher").handlers[-1].emit = records.append
+signals.celeryd_init.send(sender="test", conf=worker.app.conf, instance=None, options={})
+out["started"] = worker.app.conf.broker_transport
+signals.worker_ready.send(sender="test")
+out["warned"] = [r.getMessage() for r in records if r.levelno == logging.WARNING]
+worker.app.conf.broker_transport = "redis"  # kombu's own: running tasks are not refreshed
+try:
+    signals.celeryd_init.send(sender="test", conf=worker.app.conf, instance=None, options={})
+except SystemExit as exc:
+    out["refused"] = str(exc)
+print(json.dumps(out))
+"""
+
+
+def test_a_visibility_timeout_under_the_time_limit_only_warns_on_celerybridges_transport() -> None:
+    """The refresher keeps running tasks' records fresh (none is restored while its worker
+    lives): PUSHER_VISIBILITY_TIMEOUT need not exceed PUSHER_TASK_TIME_LIMIT, which kept
+    the default at 3600 s and a killed worker's upload waiting ~75 minutes. kombu's own
+    transport still needs it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PUSHER_", "CELERYBRIDGE_"))}
+    env["CELERYBRIDGE_BROKER_URL"] = "redis://127.0.0.1:6379/2"  # nothing is connected
+    done = subprocess.run(
+        [sys.executable, "-c", VISIBILITY],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    problem = "PUSHER_VISIBILITY_TIMEOUT (10 s) does not exceed PUSHER_TASK_TIME_LIMIT (20 s)"
+    assert json.loads(done.stdout) == {
+        "default": 360,
+        "started": "celerybridge._redis_transport:Transport",
+        "warned": [
+            f"{problem}: celerybridge's Redis transport refreshes the records of running "
+            "tasks, so none is delivered twice while its worker lives; a worker that stalls "
+            "longer than the visibility timeout may see its task run again elsewhere"
+        ],
+        "refused": f"the pusher cannot start: {problem}: kombu's Redis transport "
+        "(broker_transport) redelivers tasks that are still running",
+    }
