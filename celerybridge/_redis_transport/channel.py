@@ -406,6 +406,8 @@ class ReliableChannel:
             return item, queue, envelope_refusal(item, max_bytes) or _REFUSED
 
         with self.conn_or_acquire() as client:  # type: ignore[attr-defined]
+            if not client.llen(hold):  # the usual case: one cheap look (LLEN is prefixed)
+                return
             while dead_letter(client, read, lambda pipe: pipe.rpop(hold), hold):
                 pass
 

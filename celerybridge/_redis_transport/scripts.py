@@ -20,7 +20,7 @@ tells an empty array from an empty object.
 
 How often a message was delivered travels in the message (``properties``,
 ``DELIVERIES_PROPERTY``): the visibility sweep and a requeue add one as they put it
-back (``channel.py``), the script returns it plus one. It dies with the message: no
+back (``qos.py``), the script returns it plus one. It dies with the message: no
 count outlives its message, whichever worker (stock or not) acknowledges it.
 
 A tag already in ``unacked`` (a message restored or replayed while another copy is held)
@@ -29,7 +29,7 @@ other's; the worker acknowledges that alias.
 
 Anything else (larger than a message may be, not UTF-8, not JSON, not an envelope) is
 moved as it came to the queue's holding list (``<queue>.dead.held``), and the worker
-wraps it as a raw dead letter in Python (``channel.py``). The size is checked first
+wraps it as a raw dead letter in Python (``channel.py``, ``records.py``). The size is checked first
 (O(1)): a larger entry is not read at all (encoding it in Lua blocked Redis for seconds).
 Within the limit, cjson decodes (fast, C); the UTF-8 and control-character scans (Lua
 patterns, ~30 ms a MB) run only on entries up to ``SCAN_LIMIT``: a larger one Python
@@ -133,7 +133,7 @@ local function check(item)
   end
   if not ok or not object(doc) then return nil end
   -- Lua's pattern scans cost ~30 ns a byte: above @SCAN@ bytes they are left to the
-  -- sweep, which dead-letters a record Python cannot read (channel.py).
+  -- sweep, which dead-letters a record Python cannot read (qos.py).
   if #item <= @SCAN@ and (not utf8_ok(item) or not controls_ok(item)) then return nil end
   local p, headers = doc['properties'], doc['headers']
   if not object(p) or type(p['delivery_tag']) ~= 'string' then return nil end
