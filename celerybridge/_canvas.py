@@ -30,10 +30,18 @@ from kombu.utils.json import dumps as kombu_dumps
 from kombu.utils.json import loads as kombu_loads
 
 from ._constants import DEFAULT_QUEUE, SERIALIZER
-from ._exceptions import ArgumentError, CallError, ConfigurationError
+from ._exceptions import (
+    ArgumentError,
+    CallError,
+    CeleryBridgeError,
+    ConfigurationError,
+    DelegationError,
+)
 from ._options import SUPPORTED_OPTIONS, SendOptions, merge_options
 from ._registry import registry
+from ._transports._errors import is_foreign
 from ._transports.base import OutgoingMessage
+from ._utils import uuid4_str
 
 if TYPE_CHECKING:
     from ._contracts import RemoteTask
@@ -45,10 +53,15 @@ R = TypeVar("R")
 _CANVAS_OPTIONS: Final = frozenset(
     {"chain", "chord", "group_id", "group_index", "root_id", "parent_id"}
 )
-# What Celery adds for its own bookkeeping; the bridge's publisher decides these.
+# What Celery adds for its own bookkeeping; the bridge's publisher decides these. The
+# routing and publish options are those ``Task.apply_async`` adds for Celery's own tasks
+# (a chord's ``celery.chord_unlock``, sent by a database or other non-Redis backend):
+# the user's own options were refused before recording (:func:`check_embedded_options`).
 _IGNORED_OPTIONS: Final = frozenset(
     {"producer", "publisher", "add_to_parent", "reply_to", "serializer", "connection", "router",
-     "result_cls", "route_name", "task_type"}
+     "result_cls", "route_name", "task_type",
+     "exchange", "exchange_type", "routing_key", "delivery_mode", "compression", "immediate",
+     "mandatory", "ignore_result", "shadow"}
 )  # fmt: skip
 
 # What Celery's canvas code puts in a signature's options itself (``freeze``): the rest
@@ -333,7 +346,9 @@ class CanvasApp(Celery):
     def send_task(  # type: ignore[override]
         self, name: str, args: Any = None, kwargs: Any = None, **options: Any
     ) -> AsyncResult[Any]:
-        task_id = options.pop("task_id", None)
+        # Celery's own tasks (a chord's ``celery.chord_unlock``, sent by the result
+        # backend) come through ``Task.apply_async`` without an id: give them one.
+        task_id = options.pop("task_id", None) or uuid4_str()
         record = Recorded(
             name, tuple(args or ()), dict(kwargs or {}), {**options, "task_id": task_id}
         )
@@ -352,6 +367,18 @@ class CanvasApp(Celery):
                     f"a database); the bridge's result backend does not: "
                     f"{str(exc).strip().splitlines()[0]}"
                 ) from None
+            except CeleryBridgeError:
+                raise
+            except Exception as exc:  # the result backend, or Celery's canvas itself
+                if is_foreign(exc):
+                    raise DelegationError(
+                        f"the workflow's bookkeeping could not be stored in the result "
+                        f"backend: {type(exc).__name__}: {exc}"
+                    ) from exc
+                raise CallError(
+                    f"Celery's canvas could not lay out the workflow: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
             return result, list(self._recording.sent)
         finally:
             self._recording.sent = []
