@@ -40,6 +40,7 @@ from ._exceptions import (
 from ._options import SUPPORTED_OPTIONS, SendOptions, merge_options
 from ._registry import registry
 from ._transports._errors import is_foreign
+from ._transports._protocol import check_body_depth, encoded_body
 from ._transports.base import OutgoingMessage
 from ._utils import uuid4_str
 
@@ -376,8 +377,7 @@ class CanvasApp(Celery):
                         f"backend: {type(exc).__name__}: {exc}"
                     ) from exc
                 raise CallError(
-                    f"Celery's canvas could not lay out the workflow: "
-                    f"{type(exc).__name__}: {exc}"
+                    f"Celery's canvas could not lay out the workflow: {type(exc).__name__}: {exc}"
                 ) from exc
             return result, list(self._recording.sent)
         finally:
@@ -392,7 +392,10 @@ def capture(app: CanvasApp, workflow: Signature[Any]) -> tuple[Any, list[Outgoin
     check_unique_ids(plain)
     bound = Signature.from_dict(dict(plain), app=app)
     result, sent = app.record(bound)
-    return result, [_message(record) for record in sent]
+    messages = [_message(record) for record in sent]
+    for message in messages:  # a chain's later steps nest in the first one's body
+        check_body_depth(message.task_name, encoded_body(message))
+    return result, messages
 
 
 def _message(record: Recorded) -> OutgoingMessage:

@@ -86,7 +86,7 @@ IDS = [
             2,
             f"argument 1: an integer of more than {sys.get_int_max_str_digits()} digits",
         ),
-        (("calc.add", "[" * 100_000, "2"), 2, "argument 1: nested deeper than 64 levels"),
+        (("calc.add", "[" * 100_000, "2"), 2, "argument 1: nested deeper than 30 levels"),
         (("calc.add", "1", "2", "--kwargs", "[1]"), 2, "--kwargs must be a JSON object"),
     ],
     ids=[

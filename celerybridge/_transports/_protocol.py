@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from celery.utils.nodenames import anon_nodename
 from kombu.utils.json import JSONEncoder
+from kombu.utils.json import loads as kombu_loads
 
 from .._constants import (
     CELERY_PERSISTENT_DELIVERY_MODE,
@@ -33,7 +34,9 @@ from .._constants import (
     KOMBU_BINDING_PREFIX,
     KOMBU_PRIORITY_STEPS,
     KOMBU_REDIS_SEP,
+    MAX_BODY_DEPTH,
 )
+from .._exceptions import CallError
 from .._utils import uuid4_str
 from ._hooks import before_publish
 from ._repr import args_repr, kwargs_repr
@@ -148,6 +151,7 @@ def task_message(
     payload = (args, kwargs, embed)
     before_publish(message.queue, message.task_name, payload, headers, properties, declare)
     body = _KOMBU_JSON.encode(payload).encode(CONTENT_ENCODING)
+    check_body_depth(message.task_name, body)
     if signer is not None:  # the final message: every header merged, the body's bytes
         headers.update(
             signer.headers(
@@ -176,6 +180,36 @@ def task_message(
         payload=payload,
         routing_key=message.queue,
     )
+
+
+def encoded_body(message: OutgoingMessage) -> bytes:
+    """The body ``[args, kwargs, embed]`` of ``message`` as :func:`task_message` encodes
+    it (without what ``before_task_publish`` receivers may change)."""
+    embed = {
+        "callbacks": _listed(message.options.get("link")),
+        "errbacks": _listed(message.options.get("link_error")),
+        "chain": message.options.get("chain"),
+        "chord": message.options.get("chord"),
+    }
+    payload = (message.args, message.kwargs, embed)
+    return _KOMBU_JSON.encode(payload).encode(CONTENT_ENCODING)
+
+
+def check_body_depth(task_name: str, body: bytes) -> None:
+    """Refuse (:class:`CallError`) a body nested deeper than the worker's intake reads
+    (``MAX_BODY_DEPTH``, as it decodes it): sent, it would only be dead-lettered."""
+    from .._intake.shape import depth_exceeds
+
+    try:
+        deep = depth_exceeds(kombu_loads(body), MAX_BODY_DEPTH)
+    except RecursionError:
+        deep = True
+    if deep:
+        raise CallError(
+            f"task {task_name!r} cannot be sent: its message body would nest deeper than "
+            f"{MAX_BODY_DEPTH} levels, which the worker refuses (arguments, and the "
+            "workflow steps and callbacks the message carries, nest in it)"
+        )
 
 
 def _timing(

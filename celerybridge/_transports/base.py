@@ -23,7 +23,7 @@ from .._exceptions import DelegationError
 from .._utils import uuid4_str
 from ._errors import UNBUILDABLE, unbuildable
 from ._hooks import after_publish, celery_queue, sentry_headers
-from ._protocol import Origin, TaskMessage, task_message
+from ._protocol import Origin, TaskMessage, check_body_depth, encoded_body, task_message
 
 F = TypeVar("F")
 
@@ -62,8 +62,12 @@ class OutgoingMessage:
     def new(
         cls, task_name: str, call: BoundCall, options: SendOptions, task_id: str | None = None
     ) -> OutgoingMessage:
-        """Build the message for ``call`` with a fresh task id unless one is given."""
-        return cls(
+        """Build the message for ``call`` with a fresh task id unless one is given.
+
+        Callbacks (``link``, ``link_error``) nest deeper in the body than arguments, which
+        were checked on their own: the body is checked too (:func:`check_body_depth`).
+        """
+        message = cls(
             task_id=task_id or options.task_id or uuid4_str(),
             task_name=task_name,
             queue=options.queue,
@@ -71,6 +75,9 @@ class OutgoingMessage:
             kwargs=dict(call.kwargs),
             options=options.celery_options(),
         )
+        if options.link or options.link_error:
+            check_body_depth(task_name, encoded_body(message))
+        return message
 
 
 @dataclass(frozen=True, slots=True)
