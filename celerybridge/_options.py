@@ -205,14 +205,22 @@ def _countdown(value: object) -> float:
     return seconds
 
 
+def check_expires_ahead(moment: datetime) -> None:
+    """An absolute ``expires`` must still be ahead when a message is built, not only when
+    it was given (``with_options``): past, its TTL would be 0, and RabbitMQ would drop the
+    message unseen while the caller waited for a result until its timeout."""
+    left = (moment - datetime.now(UTC)).total_seconds()
+    if left <= 0:
+        raise ConfigurationError(f"expires is in the past: {moment.isoformat()}")
+    if left < MIN_EXPIRES:
+        raise ConfigurationError(f"expires must be at least 1 ms ahead: {moment.isoformat()}")
+
+
 def _expires(value: object) -> float | datetime:
     if isinstance(value, datetime):
         moment = check_moment("expires", value)
+        check_expires_ahead(moment)
         left = (moment - datetime.now(UTC)).total_seconds()
-        if left <= 0:
-            raise ConfigurationError(f"expires is in the past: {moment.isoformat()}")
-        if left < MIN_EXPIRES:
-            raise ConfigurationError(f"expires must be at least 1 ms ahead: {moment.isoformat()}")
         if left > MAX_EXPIRES:
             raise ConfigurationError(
                 f"expires must be at most {MAX_EXPIRES:g} s (49.7 days) ahead, RabbitMQ's "

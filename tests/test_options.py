@@ -7,6 +7,7 @@ import math
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
+import anyio
 import pytest
 from celery import chain, chord, group
 from celery.canvas import Signature
@@ -157,6 +158,24 @@ def test_bad_option_values_are_refused_with_exact_words(
     with pytest.raises(ConfigurationError) as caught:
         b.add.apply_async((1, 2), **options)
     assert str(caught.value) == message
+
+
+async def test_an_absolute_expires_is_checked_again_when_each_message_is_built() -> None:
+    """An aware datetime given to with_options was checked once: calls after that moment
+    sent a TTL of 0 (RabbitMQ drops such a message unseen; the caller only timed out)."""
+    soon = datetime.now(UTC) + timedelta(milliseconds=200)
+    stub = b.add.with_options(expires=soon)
+    transport = MemoryTransport(execute=False)
+    async with Bridge(publisher=transport, results=transport) as bridge:
+        await stub.via(bridge).delegate(1, 2)  # still ahead
+        await anyio.sleep(0.3)
+        with pytest.raises(ConfigurationError) as caught:
+            await stub.via(bridge).delegate(1, 2)
+        assert str(caught.value) == f"expires is in the past: {soon.isoformat()}"
+        with pytest.raises(ConfigurationError) as caught:  # a workflow: checked at send too
+            await bridge.send_canvas(chain(stub.s(1, 2), b.mul.s(3)))
+        assert str(caught.value) == f"expires is in the past: {soon.isoformat()}"
+    assert len(transport.messages) == 1
 
 
 def test_a_link_that_cannot_take_the_result_is_refused_when_built() -> None:

@@ -7,6 +7,7 @@ import contextvars
 from abc import ABC, abstractmethod
 from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import anyio
@@ -20,6 +21,7 @@ from .._constants import (
     SERVICE_HEADER,
 )
 from .._exceptions import DelegationError
+from .._options import check_expires_ahead
 from .._utils import uuid4_str
 from ._errors import UNBUILDABLE, unbuildable
 from ._hooks import after_publish, celery_queue, sentry_headers
@@ -67,6 +69,8 @@ class OutgoingMessage:
         Callbacks (``link``, ``link_error``) nest deeper in the body than arguments, which
         were checked on their own: the body is checked too (:func:`check_body_depth`).
         """
+        if isinstance(options.expires, datetime):  # given earlier, it may have passed
+            check_expires_ahead(options.expires)
         message = cls(
             task_id=task_id or options.task_id or uuid4_str(),
             task_name=task_name,
