@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final, cast
 
 from ._constants import AMQP_SHORTSTR_BYTES
-from ._exceptions import CallError, ConfigurationError, ContractError
+from ._exceptions import CallError, CeleryBridgeError, ConfigurationError, ContractError
 from ._utils import to_seconds
 
 if TYPE_CHECKING:
@@ -112,7 +112,7 @@ def merge_options(task: str, base: SendOptions, given: Mapping[str, Any]) -> Sen
     """``base`` with the options in ``given`` (``None`` values ignored), each checked.
 
     An unknown option is a :class:`CallError` naming the supported ones; a bad value a
-    :class:`ConfigurationError` (a queue a :class:`ContractError`) naming the option.
+    :class:`ConfigurationError` naming the option.
     """
     unknown = set(given) - set(SUPPORTED_OPTIONS)
     if unknown:
@@ -125,7 +125,7 @@ def merge_options(task: str, base: SendOptions, given: Mapping[str, Any]) -> Sen
         raise ConfigurationError("give countdown or eta, not both")
     changes: dict[str, Any] = {}
     if "queue" in options:
-        check_identifier("queue", options["queue"])
+        check_identifier("queue", options["queue"], ConfigurationError)
         changes["queue"] = options["queue"]
     if "countdown" in options:
         changes["countdown"] = _countdown(options["countdown"])
@@ -162,16 +162,23 @@ def merge_options(task: str, base: SendOptions, given: Mapping[str, Any]) -> Sen
     return merged
 
 
-def check_identifier(what: str, value: object) -> None:
-    """A name a broker stores: non-empty, no spaces, valid UTF-8, a short AMQP string."""
+def check_identifier(
+    what: str, value: object, error: type[CeleryBridgeError] = ContractError
+) -> None:
+    """A name a broker stores: non-empty, no spaces, valid UTF-8, a short AMQP string.
+
+    ``error``: a :class:`ContractError` in a contract's definition (``@remote_task``), a
+    :class:`ConfigurationError` in a send option (``with_options(queue=...)``, a
+    signature's or a workflow step's options, ``celerybridge call --queue``).
+    """
     if not isinstance(value, str) or not value or value != value.strip() or " " in value:
-        raise ContractError(f"{what} must be a non-empty string without spaces, got {value!r}")
+        raise error(f"{what} must be a non-empty string without spaces, got {value!r}")
     try:
         size = len(value.encode("utf-8"))
     except UnicodeEncodeError:  # a lone surrogate: brokers would store it as it is
-        raise ContractError(f"{what} must be valid UTF-8, got {value!r}") from None
+        raise error(f"{what} must be valid UTF-8, got {value!r}") from None
     if size > AMQP_SHORTSTR_BYTES:
-        raise ContractError(
+        raise error(
             f"{what} must be at most {AMQP_SHORTSTR_BYTES} bytes of UTF-8, got {size:,} bytes"
         )
 

@@ -88,6 +88,11 @@ IDS = [
         ),
         (("calc.add", "[" * 100_000, "2"), 2, "argument 1: nested deeper than 30 levels"),
         (("calc.add", "1", "2", "--kwargs", "[1]"), 2, "--kwargs must be a JSON object"),
+        (
+            ("calc.add", "1", "2", "--queue", "a b"),
+            8,
+            "Error: ConfigurationError: queue must be a non-empty string without spaces, got 'a b'",
+        ),
     ],
     ids=[
         "unknown-task",
@@ -102,6 +107,7 @@ IDS = [
         "huge-int",
         "deep",
         "kwargs-not-object",
+        "bad-queue",
     ],
 )
 def test_bad_calls_are_refused_with_a_typed_message_and_exit_code(

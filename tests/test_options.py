@@ -150,6 +150,10 @@ def test_unsupported_options_name_the_supported_ones() -> None:
             "link must be a signature or a list of them (stub.s(...), stub.si(...)), got str",
         ),
         ({"priority": 10}, "priority must be an integer from 0 to 9, got 10"),
+        # An option value, not a contract: a ConfigurationError (it was a ContractError).
+        ({"queue": "a b"}, "queue must be a non-empty string without spaces, got 'a b'"),
+        ({"queue": "\ud800"}, "queue must be valid UTF-8, got '\\ud800'"),
+        ({"queue": "q" * 256}, "queue must be at most 255 bytes of UTF-8, got 256 bytes"),
     ],
 )
 def test_bad_option_values_are_refused_with_exact_words(
@@ -158,6 +162,19 @@ def test_bad_option_values_are_refused_with_exact_words(
     with pytest.raises(ConfigurationError) as caught:
         b.add.apply_async((1, 2), **options)
     assert str(caught.value) == message
+
+
+def test_a_bad_queue_in_a_signature_or_workflow_step_is_a_configuration_error() -> None:
+    message = "queue must be a non-empty string without spaces, got 'a b'"
+    with pytest.raises(ConfigurationError) as caught:
+        b.add.signature((1, 2), queue="a b")
+    assert str(caught.value) == message
+    with pytest.raises(ConfigurationError) as caught:
+        b.add.with_options(queue="a b")
+    assert str(caught.value) == message
+    with pytest.raises(ContractError) as contract:  # a contract's definition: still that
+        remote_task(name="svc.bad_queue", queue="a b")(lambda: None)
+    assert str(contract.value) == message
 
 
 async def test_an_absolute_expires_is_checked_again_when_each_message_is_built() -> None:
@@ -188,7 +205,7 @@ def test_a_link_that_cannot_take_the_result_is_refused_when_built() -> None:
 
 
 # Hostile and odd values at the boundaries: each is refused with a ConfigurationError
-# (a queue with a ContractError), or accepted and then carried by a message the worker's
+# or accepted and then carried by a message the worker's
 # intake would take.
 _names = st.text(min_size=0, max_size=300)
 _scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20)
@@ -234,7 +251,7 @@ def test_odd_datetimes_are_refused_or_make_valid_headers(eta: datetime, expires:
     for options in ({"eta": eta}, {"expires": expires}):
         try:
             stub = b.add.with_options(**options)
-        except (ConfigurationError, ContractError):
+        except ConfigurationError:
             continue
         wire = task_message(stub.message(stub.bind((1, 2), {})), Origin())
         assert header_refusal(wire.headers) is None
