@@ -42,7 +42,7 @@ from ._registry import registry
 from ._transports._errors import is_foreign
 from ._transports._protocol import check_body_depth, encoded_body
 from ._transports.base import OutgoingMessage
-from ._utils import uuid4_str
+from ._utils import as_list, uuid4_str
 
 if TYPE_CHECKING:
     from ._contracts import RemoteTask
@@ -174,9 +174,9 @@ def check_workflow(sig: Mapping[str, Any], *, prepended: int = 0, where: str = F
             check_workflow(kwargs["body"], prepended=1, where=CHORD_BODY)
     else:
         _check_step(sig, prepended, where)
-    for callback in _as_list(options.get("link")):
+    for callback in as_list(options.get("link")):
         check_workflow(callback, prepended=1, where=CALLBACK)
-    for errback in _as_list(options.get("link_error")):
+    for errback in as_list(options.get("link_error")):
         _walk_names(errback)
 
 
@@ -228,17 +228,17 @@ def _nodes(sig: Any) -> Iterator[Mapping[str, Any]]:
     kind = sig.get("subtask_type")
     kwargs = sig.get("kwargs") or {}
     if kind in ("chain", "group") and isinstance(kwargs, Mapping):
-        for step in _as_list(kwargs.get("tasks")):
+        for step in as_list(kwargs.get("tasks")):
             yield from _nodes(step)
     elif kind == "chord" and isinstance(kwargs, Mapping):
         header = kwargs.get("header")
-        for step in [header] if isinstance(header, Mapping) else _as_list(header):
+        for step in [header] if isinstance(header, Mapping) else as_list(header):
             yield from _nodes(step)
         yield from _nodes(kwargs.get("body"))
     options = sig.get("options") or {}
     if isinstance(options, Mapping):
         for key in ("link", "link_error"):
-            for callback in _as_list(options.get(key)):
+            for callback in as_list(options.get(key)):
                 yield from _nodes(callback)
 
 
@@ -264,12 +264,6 @@ def _check_step(sig: Mapping[str, Any], prepended: int, where: str) -> None:
 def _walk_names(sig: Any) -> None:
     if not isinstance(sig, Mapping) or not isinstance(sig.get("task"), str):
         raise CallError(f"a link_error must be a signature, got {type(sig).__name__}")
-
-
-def _as_list(value: Any) -> list[Any]:
-    if value is None:
-        return []
-    return list(value) if isinstance(value, list | tuple) else [value]
 
 
 # -- Recording what Celery's canvas would send ----------------------------------------
@@ -442,7 +436,7 @@ def task_names(messages: Sequence[OutgoingMessage]) -> dict[str, str]:
     for message in messages:
         names[message.task_id] = message.task_name
         for key in ("link", "link_error", "chain"):
-            for sig in _as_list(message.options.get(key)):
+            for sig in as_list(message.options.get(key)):
                 _collect(sig, names)
         if message.options.get("chord") is not None:
             _collect(message.options["chord"], names)
@@ -462,11 +456,11 @@ def _collect(sig: Any, names: dict[str, str]) -> None:
         if isinstance(nested, Mapping):
             _collect(nested, names)
         else:
-            for step in _as_list(nested):
+            for step in as_list(nested):
                 _collect(step, names)
     _collect(kwargs.get("body"), names)
     for key in ("link", "link_error", "chain"):
-        for step in _as_list(options.get(key)):
+        for step in as_list(options.get(key)):
             _collect(step, names)
     _collect(options.get("chord"), names)
 

@@ -195,7 +195,12 @@ QUEUE_TYPE_CLASSIC: Final = "classic"
 QUEUE_TYPE_QUORUM: Final = "quorum"
 QUEUE_TYPES: Final = (QUEUE_TYPE_CLASSIC, QUEUE_TYPE_QUORUM)
 MAX_PRIORITY_ARGUMENT: Final = "x-max-priority"
-MAX_PRIORITY: Final = 255  # RabbitMQ's largest x-max-priority
+# RabbitMQ's largest x-max-priority, and the largest AMQP priority property (one octet;
+# kombu's Redis transport clamps it to 0..9).
+MAX_PRIORITY: Final = 255
+# Seconds: RabbitMQ reads a message TTL (the broker side of ``expires``) as milliseconds
+# below 2**32, some 49.7 days.
+MAX_MESSAGE_TTL: Final = (2**32 - 1) / 1000
 # AMQP short strings (queue names, argument names) hold at most 255 bytes of UTF-8.
 AMQP_SHORTSTR_BYTES: Final = 255
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final, cast
 
-from ._constants import AMQP_SHORTSTR_BYTES
+from ._constants import AMQP_SHORTSTR_BYTES, MAX_MESSAGE_TTL
 from ._exceptions import CallError, CeleryBridgeError, ConfigurationError, ContractError
 from ._utils import to_seconds
 
@@ -38,9 +38,8 @@ SUPPORTED_OPTIONS: Final = (
 )
 """What ``with_options``, ``apply_async``, ``signature`` and ``send_options=`` accept."""
 
-MAX_EXPIRES: Final = (2**32 - 1) / 1000
-"""Seconds: RabbitMQ reads a message TTL (the broker side of ``expires``) as
-milliseconds below 2**32, some 49.7 days."""
+MAX_EXPIRES: Final = MAX_MESSAGE_TTL
+"""Seconds: the longest ``expires``, RabbitMQ's longest message TTL (49.7 days)."""
 MIN_EXPIRES: Final = 0.001
 """Seconds: RabbitMQ counts a message TTL in whole milliseconds; less would be a TTL of
 0, a message dropped unless a consumer takes it at once."""

@@ -20,7 +20,7 @@ import uuid
 from bisect import bisect
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any
 
 from celery.utils.nodenames import anon_nodename
 from kombu.utils.json import JSONEncoder
@@ -35,9 +35,11 @@ from .._constants import (
     KOMBU_PRIORITY_STEPS,
     KOMBU_REDIS_SEP,
     MAX_BODY_DEPTH,
+    MAX_MESSAGE_TTL,
+    MAX_PRIORITY,
 )
 from .._exceptions import CallError
-from .._utils import uuid4_str
+from .._utils import as_list, uuid4_str
 from ._hooks import before_publish
 from ._repr import args_repr, kwargs_repr
 
@@ -166,7 +168,7 @@ def task_message(
         "reply_to": _text(properties, "reply_to"),
         "delivery_mode": CELERY_PERSISTENT_DELIVERY_MODE,
     }
-    expiration = _number(properties, "expiration", MAX_EXPIRATION)
+    expiration = _number(properties, "expiration", MAX_MESSAGE_TTL)
     if expiration is not None:
         framed["expiration"] = str(int(expiration * 1000))
     priority = _number(properties, "priority", MAX_PRIORITY)
@@ -241,21 +243,13 @@ def _timing(
         expires_iso = (now + timedelta(seconds=expires)).isoformat()
         ttl = expires
     if ttl is not None:
-        ttl = min(max(ttl, 0), MAX_EXPIRATION)
+        ttl = min(max(ttl, 0), MAX_MESSAGE_TTL)
     return eta_iso, expires_iso, ttl
 
 
 def _listed(value: Any) -> list[Any] | None:
     """A ``link`` option as the embed carries it (Celery's ``maybe_list``)."""
-    if value is None:
-        return None
-    return list(value) if isinstance(value, list | tuple) else [value]
-
-
-MAX_PRIORITY: Final = 255
-"""AMQP's priority is one octet (kombu's Redis transport clamps it to 0..9)."""
-MAX_EXPIRATION: Final = (2**32 - 1) / 1000
-"""Seconds: RabbitMQ reads a message TTL as milliseconds below 2**32."""
+    return None if value is None else as_list(value)
 
 
 def _text(properties: dict[str, Any], name: str) -> str | None:
