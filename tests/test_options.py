@@ -20,6 +20,7 @@ from celerybridge import (
     CallError,
     ConfigurationError,
     ContractError,
+    DelegationError,
     MemoryTransport,
     remote_task,
 )
@@ -357,6 +358,38 @@ async def test_a_chord_needs_a_backend_with_chords() -> None:
         "this workflow needs a result backend that supports chords (redis://, a database); "
         'the bridge\'s result backend does not: The "rpc" result backend does not support chords!'
     )
+
+
+@pytest.mark.parametrize(
+    ("raised", "error", "message"),
+    [
+        (
+            KeyError("size"),
+            CallError,
+            "Celery's canvas could not lay out the workflow: KeyError: 'size'",
+        ),
+        (
+            OSError("disk full"),
+            DelegationError,
+            "the workflow's bookkeeping could not be stored in the result backend: OSError: "
+            "disk full",
+        ),
+    ],
+)
+def test_what_celerys_canvas_raises_while_recording_is_ours(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, raised: Exception, error: type, message: str
+) -> None:
+    """A bare ValueError escaped from a chord on a database backend; whatever else Celery's
+    canvas or its backend raises while a workflow is recorded is one of ours."""
+    app = CanvasApp(f"db+sqlite:///{tmp_path / 'r.sqlite'}", None, 5.0)
+
+    def fail(*args: Any, **kwargs: Any) -> None:
+        raise raised
+
+    monkeypatch.setattr(type(app.backend), "apply_chord", fail)
+    with pytest.raises(error) as caught:
+        capture(app, chord([b.add.s(1, 1)], b.tsum.s()))
+    assert str(caught.value) == message
 
 
 def test_the_callers_workflow_is_not_changed() -> None:
