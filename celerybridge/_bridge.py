@@ -39,7 +39,7 @@ from ._utils import Timeout, fail_after, to_seconds
 
 if TYPE_CHECKING:
     from celery import Celery
-    from celery.canvas import Signature
+    from celery.canvas import Signature, group
 
     from ._canvas import CanvasApp
     from ._contracts import RemoteTask
@@ -171,6 +171,12 @@ class Bridge:
         except TimeoutError:
             raise self._publish_timeout(what, message, timeout) from None
         return TaskHandle(self, stub, message.task_id)
+
+    @overload
+    async def send_canvas(self, workflow: group) -> GroupHandle: ...
+
+    @overload
+    async def send_canvas(self, workflow: Signature[Any]) -> TaskHandle[Any] | GroupHandle: ...
 
     async def send_canvas(self, workflow: Signature[Any]) -> TaskHandle[Any] | GroupHandle:
         """Publish a Celery workflow (a signature, ``chain``, ``group`` or ``chord`` of

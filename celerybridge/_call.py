@@ -12,6 +12,7 @@ import json
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from ._bridge import Bridge
@@ -109,14 +110,40 @@ def prepare(
     *,
     version: int | None,
     queue: str | None,
+    options: Mapping[str, Any] | None = None,
 ) -> Call:
-    """Resolve and validate a call given as decoded JSON, or raise :class:`CallError`."""
+    """Resolve and validate a call given as decoded JSON, or raise :class:`CallError`
+    (:class:`ConfigurationError` for a bad option value).
+
+    ``options`` are send options as decoded JSON (``--option NAME=JSON``), checked as
+    ``delegate(send_options=...)`` checks them; ``eta`` and ``expires`` may be ISO 8601
+    texts with a timezone (JSON has no dates).
+    """
     stub = registry.resolve(name, version)
+    given = {k: _moment(k, v) if k in _MOMENTS else v for k, v in (options or {}).items()}
     if queue is not None:
-        stub = stub.with_options(queue=queue)
+        given["queue"] = queue
+    if given:
+        stub = stub._with(given)
     received = stub.binder.receive(args, kwargs)  # JSON mode: bytes as base64, as a worker
     python_args, python_kwargs = stub.binder.call_arguments(received)
     return Call(stub, python_args, python_kwargs)
+
+
+_MOMENTS = frozenset({"eta", "expires"})
+
+
+def _moment(name: str, value: Any) -> Any:
+    """``eta`` or ``expires`` given as an ISO 8601 text, as a datetime; other values as
+    they are (a number of seconds for ``expires``; the option's check refuses the rest)."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:
+        raise ConfigurationError(
+            f"{name} must be an ISO 8601 date and time with a timezone, got {value!r:.80}"
+        ) from None
 
 
 async def send(

@@ -30,10 +30,19 @@ from kombu.utils.json import dumps as kombu_dumps
 from kombu.utils.json import loads as kombu_loads
 
 from ._constants import DEFAULT_QUEUE, SERIALIZER
-from ._exceptions import ArgumentError, CallError, ConfigurationError
+from ._exceptions import (
+    ArgumentError,
+    CallError,
+    CeleryBridgeError,
+    ConfigurationError,
+    DelegationError,
+)
 from ._options import SUPPORTED_OPTIONS, SendOptions, merge_options
 from ._registry import registry
+from ._transports._errors import is_foreign
+from ._transports._protocol import check_body_depth, encoded_body
 from ._transports.base import OutgoingMessage
+from ._utils import as_list, uuid4_str
 
 if TYPE_CHECKING:
     from ._contracts import RemoteTask
@@ -45,10 +54,15 @@ R = TypeVar("R")
 _CANVAS_OPTIONS: Final = frozenset(
     {"chain", "chord", "group_id", "group_index", "root_id", "parent_id"}
 )
-# What Celery adds for its own bookkeeping; the bridge's publisher decides these.
+# What Celery adds for its own bookkeeping; the bridge's publisher decides these. The
+# routing and publish options are those ``Task.apply_async`` adds for Celery's own tasks
+# (a chord's ``celery.chord_unlock``, sent by a database or other non-Redis backend):
+# the user's own options were refused before recording (:func:`check_embedded_options`).
 _IGNORED_OPTIONS: Final = frozenset(
     {"producer", "publisher", "add_to_parent", "reply_to", "serializer", "connection", "router",
-     "result_cls", "route_name", "task_type"}
+     "result_cls", "route_name", "task_type",
+     "exchange", "exchange_type", "routing_key", "delivery_mode", "compression", "immediate",
+     "mandatory", "ignore_result", "shadow"}
 )  # fmt: skip
 
 # What Celery's canvas code puts in a signature's options itself (``freeze``): the rest
@@ -160,9 +174,9 @@ def check_workflow(sig: Mapping[str, Any], *, prepended: int = 0, where: str = F
             check_workflow(kwargs["body"], prepended=1, where=CHORD_BODY)
     else:
         _check_step(sig, prepended, where)
-    for callback in _as_list(options.get("link")):
+    for callback in as_list(options.get("link")):
         check_workflow(callback, prepended=1, where=CALLBACK)
-    for errback in _as_list(options.get("link_error")):
+    for errback in as_list(options.get("link_error")):
         _walk_names(errback)
 
 
@@ -214,17 +228,17 @@ def _nodes(sig: Any) -> Iterator[Mapping[str, Any]]:
     kind = sig.get("subtask_type")
     kwargs = sig.get("kwargs") or {}
     if kind in ("chain", "group") and isinstance(kwargs, Mapping):
-        for step in _as_list(kwargs.get("tasks")):
+        for step in as_list(kwargs.get("tasks")):
             yield from _nodes(step)
     elif kind == "chord" and isinstance(kwargs, Mapping):
         header = kwargs.get("header")
-        for step in [header] if isinstance(header, Mapping) else _as_list(header):
+        for step in [header] if isinstance(header, Mapping) else as_list(header):
             yield from _nodes(step)
         yield from _nodes(kwargs.get("body"))
     options = sig.get("options") or {}
     if isinstance(options, Mapping):
         for key in ("link", "link_error"):
-            for callback in _as_list(options.get(key)):
+            for callback in as_list(options.get(key)):
                 yield from _nodes(callback)
 
 
@@ -250,12 +264,6 @@ def _check_step(sig: Mapping[str, Any], prepended: int, where: str) -> None:
 def _walk_names(sig: Any) -> None:
     if not isinstance(sig, Mapping) or not isinstance(sig.get("task"), str):
         raise CallError(f"a link_error must be a signature, got {type(sig).__name__}")
-
-
-def _as_list(value: Any) -> list[Any]:
-    if value is None:
-        return []
-    return list(value) if isinstance(value, list | tuple) else [value]
 
 
 # -- Recording what Celery's canvas would send ----------------------------------------
@@ -333,7 +341,9 @@ class CanvasApp(Celery):
     def send_task(  # type: ignore[override]
         self, name: str, args: Any = None, kwargs: Any = None, **options: Any
     ) -> AsyncResult[Any]:
-        task_id = options.pop("task_id", None)
+        # Celery's own tasks (a chord's ``celery.chord_unlock``, sent by the result
+        # backend) come through ``Task.apply_async`` without an id: give them one.
+        task_id = options.pop("task_id", None) or uuid4_str()
         record = Recorded(
             name, tuple(args or ()), dict(kwargs or {}), {**options, "task_id": task_id}
         )
@@ -352,6 +362,17 @@ class CanvasApp(Celery):
                     f"a database); the bridge's result backend does not: "
                     f"{str(exc).strip().splitlines()[0]}"
                 ) from None
+            except CeleryBridgeError:
+                raise
+            except Exception as exc:  # the result backend, or Celery's canvas itself
+                if is_foreign(exc):
+                    raise DelegationError(
+                        f"the workflow's bookkeeping could not be stored in the result "
+                        f"backend: {type(exc).__name__}: {exc}"
+                    ) from exc
+                raise CallError(
+                    f"Celery's canvas could not lay out the workflow: {type(exc).__name__}: {exc}"
+                ) from exc
             return result, list(self._recording.sent)
         finally:
             self._recording.sent = []
@@ -365,7 +386,10 @@ def capture(app: CanvasApp, workflow: Signature[Any]) -> tuple[Any, list[Outgoin
     check_unique_ids(plain)
     bound = Signature.from_dict(dict(plain), app=app)
     result, sent = app.record(bound)
-    return result, [_message(record) for record in sent]
+    messages = [_message(record) for record in sent]
+    for message in messages:  # a chain's later steps nest in the first one's body
+        check_body_depth(message.task_name, encoded_body(message))
+    return result, messages
 
 
 def _message(record: Recorded) -> OutgoingMessage:
@@ -412,7 +436,7 @@ def task_names(messages: Sequence[OutgoingMessage]) -> dict[str, str]:
     for message in messages:
         names[message.task_id] = message.task_name
         for key in ("link", "link_error", "chain"):
-            for sig in _as_list(message.options.get(key)):
+            for sig in as_list(message.options.get(key)):
                 _collect(sig, names)
         if message.options.get("chord") is not None:
             _collect(message.options["chord"], names)
@@ -432,11 +456,11 @@ def _collect(sig: Any, names: dict[str, str]) -> None:
         if isinstance(nested, Mapping):
             _collect(nested, names)
         else:
-            for step in _as_list(nested):
+            for step in as_list(nested):
                 _collect(step, names)
     _collect(kwargs.get("body"), names)
     for key in ("link", "link_error", "chain"):
-        for step in _as_list(options.get(key)):
+        for step in as_list(options.get(key)):
             _collect(step, names)
     _collect(options.get("chord"), names)
 

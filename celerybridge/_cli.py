@@ -225,6 +225,19 @@ def _json_argument(what: str, text: str) -> Any:
         raise click.UsageError(_p(exc)) from None
 
 
+def _send_options(texts: tuple[str, ...], queue: str | None) -> dict[str, Any]:
+    """``--option NAME=JSON`` texts as a dict of decoded values (usage errors: exit 2)."""
+    options: dict[str, Any] = {}
+    for text in texts:
+        name, sep, value = text.partition("=")
+        if not sep or not name:
+            raise click.UsageError(_p(f"--option {text!r}: expected NAME=JSON, e.g. countdown=5"))
+        if name in options or (name == "queue" and queue is not None):
+            raise click.UsageError(_p(f"--option {name}: given more than once"))
+        options[name] = _json_argument(f"--option {name}", value)
+    return options
+
+
 @main.command()
 @click.argument("name")
 @click.argument("args", nargs=-1)
@@ -239,6 +252,14 @@ def _json_argument(what: str, text: str) -> Any:
 @click.option("--kwargs", "kwargs_json", help="Keyword arguments as one JSON object.")
 @click.option("--version", "version", type=click.IntRange(min=1), help="Contract version.")
 @click.option("--queue", help="Send to this queue instead of the contract's.")
+@click.option(
+    "--option",
+    "option_texts",
+    multiple=True,
+    metavar="NAME=JSON",
+    help="A send option (repeatable), as with_options takes it: countdown=5, priority=3, "
+    'expires=60, eta=\'"2031-01-01T00:00:00+00:00"\', headers=\'{"k": "v"}\', task_id=\'"id"\'.',
+)
 @click.option("--wait", is_flag=True, help="Wait for the result and print it.")
 @click.option(
     "--timeout",
@@ -255,6 +276,7 @@ def call(
     kwargs_json: str | None,
     version: int | None,
     queue: str | None,
+    option_texts: tuple[str, ...],
     wait: bool,
     timeout: float | None,
     dry_run: bool,
@@ -267,7 +289,7 @@ def call(
     Exit codes: 0 done; 1 a module cannot be imported; 2 usage (bad JSON); 3 refused
     before sending (unknown task or version, arguments that do not fit); 4 the broker did
     not accept it; 5 the task failed; 6 no result within the timeout; 7 the result
-    backend failed; 8 settings (--broker included).
+    backend failed; 8 settings (--broker included) and bad option values.
     """
     if broker is not None:
         problem = url_problem(broker, BROKER_SCHEMES)
@@ -278,10 +300,16 @@ def call(
     keywords = {} if kwargs_json is None else _json_argument("--kwargs", kwargs_json)
     if not isinstance(keywords, dict):
         raise click.UsageError("--kwargs must be a JSON object")
+    options = _send_options(option_texts, queue)
     try:
-        prepared = _call.prepare(name, positional, keywords, version=version, queue=queue)
+        prepared = _call.prepare(
+            name, positional, keywords, version=version, queue=queue, options=options
+        )
         if dry_run:
-            click.echo(json.dumps({**prepared.describe(), **prepared.wire()}, indent=2))
+            shown = {**prepared.describe(), **prepared.wire()}
+            if options:
+                shown["options"] = options
+            click.echo(json.dumps(shown, indent=2))
             return
         overrides: dict[str, Any] = {} if broker is None else {"broker_url": broker}
 

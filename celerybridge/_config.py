@@ -85,7 +85,8 @@ class BridgeSettings(BaseSettings):
     ``CELERYBRIDGE_SIGNING_KEY``, ``CELERYBRIDGE_SIGNING_VERIFY_KEYS``,
     ``CELERYBRIDGE_SIGNING_MAX_AGE``, ``CELERYBRIDGE_BROKER_TRANSPORT_OPTIONS``,
     ``CELERYBRIDGE_RESULT_BACKEND_TRANSPORT_OPTIONS``, ``CELERYBRIDGE_QUEUES``,
-    ``CELERYBRIDGE_DEFAULT_QUEUE_TYPE``. Values are checked
+    ``CELERYBRIDGE_DEFAULT_QUEUE_TYPE``, ``CELERYBRIDGE_MAX_MESSAGE_BYTES``,
+    ``CELERYBRIDGE_MAX_DELIVERIES``, ``CELERYBRIDGE_SERVICE``. Values are checked
     when the settings are built. Credentials in URLs are masked in ``repr`` and a URL
     is never quoted in an error message (a malformed one could show its password where
     a parser expects a host or a port); the signing key never appears in ``repr`` or

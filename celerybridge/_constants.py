@@ -29,6 +29,15 @@ DEAD_KIND_RETRIES: Final = "retries"  # failed after its automatic retries
 DEAD_KIND_DELIVERIES: Final = "deliveries"  # delivered more than CELERYBRIDGE_MAX_DELIVERIES
 DEAD_KINDS_NEVER_RESIGNED: Final = frozenset({DEAD_KIND_SIGNATURE, DEAD_KIND_REPLAY})
 
+# How deep JSON may nest in a task message's body (arrays and objects, the body's own
+# list counted), as the worker's intake (_intake/shape.py) accepts it; Celery's own
+# messages use 4. An argument sits two levels down ([args, kwargs, embed] > args or
+# kwargs > the argument), so the caller accepts arguments nested MAX_ARGUMENT_DEPTH deep;
+# a workflow's embedded steps sit deeper, and a message's encoded body is checked too.
+MAX_BODY_DEPTH: Final = 32
+BODY_ENVELOPE_DEPTH: Final = 2
+MAX_ARGUMENT_DEPTH: Final = MAX_BODY_DEPTH - BODY_ENVELOPE_DEPTH
+
 # The worker's intake (_intake/): the largest body it reads (CELERYBRIDGE_MAX_MESSAGE_BYTES),
 # and the record of signed messages already taken, kept as long as a signature is valid.
 DEFAULT_MAX_MESSAGE_BYTES: Final = 32 * 1024 * 1024
@@ -207,7 +216,12 @@ QUEUE_TYPE_CLASSIC: Final = "classic"
 QUEUE_TYPE_QUORUM: Final = "quorum"
 QUEUE_TYPES: Final = (QUEUE_TYPE_CLASSIC, QUEUE_TYPE_QUORUM)
 MAX_PRIORITY_ARGUMENT: Final = "x-max-priority"
-MAX_PRIORITY: Final = 255  # RabbitMQ's largest x-max-priority
+# RabbitMQ's largest x-max-priority, and the largest AMQP priority property (one octet;
+# kombu's Redis transport clamps it to 0..9).
+MAX_PRIORITY: Final = 255
+# Seconds: RabbitMQ reads a message TTL (the broker side of ``expires``) as milliseconds
+# below 2**32, some 49.7 days.
+MAX_MESSAGE_TTL: Final = (2**32 - 1) / 1000
 # AMQP short strings (queue names, argument names) hold at most 255 bytes of UTF-8.
 AMQP_SHORTSTR_BYTES: Final = 255
 

@@ -17,6 +17,7 @@ import sniffio
 
 from ._bridge import Bridge
 from ._config import BridgeSettings, load_settings
+from ._exceptions import ConfigurationError
 from ._registry import registry
 from ._result import TaskHandle
 
@@ -129,9 +130,21 @@ async def delegate(
 
 
 def sync_publisher() -> KombuPublisher:
-    """The process's publisher for the stubs' sync ``apply_async`` and ``delay``."""
+    """The process's publisher for the stubs' sync ``apply_async`` and ``delay``.
+
+    They send through Celery's own publisher (kombu) and return Celery's ``AsyncResult``:
+    a publisher given to :func:`configure` (a :class:`~celerybridge.MemoryTransport` in
+    tests) cannot stand in, and rather than sending to the real broker behind the test
+    double's back, they raise :class:`ConfigurationError`.
+    """
     global _sync
     config = _current()
+    if config.publisher is not None:
+        raise ConfigurationError(
+            f"apply_async() and delay() send through Celery's publisher and cannot use the "
+            f"publisher given to configure() ({type(config.publisher).__name__}); nothing "
+            "was sent: use await stub.delegate(...), which sends through it"
+        )
     if _sync is None or _sync[0] != os.getpid() or _sync[1] is not config:
         from ._queues import QueuePlan
         from ._transports.kombu import KombuPublisher

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final, cast
 
-from ._constants import AMQP_SHORTSTR_BYTES
-from ._exceptions import CallError, ConfigurationError, ContractError
+from ._constants import AMQP_SHORTSTR_BYTES, MAX_MESSAGE_TTL
+from ._exceptions import CallError, CeleryBridgeError, ConfigurationError, ContractError
 from ._utils import to_seconds
 
 if TYPE_CHECKING:
@@ -38,9 +38,8 @@ SUPPORTED_OPTIONS: Final = (
 )
 """What ``with_options``, ``apply_async``, ``signature`` and ``send_options=`` accept."""
 
-MAX_EXPIRES: Final = (2**32 - 1) / 1000
-"""Seconds: RabbitMQ reads a message TTL (the broker side of ``expires``) as
-milliseconds below 2**32, some 49.7 days."""
+MAX_EXPIRES: Final = MAX_MESSAGE_TTL
+"""Seconds: the longest ``expires``, RabbitMQ's longest message TTL (49.7 days)."""
 MIN_EXPIRES: Final = 0.001
 """Seconds: RabbitMQ counts a message TTL in whole milliseconds; less would be a TTL of
 0, a message dropped unless a consumer takes it at once."""
@@ -112,7 +111,7 @@ def merge_options(task: str, base: SendOptions, given: Mapping[str, Any]) -> Sen
     """``base`` with the options in ``given`` (``None`` values ignored), each checked.
 
     An unknown option is a :class:`CallError` naming the supported ones; a bad value a
-    :class:`ConfigurationError` (a queue a :class:`ContractError`) naming the option.
+    :class:`ConfigurationError` naming the option.
     """
     unknown = set(given) - set(SUPPORTED_OPTIONS)
     if unknown:
@@ -125,7 +124,7 @@ def merge_options(task: str, base: SendOptions, given: Mapping[str, Any]) -> Sen
         raise ConfigurationError("give countdown or eta, not both")
     changes: dict[str, Any] = {}
     if "queue" in options:
-        check_identifier("queue", options["queue"])
+        check_identifier("queue", options["queue"], ConfigurationError)
         changes["queue"] = options["queue"]
     if "countdown" in options:
         changes["countdown"] = _countdown(options["countdown"])
@@ -162,16 +161,23 @@ def merge_options(task: str, base: SendOptions, given: Mapping[str, Any]) -> Sen
     return merged
 
 
-def check_identifier(what: str, value: object) -> None:
-    """A name a broker stores: non-empty, no spaces, valid UTF-8, a short AMQP string."""
+def check_identifier(
+    what: str, value: object, error: type[CeleryBridgeError] = ContractError
+) -> None:
+    """A name a broker stores: non-empty, no spaces, valid UTF-8, a short AMQP string.
+
+    ``error``: a :class:`ContractError` in a contract's definition (``@remote_task``), a
+    :class:`ConfigurationError` in a send option (``with_options(queue=...)``, a
+    signature's or a workflow step's options, ``celerybridge call --queue``).
+    """
     if not isinstance(value, str) or not value or value != value.strip() or " " in value:
-        raise ContractError(f"{what} must be a non-empty string without spaces, got {value!r}")
+        raise error(f"{what} must be a non-empty string without spaces, got {value!r}")
     try:
         size = len(value.encode("utf-8"))
     except UnicodeEncodeError:  # a lone surrogate: brokers would store it as it is
-        raise ContractError(f"{what} must be valid UTF-8, got {value!r}") from None
+        raise error(f"{what} must be valid UTF-8, got {value!r}") from None
     if size > AMQP_SHORTSTR_BYTES:
-        raise ContractError(
+        raise error(
             f"{what} must be at most {AMQP_SHORTSTR_BYTES} bytes of UTF-8, got {size:,} bytes"
         )
 
@@ -205,14 +211,22 @@ def _countdown(value: object) -> float:
     return seconds
 
 
+def check_expires_ahead(moment: datetime) -> None:
+    """An absolute ``expires`` must still be ahead when a message is built, not only when
+    it was given (``with_options``): past, its TTL would be 0, and RabbitMQ would drop the
+    message unseen while the caller waited for a result until its timeout."""
+    left = (moment - datetime.now(UTC)).total_seconds()
+    if left <= 0:
+        raise ConfigurationError(f"expires is in the past: {moment.isoformat()}")
+    if left < MIN_EXPIRES:
+        raise ConfigurationError(f"expires must be at least 1 ms ahead: {moment.isoformat()}")
+
+
 def _expires(value: object) -> float | datetime:
     if isinstance(value, datetime):
         moment = check_moment("expires", value)
+        check_expires_ahead(moment)
         left = (moment - datetime.now(UTC)).total_seconds()
-        if left <= 0:
-            raise ConfigurationError(f"expires is in the past: {moment.isoformat()}")
-        if left < MIN_EXPIRES:
-            raise ConfigurationError(f"expires must be at least 1 ms ahead: {moment.isoformat()}")
         if left > MAX_EXPIRES:
             raise ConfigurationError(
                 f"expires must be at most {MAX_EXPIRES:g} s (49.7 days) ahead, RabbitMQ's "

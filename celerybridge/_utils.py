@@ -8,6 +8,7 @@ import os
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import timedelta
+from typing import Any
 
 import anyio
 import sniffio
@@ -60,6 +61,14 @@ def uuid4_str() -> str:
     raw[8] = raw[8] & 0x3F | 0x80  # the RFC 4122 variant
     digits = raw.hex()
     return f"{digits[:8]}-{digits[8:12]}-{digits[12:16]}-{digits[16:20]}-{digits[20:]}"
+
+
+def as_list(value: Any) -> list[Any]:
+    """``value`` as a list, as Celery's ``maybe_list`` reads a ``link`` option: ``None``
+    is none, a list or tuple its items, anything else one item."""
+    if value is None:
+        return []
+    return list(value) if isinstance(value, list | tuple) else [value]
 
 
 def printable(text: object) -> str:

@@ -19,13 +19,15 @@ from pydantic import ConfigDict, PydanticSchemaGenerationError, TypeAdapter, Val
 from pydantic.errors import PydanticUserError
 from pydantic_core import PydanticSerializationError
 
+from ._constants import MAX_ARGUMENT_DEPTH
 from ._exceptions import ArgumentError, ContractError
 
 _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 _VARIADIC = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
 _QUOTED = re.compile(r"'([^']+)'")
-MAX_DEPTH = 64
-"""Deepest nesting of containers accepted in an argument."""
+MAX_DEPTH = MAX_ARGUMENT_DEPTH
+"""Deepest nesting of containers accepted in an argument: what the worker's intake
+accepts in a body (``MAX_BODY_DEPTH``) less the body's own two levels."""
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 """Integers JSON peers can carry (Java's long, Go's int64, ...); beyond, refused."""
 
@@ -225,7 +227,8 @@ def _check_json(value: Any, *, strict: bool, depth: int) -> None:
     call must not change its arguments on the way, so we refuse instead. ``strict``
     (unannotated parameters) also refuses any non-JSON type.
     """
-    if depth > MAX_DEPTH:
+    if depth >= MAX_DEPTH and isinstance(value, dict | list | tuple):
+        # Containers counted as the worker's intake counts them: this is level depth + 1.
         raise _NotJSON(f"nesting deeper than {MAX_DEPTH} levels")
     if isinstance(value, float):
         if not math.isfinite(value):

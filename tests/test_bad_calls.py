@@ -120,7 +120,10 @@ CORPUS: list[tuple[str, tuple[Any, ...], dict[str, Any], Any, type[CeleryBridgeE
      f"{FREE}: object is not JSON-serialisable"),
     ("corpus.free", ({1: "a"},), {}, None, ArgumentError, f"{FREE}: object key 1 is not a string"),
     ("corpus.free", (_nested(100),), {}, None, ArgumentError,
-     f"{FREE}: nesting deeper than 64 levels"),
+     f"{FREE}: nesting deeper than 30 levels"),
+    # 31 lists: the body would nest 33 deep, and the worker's intake reads 32.
+    ("corpus.free", (_nested(30),), {}, None, ArgumentError,
+     f"{FREE}: nesting deeper than 30 levels"),
     ("corpus.free", (b"x",), {}, None, ArgumentError, f"{FREE}: bytes is not JSON-serialisable"),
     ("corpus.free", (1, True), {}, None, ArgumentError,
      "task 'corpus.free' v1: too many positional arguments"),

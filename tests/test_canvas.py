@@ -99,6 +99,33 @@ async def test_chord_with_a_contract_callback(cbridge: Bridge) -> None:
     assert await handle.result(timeout=15) == 8
 
 
+async def test_chord_on_a_database_result_backend(tmp_path: Path) -> None:
+    """A database backend has no native chords: Celery's client sends a
+    ``celery.chord_unlock`` task (no task id of its own, routing options of its own),
+    which polls the header's results. Recorded with an id, sent, run by a real worker."""
+    backend = f"db+sqlite:///{tmp_path / 'results.sqlite'}"
+    queue = f"cb-chord-db-{uuid.uuid4().hex[:8]}"
+    worker = Worker(
+        "tests.workers.canvas_worker", BROKERS["redis"], backend, concurrency=2, queue=queue
+    )
+    worker.start(tmp_path)
+    try:
+        settings = BridgeSettings(
+            broker_url=BROKERS["redis"], result_backend=backend, result_timeout=20
+        )
+        async with Bridge(settings) as bridge:
+            workflow = chord(
+                [b.add.s(1, 1).set(queue=queue), b.mul.s(2, 3).set(queue=queue)],
+                b.tsum.s().set(queue=queue),
+            )
+            handle = await bridge.send_canvas(workflow)
+            assert isinstance(handle, TaskHandle)
+            assert handle.task_name == "canvas.tsum"
+            assert await handle.result(timeout=20) == 8
+    finally:
+        worker.stop()
+
+
 async def test_link_callback_gets_the_result_and_link_error_runs_on_failure(
     cbridge: Bridge,
 ) -> None:

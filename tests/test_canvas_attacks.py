@@ -482,3 +482,70 @@ def test_an_expiry_under_a_millisecond_is_refused_like_a_past_one() -> None:
         "expires must be at least 1 ms (RabbitMQ counts a TTL in whole milliseconds), got 1e-09"
     )
     b.add.with_options(expires=0.001)
+
+
+# -- Nesting the worker refuses is refused before it is sent -----------------------------
+
+
+@remote_task(name="attack.deep", queue="cb-attack-deep")
+def deep(value: Any, other: Any = None) -> Any: ...
+
+
+def _lists(levels: int) -> list[Any]:
+    """``levels`` lists, each inside the one before."""
+    value: list[Any] = []
+    for _ in range(levels - 1):
+        value = [value]
+    return value
+
+
+_TOO_DEEP = (
+    "task 'attack.deep' cannot be sent: its message body would nest deeper than 32 levels, "
+    "which the worker refuses (arguments, and the workflow steps and callbacks the message "
+    "carries, nest in it)"
+)
+
+
+def test_the_deepest_argument_the_caller_accepts_is_one_the_worker_accepts() -> None:
+    """The caller accepted 64 levels and the worker's intake 32: a 40-deep argument was
+    sent, then dead-lettered. One limit now, counted the same way on both sides."""
+    from celerybridge._intake import shape
+
+    wire = task_message(deep.message(deep.bind((_lists(30),), {})), Origin())
+    document, refusal = shape.parse_body(wire.body, 1 << 20)
+    assert refusal is None
+    assert shape.body_refusal(document) is None
+    with pytest.raises(celerybridge.ArgumentError) as caught:
+        deep.bind((_lists(31),), {})
+    assert str(caught.value) == (
+        "task 'attack.deep' v1, parameter 'value': nesting deeper than 30 levels"
+    )
+
+
+async def test_a_chain_step_nested_past_the_workers_limit_is_refused() -> None:
+    """A later step of a chain sits five levels down in the first message's body
+    (body, embed, chain, step, args): 28 levels of argument there were sent and
+    dead-lettered. The encoded body is checked before anything is published."""
+    transport = MemoryTransport(execute=False)
+    async with Bridge(publisher=transport, results=transport) as bridge:
+        with pytest.raises(CallError) as caught:
+            await bridge.send_canvas(chain(deep.si(1), deep.si(_lists(28))))
+        assert str(caught.value) == _TOO_DEEP
+        with pytest.raises(CallError) as caught:  # a link callback, on a single call
+            await deep.with_options(link=deep.si(_lists(28))).via(bridge).delegate(1)
+        assert str(caught.value) == _TOO_DEEP
+        assert transport.messages == []
+        await bridge.send_canvas(chain(deep.si(1), deep.si(_lists(27))))  # 32: accepted
+        assert len(transport.messages) == 1
+
+
+def test_the_fast_path_checks_the_body_it_encodes() -> None:
+    """``task_message`` (the native publishers) refuses a body the worker would refuse,
+    whatever built the message."""
+    from celerybridge._transports.base import OutgoingMessage
+
+    step = {"task": "attack.deep", "args": [_lists(28)], "kwargs": {}, "options": {}}
+    message = OutgoingMessage("id-1", "attack.deep", "q", (1,), {}, {"chain": [step]})
+    with pytest.raises(CallError) as caught:
+        task_message(message, Origin())
+    assert str(caught.value) == _TOO_DEEP

@@ -11,6 +11,8 @@ from __future__ import annotations
 import base64
 import json
 import sys
+import uuid
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -86,8 +88,50 @@ IDS = [
             2,
             f"argument 1: an integer of more than {sys.get_int_max_str_digits()} digits",
         ),
-        (("calc.add", "[" * 100_000, "2"), 2, "argument 1: nested deeper than 64 levels"),
+        (("calc.add", "[" * 100_000, "2"), 2, "argument 1: nested deeper than 30 levels"),
         (("calc.add", "1", "2", "--kwargs", "[1]"), 2, "--kwargs must be a JSON object"),
+        (
+            ("calc.add", "1", "2", "--option", "countdown=-1"),
+            8,
+            "Error: ConfigurationError: countdown must be a positive, finite duration, got -1",
+        ),
+        (
+            ("calc.add", "1", "2", "--option", "bogus=1"),
+            3,
+            "Error: CallError: task 'calc.add': unsupported option(s) bogus; supported: "
+            "countdown, eta, expires, headers, link, link_error, priority, queue, retry, "
+            "retry_policy, soft_time_limit, task_id, time_limit",
+        ),
+        (
+            ("calc.add", "1", "2", "--option", 'eta="2031-01-01T00:00:00"'),
+            8,
+            "Error: ConfigurationError: eta must be a timezone-aware datetime (e.g. "
+            "datetime.now(UTC) + timedelta(seconds=5)), got the naive 2031-01-01T00:00:00",
+        ),
+        (
+            ("calc.add", "1", "2", "--option", 'expires="soon"'),
+            8,
+            "Error: ConfigurationError: expires must be an ISO 8601 date and time with a "
+            "timezone, got 'soon'",
+        ),
+        (
+            ("calc.add", "1", "2", "--option", 'headers={"task": "calc.fail"}'),
+            8,
+            "Error: ConfigurationError: header 'task' is reserved: Celery's protocol, the "
+            "worker's request or celerybridge set it",
+        ),
+        (("calc.add", "1", "2", "--option", "countdown"), 2, "expected NAME=JSON"),
+        (("calc.add", "1", "2", "--option", "priority=NaN"), 2, "--option priority: NaN is"),
+        (
+            ("calc.add", "1", "2", "--option", "priority=1", "--option", "priority=2"),
+            2,
+            "--option priority: given more than once",
+        ),
+        (
+            ("calc.add", "1", "2", "--queue", "a b"),
+            8,
+            "Error: ConfigurationError: queue must be a non-empty string without spaces, got 'a b'",
+        ),
     ],
     ids=[
         "unknown-task",
@@ -102,6 +146,15 @@ IDS = [
         "huge-int",
         "deep",
         "kwargs-not-object",
+        "option-value",
+        "option-unknown",
+        "option-naive-eta",
+        "option-bad-expires",
+        "option-reserved-header",
+        "option-no-value",
+        "option-nan",
+        "option-twice",
+        "bad-queue",
     ],
 )
 def test_bad_calls_are_refused_with_a_typed_message_and_exit_code(
@@ -190,6 +243,14 @@ def test_call_sends_and_waits_for_the_result(bridge_worker: Worker, broker: str)
     sent = call(*CALC, "calc.add", "1", "2", *queue, env=env)
     assert sent.exit_code == 0, sent.output
     assert set(json.loads(sent.stdout)) == {"task", "version", "wire_name", "queue", "id"}
+
+    task_id = f"cli-{uuid.uuid4()}"  # send options reach the message: its id, its ETA
+    eta = (datetime.now(UTC) + timedelta(seconds=1)).isoformat()
+    options = ("--option", f'task_id="{task_id}"', "--option", f'eta="{eta}"')
+    timed = call(*CALC, "calc.add", "4", "5", *queue, *options, "--wait", env=env)
+    assert timed.exit_code == 0, timed.output
+    out = json.loads(timed.stdout)
+    assert (out["id"], out["result"]["value"]) == (task_id, 9)
 
 
 @pytest.mark.integration

@@ -143,3 +143,16 @@ def test_each_row_of_the_fast_path_table_names_tests_that_exist() -> None:
         for path, name in cited:
             source = (ROOT / path).read_text()
             assert re.search(rf"^(async )?def {name}\(", source, re.MULTILINE), (path, name)
+
+
+def test_the_settings_docstring_names_every_variable() -> None:
+    """``BridgeSettings``' docstring lists the environment variables: all of them."""
+    from celerybridge import BridgeSettings
+
+    doc = " ".join((BridgeSettings.__doc__ or "").split())
+    missing = [
+        f"CELERYBRIDGE_{name.upper()}"
+        for name in BridgeSettings.model_fields
+        if f"``CELERYBRIDGE_{name.upper()}``" not in doc
+    ]
+    assert missing == []

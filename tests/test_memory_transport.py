@@ -97,3 +97,31 @@ async def test_bytes_cross_as_base64_and_arrive_as_bytes() -> None:
         assert await handle == b"8-FTU ton \xff\x00"
     assert transport.messages[0].args == ("AP8gbm90IFVURi04",)  # base64 on the wire
     assert received == [b"\x00\xff not UTF-8"]
+
+
+def test_sync_apply_async_and_delay_refuse_a_configured_test_double() -> None:
+    """``configure(publisher=MemoryTransport())`` was ignored by the sync calls: they built
+    a kombu publisher and sent to the real broker behind the test double's back."""
+    import celerybridge
+    from celerybridge import ConfigurationError
+
+    @remote_task(name="memory.sync_add")
+    def add(x: int, y: int) -> int: ...
+
+    transport = MemoryTransport()
+    # An unreachable broker: were anything sent, it would fail differently.
+    celerybridge.configure(
+        publisher=transport, results=transport, broker_url="redis://127.0.0.1:1/0"
+    )
+    message = (
+        "apply_async() and delay() send through Celery's publisher and cannot use the "
+        "publisher given to configure() (MemoryTransport); nothing was sent: use await "
+        "stub.delegate(...), which sends through it"
+    )
+    with pytest.raises(ConfigurationError) as caught:
+        add.apply_async((1, 2))
+    assert str(caught.value) == message
+    with pytest.raises(ConfigurationError) as caught:
+        add.delay(1, 2)
+    assert str(caught.value) == message
+    assert transport.messages == []

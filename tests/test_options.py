@@ -7,6 +7,7 @@ import math
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
+import anyio
 import pytest
 from celery import chain, chord, group
 from celery.canvas import Signature
@@ -19,6 +20,7 @@ from celerybridge import (
     CallError,
     ConfigurationError,
     ContractError,
+    DelegationError,
     MemoryTransport,
     remote_task,
 )
@@ -149,6 +151,10 @@ def test_unsupported_options_name_the_supported_ones() -> None:
             "link must be a signature or a list of them (stub.s(...), stub.si(...)), got str",
         ),
         ({"priority": 10}, "priority must be an integer from 0 to 9, got 10"),
+        # An option value, not a contract: a ConfigurationError (it was a ContractError).
+        ({"queue": "a b"}, "queue must be a non-empty string without spaces, got 'a b'"),
+        ({"queue": "\ud800"}, "queue must be valid UTF-8, got '\\ud800'"),
+        ({"queue": "q" * 256}, "queue must be at most 255 bytes of UTF-8, got 256 bytes"),
     ],
 )
 def test_bad_option_values_are_refused_with_exact_words(
@@ -157,6 +163,37 @@ def test_bad_option_values_are_refused_with_exact_words(
     with pytest.raises(ConfigurationError) as caught:
         b.add.apply_async((1, 2), **options)
     assert str(caught.value) == message
+
+
+def test_a_bad_queue_in_a_signature_or_workflow_step_is_a_configuration_error() -> None:
+    message = "queue must be a non-empty string without spaces, got 'a b'"
+    with pytest.raises(ConfigurationError) as caught:
+        b.add.signature((1, 2), queue="a b")
+    assert str(caught.value) == message
+    with pytest.raises(ConfigurationError) as caught:
+        b.add.with_options(queue="a b")
+    assert str(caught.value) == message
+    with pytest.raises(ContractError) as contract:  # a contract's definition: still that
+        remote_task(name="svc.bad_queue", queue="a b")(lambda: None)
+    assert str(contract.value) == message
+
+
+async def test_an_absolute_expires_is_checked_again_when_each_message_is_built() -> None:
+    """An aware datetime given to with_options was checked once: calls after that moment
+    sent a TTL of 0 (RabbitMQ drops such a message unseen; the caller only timed out)."""
+    soon = datetime.now(UTC) + timedelta(milliseconds=200)
+    stub = b.add.with_options(expires=soon)
+    transport = MemoryTransport(execute=False)
+    async with Bridge(publisher=transport, results=transport) as bridge:
+        await stub.via(bridge).delegate(1, 2)  # still ahead
+        await anyio.sleep(0.3)
+        with pytest.raises(ConfigurationError) as caught:
+            await stub.via(bridge).delegate(1, 2)
+        assert str(caught.value) == f"expires is in the past: {soon.isoformat()}"
+        with pytest.raises(ConfigurationError) as caught:  # a workflow: checked at send too
+            await bridge.send_canvas(chain(stub.s(1, 2), b.mul.s(3)))
+        assert str(caught.value) == f"expires is in the past: {soon.isoformat()}"
+    assert len(transport.messages) == 1
 
 
 def test_a_link_that_cannot_take_the_result_is_refused_when_built() -> None:
@@ -169,7 +206,7 @@ def test_a_link_that_cannot_take_the_result_is_refused_when_built() -> None:
 
 
 # Hostile and odd values at the boundaries: each is refused with a ConfigurationError
-# (a queue with a ContractError), or accepted and then carried by a message the worker's
+# or accepted and then carried by a message the worker's
 # intake would take.
 _names = st.text(min_size=0, max_size=300)
 _scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20)
@@ -215,7 +252,7 @@ def test_odd_datetimes_are_refused_or_make_valid_headers(eta: datetime, expires:
     for options in ({"eta": eta}, {"expires": expires}):
         try:
             stub = b.add.with_options(**options)
-        except (ConfigurationError, ContractError):
+        except ConfigurationError:
             continue
         wire = task_message(stub.message(stub.bind((1, 2), {})), Origin())
         assert header_refusal(wire.headers) is None
@@ -321,6 +358,38 @@ async def test_a_chord_needs_a_backend_with_chords() -> None:
         "this workflow needs a result backend that supports chords (redis://, a database); "
         'the bridge\'s result backend does not: The "rpc" result backend does not support chords!'
     )
+
+
+@pytest.mark.parametrize(
+    ("raised", "error", "message"),
+    [
+        (
+            KeyError("size"),
+            CallError,
+            "Celery's canvas could not lay out the workflow: KeyError: 'size'",
+        ),
+        (
+            OSError("disk full"),
+            DelegationError,
+            "the workflow's bookkeeping could not be stored in the result backend: OSError: "
+            "disk full",
+        ),
+    ],
+)
+def test_what_celerys_canvas_raises_while_recording_is_ours(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, raised: Exception, error: type, message: str
+) -> None:
+    """A bare ValueError escaped from a chord on a database backend; whatever else Celery's
+    canvas or its backend raises while a workflow is recorded is one of ours."""
+    app = CanvasApp(f"db+sqlite:///{tmp_path / 'r.sqlite'}", None, 5.0)
+
+    def fail(*args: Any, **kwargs: Any) -> None:
+        raise raised
+
+    monkeypatch.setattr(type(app.backend), "apply_chord", fail)
+    with pytest.raises(error) as caught:
+        capture(app, chord([b.add.s(1, 1)], b.tsum.s()))
+    assert str(caught.value) == message
 
 
 def test_the_callers_workflow_is_not_changed() -> None:

@@ -33,9 +33,15 @@ from celery.app.task import Context
 from dateutil.parser import isoparse
 from kombu.utils.json import loads as kombu_loads
 
-from .._constants import CONTENT_ENCODING, CONTENT_TYPE, UNREADABLE, UNREADABLE_HEADER
+from .._constants import (
+    CONTENT_ENCODING,
+    CONTENT_TYPE,
+    MAX_BODY_DEPTH,
+    UNREADABLE,
+    UNREADABLE_HEADER,
+)
 
-MAX_DEPTH: Final = 32
+MAX_DEPTH: Final = MAX_BODY_DEPTH
 """How deep JSON may nest in a body (arrays and objects); Celery's own messages use 4."""
 
 MAX_NAME: Final = 255

@@ -20,10 +20,11 @@ import uuid
 from bisect import bisect
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any
 
 from celery.utils.nodenames import anon_nodename
 from kombu.utils.json import JSONEncoder
+from kombu.utils.json import loads as kombu_loads
 
 from .._constants import (
     CELERY_PERSISTENT_DELIVERY_MODE,
@@ -33,8 +34,12 @@ from .._constants import (
     KOMBU_BINDING_PREFIX,
     KOMBU_PRIORITY_STEPS,
     KOMBU_REDIS_SEP,
+    MAX_BODY_DEPTH,
+    MAX_MESSAGE_TTL,
+    MAX_PRIORITY,
 )
-from .._utils import uuid4_str
+from .._exceptions import CallError
+from .._utils import as_list, uuid4_str
 from ._hooks import before_publish
 from ._repr import args_repr, kwargs_repr
 
@@ -148,6 +153,7 @@ def task_message(
     payload = (args, kwargs, embed)
     before_publish(message.queue, message.task_name, payload, headers, properties, declare)
     body = _KOMBU_JSON.encode(payload).encode(CONTENT_ENCODING)
+    check_body_depth(message.task_name, body)
     if signer is not None:  # the final message: every header merged, the body's bytes
         headers.update(
             signer.headers(
@@ -162,7 +168,7 @@ def task_message(
         "reply_to": _text(properties, "reply_to"),
         "delivery_mode": CELERY_PERSISTENT_DELIVERY_MODE,
     }
-    expiration = _number(properties, "expiration", MAX_EXPIRATION)
+    expiration = _number(properties, "expiration", MAX_MESSAGE_TTL)
     if expiration is not None:
         framed["expiration"] = str(int(expiration * 1000))
     priority = _number(properties, "priority", MAX_PRIORITY)
@@ -176,6 +182,36 @@ def task_message(
         payload=payload,
         routing_key=message.queue,
     )
+
+
+def encoded_body(message: OutgoingMessage) -> bytes:
+    """The body ``[args, kwargs, embed]`` of ``message`` as :func:`task_message` encodes
+    it (without what ``before_task_publish`` receivers may change)."""
+    embed = {
+        "callbacks": _listed(message.options.get("link")),
+        "errbacks": _listed(message.options.get("link_error")),
+        "chain": message.options.get("chain"),
+        "chord": message.options.get("chord"),
+    }
+    payload = (message.args, message.kwargs, embed)
+    return _KOMBU_JSON.encode(payload).encode(CONTENT_ENCODING)
+
+
+def check_body_depth(task_name: str, body: bytes) -> None:
+    """Refuse (:class:`CallError`) a body nested deeper than the worker's intake reads
+    (``MAX_BODY_DEPTH``, as it decodes it): sent, it would only be dead-lettered."""
+    from .._intake.shape import depth_exceeds
+
+    try:
+        deep = depth_exceeds(kombu_loads(body), MAX_BODY_DEPTH)
+    except RecursionError:
+        deep = True
+    if deep:
+        raise CallError(
+            f"task {task_name!r} cannot be sent: its message body would nest deeper than "
+            f"{MAX_BODY_DEPTH} levels, which the worker refuses (arguments, and the "
+            "workflow steps and callbacks the message carries, nest in it)"
+        )
 
 
 def _timing(
@@ -207,21 +243,13 @@ def _timing(
         expires_iso = (now + timedelta(seconds=expires)).isoformat()
         ttl = expires
     if ttl is not None:
-        ttl = min(max(ttl, 0), MAX_EXPIRATION)
+        ttl = min(max(ttl, 0), MAX_MESSAGE_TTL)
     return eta_iso, expires_iso, ttl
 
 
 def _listed(value: Any) -> list[Any] | None:
     """A ``link`` option as the embed carries it (Celery's ``maybe_list``)."""
-    if value is None:
-        return None
-    return list(value) if isinstance(value, list | tuple) else [value]
-
-
-MAX_PRIORITY: Final = 255
-"""AMQP's priority is one octet (kombu's Redis transport clamps it to 0..9)."""
-MAX_EXPIRATION: Final = (2**32 - 1) / 1000
-"""Seconds: RabbitMQ reads a message TTL as milliseconds below 2**32."""
+    return None if value is None else as_list(value)
 
 
 def _text(properties: dict[str, Any], name: str) -> str | None:

@@ -7,6 +7,7 @@ import contextvars
 from abc import ABC, abstractmethod
 from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import anyio
@@ -20,10 +21,11 @@ from .._constants import (
     SERVICE_HEADER,
 )
 from .._exceptions import DelegationError
+from .._options import check_expires_ahead
 from .._utils import uuid4_str
 from ._errors import UNBUILDABLE, unbuildable
 from ._hooks import after_publish, celery_queue, sentry_headers
-from ._protocol import Origin, TaskMessage, task_message
+from ._protocol import Origin, TaskMessage, check_body_depth, encoded_body, task_message
 
 F = TypeVar("F")
 
@@ -62,8 +64,14 @@ class OutgoingMessage:
     def new(
         cls, task_name: str, call: BoundCall, options: SendOptions, task_id: str | None = None
     ) -> OutgoingMessage:
-        """Build the message for ``call`` with a fresh task id unless one is given."""
-        return cls(
+        """Build the message for ``call`` with a fresh task id unless one is given.
+
+        Callbacks (``link``, ``link_error``) nest deeper in the body than arguments, which
+        were checked on their own: the body is checked too (:func:`check_body_depth`).
+        """
+        if isinstance(options.expires, datetime):  # given earlier, it may have passed
+            check_expires_ahead(options.expires)
+        message = cls(
             task_id=task_id or options.task_id or uuid4_str(),
             task_name=task_name,
             queue=options.queue,
@@ -71,6 +79,9 @@ class OutgoingMessage:
             kwargs=dict(call.kwargs),
             options=options.celery_options(),
         )
+        if options.link or options.link_error:
+            check_body_depth(task_name, encoded_body(message))
+        return message
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,7 @@ from kombu.serialization import dumps, loads
 from .._constants import CONTENT_TYPE, DEFAULT_QUEUE, SERIALIZER, STATE_FAILURE, STATE_SUCCESS
 from .._exceptions import CallError
 from .._registry import registry
-from .._utils import uuid4_str
+from .._utils import as_list, uuid4_str
 from .base import OutgoingMessage, Publisher, ResultSource, TaskOutcome
 
 _ACCEPT = {CONTENT_TYPE}  # kombu's loads() takes content types, not serializer names
@@ -46,9 +46,14 @@ class MemoryTransport(Publisher, ResultSource):
 
     @property
     def waiting(self) -> int:
+        """How many :meth:`wait` calls are waiting for an outcome now (a test can wait
+        for a caller to be waiting before it sets the result)."""
         return self._waiting
 
     async def publish(self, message: OutgoingMessage) -> None:
+        """Keep ``message`` in :attr:`messages` after a JSON round trip and, with
+        ``execute``, run its task's implementation if this process has one (then a
+        workflow's next step and callbacks, as a worker would)."""
         content_type, encoding, body = dumps([message.args, message.kwargs], SERIALIZER)
         args, kwargs = loads(body, content_type, encoding, accept=_ACCEPT)
         message = replace(message, args=tuple(args), kwargs=kwargs)
@@ -68,14 +73,14 @@ class MemoryTransport(Publisher, ResultSource):
             self.set_result(message.task_id, stub.binder.dump_result(value))
         except Exception as exc:
             self.set_failure(message.task_id, exc)
-            for errback in _as_list(message.options.get("link_error")):
+            for errback in as_list(message.options.get("link_error")):
                 await self._follow(errback, (message.task_id,))
             return
         result = self._outcomes[message.task_id].result
         chain = list(message.options.get("chain") or ())
         if chain:  # Celery's protocol: the next step is the last one
             await self._follow(chain.pop(), (result,), chain)
-        for callback in _as_list(message.options.get("link")):
+        for callback in as_list(message.options.get("link")):
             await self._follow(callback, (result,))
 
     async def _follow(
@@ -125,9 +130,11 @@ class MemoryTransport(Publisher, ResultSource):
             event.set()
 
     async def poll(self, task_id: str) -> TaskOutcome | None:
+        """The outcome stored for ``task_id``, or ``None``; never waits."""
         return self._outcomes.get(task_id)
 
     async def wait(self, task_id: str) -> TaskOutcome:
+        """Wait, without limit, for an outcome for ``task_id`` (the bridge bounds it)."""
         self._waiting += 1
         try:
             while task_id not in self._outcomes:
@@ -140,18 +147,14 @@ class MemoryTransport(Publisher, ResultSource):
                 self._events.pop(task_id, None)
 
     async def aclose(self) -> None:
+        """Nothing to release but the events of waits in progress; the kept messages and
+        outcomes stay readable."""
         self._events.clear()
-
-
-def _as_list(value: Any) -> list[Any]:
-    if value is None:
-        return []
-    return list(value) if isinstance(value, list | tuple) else [value]
 
 
 def _runnable(message: OutgoingMessage) -> None:
     """Refuse to run what this double cannot carry on as a worker would."""
-    steps = [*_as_list(message.options.get("chain")), *_as_list(message.options.get("link"))]
+    steps = [*as_list(message.options.get("chain")), *as_list(message.options.get("link"))]
     nested = [s for s in steps if isinstance(s, Mapping) and s.get("subtask_type")]
     if message.options.get("chord") is not None or nested:
         raise CallError(

@@ -7,7 +7,7 @@ Every ``type: ignore[...]`` marks a call mypy must reject; with ``warn_unused_ig
 
 from __future__ import annotations
 
-from typing import assert_type
+from typing import Any, assert_type
 
 from pydantic import BaseModel
 
@@ -65,3 +65,12 @@ def typed_canvas_and_sync_results() -> None:
     flag: bool = bool(result)
     assert_type(result.get(propagate=flag), Receipt | RemoteTaskError)
     send.with_options(task_id="fixed")  # type: ignore[arg-type]  # per call only
+
+
+async def typed_workflows(bridge: Bridge) -> None:
+    from celery import chain, group
+
+    from celerybridge import GroupHandle
+
+    assert_type(await bridge.send_canvas(group(send.si("k", "c"))), GroupHandle)
+    assert_type(await bridge.send_canvas(chain(send.si("k", "c"))), TaskHandle[Any] | GroupHandle)
