@@ -3,17 +3,21 @@
 Measures, in one run, on Redis and on RabbitMQ, with a 1 KiB payload:
 
 - fire-and-forget publish rate from one asyncio process, one at a time and 50
-  concurrent: celerybridge (the default path for the broker: native asyncio on Redis,
-  kombu in threads on AMQP) vs Celery's ``send_task`` (sync) vs ``send_task`` through
-  ``anyio.to_thread`` vs an httpx POST to a FastAPI endpoint that only accepts the
-  JSON (uvicorn in a subprocess) vs the raw ceiling (redis-py asyncio ``LPUSH`` of the
-  same bytes; aio-pika publish with confirms on AMQP, when aio-pika is installed);
+  concurrent: celerybridge (fast path and kombu path) vs the peers, FastStream's
+  ``broker.publish`` and taskiq's ``kiq`` (``bench._peers``), vs Celery's ``send_task``
+  (sync) vs ``send_task`` through ``anyio.to_thread`` vs an httpx POST to a FastAPI
+  endpoint that only accepts the JSON (uvicorn in a subprocess) vs the raw ceiling
+  (redis-py asyncio ``LPUSH`` of the same bytes; aio-pika publish with confirms on AMQP);
 - event-loop lag p99 while 1,000 delegations are in flight (``bench._common.loop_lag``);
 - publish rate and peak memory for 1 KiB, 64 KiB, 1 MiB and 16 MiB payloads;
 - round trips (delegate, then await the result) against a real Celery worker
   (``bench.echo_worker``): how fast it drains a pre-filled queue (the ceiling), p50/p99
   one at a time and throughput with 50 in flight, vs ``send_task().get()`` and the same
-  in 50 threads.
+  in 50 threads;
+- with ``--broker-latency-ms`` (default list 0,2,20,100): distance. Bursts of 1,000
+  delegations through a loopback delay proxy adding that much round-trip latency to
+  the broker (``bench._distance``), fast path vs kombu path: accepted per second and
+  how many were accepted within the publish timeout. ``--only-distance`` skips the rest.
 
 It prints markdown tables and each target of issue 5 as MET or NOT MET, and writes a
 plot (``--plot``, default ``docs/img/bench.png``). Brokers come from
@@ -31,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ._common import BROKERS, ROOT, WIDTH, Row, log_dir
+from ._distance import LATENCIES, BurstRow, distance_rows, print_distance_table
 from ._publish import (
     HTTP,
     RAW,
@@ -52,14 +57,29 @@ SECTIONS = ("publish", "loop lag", "round trip")
 class Results:
     rows: list[Row]
     sizes: list[SizeRow]
+    bursts: list[BurstRow]
 
     def value(self, broker: str, client: str) -> float | None:
         found = [r.value for r in self.rows if r.broker == broker and r.client == client]
         return found[0] if found else None
 
 
-async def run(brokers: list[str], n: int, rt: int, in_flight: int) -> Results:
-    results = Results([], [])
+async def run(
+    brokers: list[str], n: int, rt: int, in_flight: int, latencies: list[float], only: bool
+) -> Results:
+    results = Results([], [], [])
+    if not only:
+        await measure_all(results, brokers, n, rt, in_flight)
+    if latencies:
+        shown = ", ".join(f"{ms:g}" for ms in latencies)
+        print(f"distance: bursts through a delay proxy at +{shown} ms ...", flush=True)
+        results.bursts = await distance_rows({b: BROKERS[b] for b in brokers}, latencies)
+    return results
+
+
+async def measure_all(
+    results: Results, brokers: list[str], n: int, rt: int, in_flight: int
+) -> None:
     print(f"HTTP baseline ({HTTP}) ...", flush=True)
     http = await http_rates(n)
     for broker in brokers:
@@ -72,10 +92,11 @@ async def run(brokers: list[str], n: int, rt: int, in_flight: int) -> Results:
         results.sizes += await size_rows(broker, url, n)
         print(f"{broker}: round trips ...", flush=True)
         results.rows += await round_trip_rows(broker, url, rt, in_flight)
-    return results
 
 
 def print_tables(results: Results, n: int) -> None:
+    if not results.rows:
+        return
     print(f"\n| broker | measurement (1 KiB payload, {n} messages per rate) | result | note |")
     print("|---|---|---:|---|")
     section = ""
@@ -143,23 +164,63 @@ def main() -> None:
         "--in-flight", type=int, default=1000, help=f"round trips with {WIDTH} in flight"
     )
     parser.add_argument("--brokers", default="redis,amqp")
-    parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "img" / "bench.png")
+    parser.add_argument(
+        "--plot",
+        type=Path,
+        default=ROOT / "docs" / "img" / "bench.png",
+        help="the figure; the distance bursts go beside it, as <name>-distance.png",
+    )
+    parser.add_argument(
+        "--broker-latency-ms",
+        nargs="?",
+        const=",".join(f"{ms:g}" for ms in LATENCIES),
+        default="",
+        metavar="MS[,MS...]",
+        help="also burst through a delay proxy adding these round-trip latencies "
+        f"(without a list: {','.join(f'{ms:g}' for ms in LATENCIES)})",
+    )
+    parser.add_argument(
+        "--only-distance",
+        action="store_true",
+        help="measure only the distance bursts (implies --broker-latency-ms)",
+    )
     args = parser.parse_args()
     brokers = args.brokers.split(",")
     unknown = set(brokers) - set(BROKERS)
     if unknown:
         parser.error(f"unknown broker(s) {', '.join(sorted(unknown))}; known: redis, amqp")
-    started = time.monotonic()
-    results = asyncio.run(run(brokers, args.n, args.rt, args.in_flight))
-    print_tables(results, args.n)
-    print("\nTargets (issue 5):")
-    print("\n".join(target_lines(results, brokers)))
+    spec = args.broker_latency_ms or (
+        ",".join(f"{ms:g}" for ms in LATENCIES) if args.only_distance else ""
+    )
     try:
-        from ._plot import plot  # matplotlib only once everything is measured
+        latencies = [float(ms) for ms in spec.split(",") if ms.strip()]
+    except ValueError:
+        parser.error(f"--broker-latency-ms takes numbers separated by commas, not {spec!r}")
+    if any(ms < 0 for ms in latencies):
+        parser.error("--broker-latency-ms must be >= 0")
+    started = time.monotonic()
+    results = asyncio.run(
+        run(brokers, args.n, args.rt, args.in_flight, latencies, args.only_distance)
+    )
+    print_tables(results, args.n)
+    if results.rows:
+        print("\nTargets (issue 5):")
+        print("\n".join(target_lines(results, brokers)))
+    print_distance_table(results.bursts)
+    try:
+        from ._plot import plot, plot_distance  # matplotlib only once everything is measured
     except ImportError as exc:
         raise SystemExit(f"no plot: {exc}; install the dev extra: pip install -e '.[dev]'") from exc
-    plot(results.rows, results.sizes, brokers, args.plot)
-    print(f"\nplot: {args.plot}; logs: {log_dir()}; took {time.monotonic() - started:.0f} s")
+    plots = []
+    if results.rows:
+        plot(results.rows, results.sizes, brokers, args.plot)
+        plots.append(args.plot)
+    if results.bursts:
+        distance_path = args.plot.with_stem(f"{args.plot.stem}-distance")
+        plot_distance(results.bursts, distance_path)
+        plots.append(distance_path)
+    shown = ", ".join(str(p) for p in plots)
+    print(f"\nplot: {shown}; logs: {log_dir()}; took {time.monotonic() - started:.0f} s")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt
 from matplotlib.axes import Axes
 
 from ._common import WIDTH, Row
+from ._distance import BurstRow
 from ._publish import SIZES, SizeRow, path_label
 from ._roundtrip import DRAIN, GET, GET_THREADS
 
@@ -115,6 +116,39 @@ def plot(rows: list[Row], sizes: list[SizeRow], brokers: list[str], path: Path) 
     round_trip_panels(axes[1][0], axes[1][1], rows, brokers)
     size_panels(axes[2][0], axes[2][1], sizes)
     fig.suptitle("celerybridge vs Celery's client vs HTTP (one run; higher rates are better)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_distance(bursts: list[BurstRow], path: Path) -> None:
+    """Draw accepted publishes per second, and how many of a burst were accepted within the
+    publish timeout, against the broker's added latency, per broker and path."""
+    fig, (rate_ax, count_ax) = plt.subplots(1, 2, figsize=(13, 5))
+    for key in dict.fromkeys((b.broker, b.path) for b in bursts):
+        mine = sorted((b for b in bursts if (b.broker, b.path) == key), key=lambda b: b.latency_ms)
+        xs = [b.latency_ms for b in mine]
+        style = {"marker": "o", "linestyle": "-" if key[1] == "fast path" else "--"}
+        rate_ax.plot(xs, [b.rate for b in mine], label=f"{key[0]}, {key[1]}", **style)
+        count_ax.plot(xs, [b.accepted for b in mine], label=f"{key[0]}, {key[1]}", **style)
+    calls = bursts[0].calls
+    timeout = bursts[0].publish_timeout
+    for ax in (rate_ax, count_ax):
+        ax.set_xscale("symlog", linthresh=1)
+        ticks = sorted({b.latency_ms for b in bursts})
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.set_xlabel("latency added to the broker (ms per round trip, delay proxy)")
+        ax.legend(fontsize=7)
+        ax.tick_params(labelsize=7)
+        ax.grid(True, which="major", alpha=0.3)
+    rate_ax.set_yscale("log")
+    rate_ax.set_ylabel("accepted publishes/s")
+    rate_ax.set_title(f"burst of {calls:,} delegations: rate against latency", fontsize=9)
+    count_ax.set_ylim(0, calls * 1.05)
+    count_ax.set_ylabel(f"accepted within the publish timeout ({timeout:g} s)")
+    count_ax.set_title(f"of {calls:,} started at once, accepted in time", fontsize=9)
+    fig.suptitle("celerybridge publishing to a distant broker (one run)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

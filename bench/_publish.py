@@ -2,7 +2,8 @@
 
 Every client sends the same call (``bench.echo`` with one string argument) to a queue
 nobody consumes, once one at a time and once ``WIDTH`` in flight, after one untimed
-call that opens its connections.
+call that opens its connections. The peers (FastStream, taskiq: ``bench._peers``) send
+the same 1 KiB argument in their own message formats, to queues of their own.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from ._common import (
     rate_concurrent,
     rate_sequential,
 )
+from ._peers import FASTSTREAM, TASKIQ, faststream_publisher, taskiq_publisher
 
 SECTION = "publish"
 Rates = tuple[float | None, float | None]
@@ -139,6 +141,14 @@ async def send_task_rates(broker_url: str, queue: str, n: int) -> dict[str, Rate
 async def raw_rates(broker: str, broker_url: str, queue: str, n: int) -> dict[str, Rates]:
     async with raw_publisher(broker, broker_url, queue) as raw:
         return {RAW[broker]: await measure(n, raw) if raw else (None, None)}
+
+
+async def peer_rates(broker: str, broker_url: str, n: int, peer: str) -> dict[str, Rates]:
+    """FastStream's or taskiq's publish (``bench._peers``), to a queue of its own."""
+    opener = faststream_publisher if peer == FASTSTREAM else taskiq_publisher
+    slug = peer.split()[0].lower()
+    async with opener(broker, broker_url, new_queue(f"publish-{broker}-{slug}")) as one:
+        return {peer: await measure(n, one) if one else (None, None)}
 
 
 def best(rounds: list[dict[str, Rates]]) -> dict[str, Rates]:
@@ -268,11 +278,12 @@ async def publish_rows(broker: str, broker_url: str, n: int, http: Rates) -> lis
     queue = new_queue(f"publish-{broker}")
     measurers = [
         partial(celerybridge_rates, broker, broker_url, queue, n, True),
+        partial(celerybridge_rates, broker, broker_url, queue, n, False),
+        partial(peer_rates, broker, broker_url, n, FASTSTREAM),
+        partial(peer_rates, broker, broker_url, n, TASKIQ),
         partial(send_task_rates, broker_url, queue, n),
         partial(raw_rates, broker, broker_url, queue, n),
     ]
-    if broker == "redis":
-        measurers.insert(1, partial(celerybridge_rates, broker, broker_url, queue, n, False))
     rounds = []
     try:
         for _ in range(REPEATS):
