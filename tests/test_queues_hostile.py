@@ -12,7 +12,7 @@ from typing import Any
 import kombu
 import pytest
 
-from celerybridge import Bridge, BridgeSettings, ConfigurationError, ContractError
+from celerybridge import Bridge, BridgeSettings, ConfigurationError
 from celerybridge._constants import DEAD_FROM_HEADER, DEAD_KIND_HEADER, DEAD_REASON_HEADER
 from celerybridge._dlq import list_dead_letters, replay
 from celerybridge._transports import amqp as amqp_transport
@@ -71,7 +71,7 @@ def test_a_queue_name_no_broker_can_hold_is_refused_before_anything_is_sent(
 ) -> None:
     # A lone surrogate reaches RabbitMQ as invalid UTF-8: `rabbitmqctl list_queues` then
     # fails for every user of the broker until the queue is deleted.
-    with pytest.raises(ContractError) as raised:
+    with pytest.raises(ConfigurationError) as raised:  # a bad option value
         bindings.add.with_options(queue=queue_name)
     assert str(raised.value) == message
 

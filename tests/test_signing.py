@@ -1329,8 +1329,8 @@ async def test_a_dead_letter_replayed_with_sign_runs_and_without_is_refused_agai
     listed = await eventually(
         lambda: dlq("list", queue, "--broker", broker_url).stdout, lambda out: task_id in out
     )
-    expired = listed.removeprefix(f"{task_id}\tcalc.add\t").removesuffix("\n")
-    assert expired.startswith("expired signature: signed at ")
+    expired = listed.removeprefix(f"{task_id}\tcalc.add\tsignature\t").removesuffix("\n")
+    assert expired.startswith("expired signature: signed at "), listed
 
     # As it was: the old signature, refused again for the same reason.
     replayed = await anyio.to_thread.run_sync(dlq, "replay", queue, task_id, "--broker", broker_url)
@@ -1338,7 +1338,7 @@ async def test_a_dead_letter_replayed_with_sign_runs_and_without_is_refused_agai
     listed = await eventually(
         lambda: dlq("list", queue, "--broker", broker_url).stdout, lambda out: task_id in out
     )
-    assert listed == f"{task_id}\tcalc.add\t{expired}\n"
+    assert listed == f"{task_id}\tcalc.add\tsignature\t{expired}\n"
 
     without_key = dlq("replay", queue, task_id, "--sign", "--broker", broker_url)
     assert without_key.returncode == 2
