@@ -17,10 +17,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from urllib.parse import urlsplit, urlunsplit
 
 from ._common import ROOT
@@ -61,8 +62,12 @@ async def delay_line(
         writer.close()
 
 
-def serve(listener: socket.socket, target_port: int, delay: float) -> None:
-    """Forward connections on ``listener`` to ``127.0.0.1:target_port`` (runs forever)."""
+Pipe = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+def forward(listener: socket.socket, target_port: int, upstream: Pipe, downstream: Pipe) -> None:
+    """Forward connections on ``listener`` to ``127.0.0.1:target_port``, copying each way
+    with its pipe (runs forever). The pusher bench's S3 proxy uses it too."""
 
     async def handle(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
         try:
@@ -70,15 +75,19 @@ def serve(listener: socket.socket, target_port: int, delay: float) -> None:
         except OSError:
             client_w.close()
             return
-        await asyncio.gather(
-            delay_line(client_r, upstream_w, delay), delay_line(upstream_r, client_w, delay)
-        )
+        await asyncio.gather(upstream(client_r, upstream_w), downstream(upstream_r, client_w))
 
     async def main() -> None:
         server = await asyncio.start_server(handle, sock=listener)
         await server.serve_forever()
 
     asyncio.run(main())
+
+
+def serve(listener: socket.socket, target_port: int, delay: float) -> None:
+    """The broker proxy: a delay line of ``delay`` s each way (runs forever)."""
+    line = functools.partial(delay_line, delay=delay)
+    forward(listener, target_port, line, line)
 
 
 def with_port(url: str, port: int) -> str:

@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import functools
 import hashlib
 import multiprocessing
 import os
@@ -65,6 +66,7 @@ from pusher.bindings import send_to_s3
 
 from ._common import BROKERS, RESULT_BACKEND, ROOT, RUN, delete_queue, free_port, log_dir
 from ._cpu import CpuMeter, CpuUse
+from ._proxy import forward
 
 BUCKET = f"cb-bench-{RUN}"
 AWS_ENV = {
@@ -140,21 +142,14 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, dela
 
 
 def serve_delay_proxy(listener: socket.socket, target_port: int, delay: float) -> None:
-    """Forward connections on ``listener`` to ``127.0.0.1:target_port`` (runs forever)."""
-
-    async def handle(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
-        try:
-            upstream_r, upstream_w = await asyncio.open_connection("127.0.0.1", target_port)
-        except OSError:
-            client_w.close()
-            return
-        await asyncio.gather(_pipe(client_r, upstream_w, delay), _pipe(upstream_r, client_w, 0))
-
-    async def serve() -> None:
-        server = await asyncio.start_server(handle, sock=listener)
-        await server.serve_forever()
-
-    asyncio.run(serve())
+    """Forward connections on ``listener`` to ``127.0.0.1:target_port`` (runs forever),
+    each HTTP request ``delay`` s late."""
+    forward(
+        listener,
+        target_port,
+        functools.partial(_pipe, delay=delay),
+        functools.partial(_pipe, delay=0),
+    )
 
 
 @contextmanager
