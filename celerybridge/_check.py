@@ -130,12 +130,10 @@ def check_implementation(stub: RemoteTask[Any, Any], fn: Callable[..., Any]) -> 
         verdict = _compare(declared, annotation, returned=False)
         if verdict.ok is not True:
             findings.append(
-                Finding(
-                    verdict.ok,
+                _finding(
+                    verdict,
                     f"parameter {name!r}: the contract sends {type_name(declared)}, "
-                    f"{who} takes {type_name(annotation)}"
-                    + (f" ({verdict.reason})" if verdict.ok is False else "")
-                    + ("" if verdict.ok is False else f": cannot compare: {verdict.reason}"),
+                    f"{who} takes {type_name(annotation)}",
                 )
             )
     promised, returned = contract.return_annotation, impl.return_annotation
@@ -145,12 +143,17 @@ def check_implementation(stub: RemoteTask[Any, Any], fn: Callable[..., Any]) -> 
         verdict = _compare(returned, promised, returned=True)
         if verdict.ok is not True:
             findings.append(
-                Finding(
-                    verdict.ok,
+                _finding(
+                    verdict,
                     f"return: the contract promises {type_name(promised)}, "
-                    f"{who} returns {type_name(returned)}"
-                    + (f" ({verdict.reason})" if verdict.ok is False else "")
-                    + ("" if verdict.ok is False else f": cannot compare: {verdict.reason}"),
+                    f"{who} returns {type_name(returned)}",
                 )
             )
     return findings
+
+
+def _finding(verdict: Verdict, what: str) -> Finding:
+    """A mismatch (``what (why)``) or an undecided comparison (``what: cannot compare: why``)."""
+    if verdict.ok is False:
+        return Finding(False, f"{what} ({verdict.reason})")
+    return Finding(None, f"{what}: cannot compare: {verdict.reason}")

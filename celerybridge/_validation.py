@@ -101,14 +101,7 @@ class Binder:
                 )
             parameters = [p for p in signature.parameters.values() if p.name != first]
             signature = signature.replace(parameters=parameters)
-        try:
-            bound = signature.bind(*args, **kwargs)
-        except TypeError as exc:
-            message = str(exc)
-            match = _QUOTED.search(message)
-            raise ArgumentError(
-                self.task, self.version, match.group(1) if match else None, message
-            ) from None
+        bound = self._bound(signature, args, kwargs)
         values: dict[str, Any] = {}
         wire: dict[str, Any] = {}
         for name, raw in bound.arguments.items():
@@ -145,16 +138,23 @@ class Binder:
         """Each parameter's argument, defaults applied, or :class:`ArgumentError`."""
         if self._by_position and not kwargs and len(args) == len(self.positional):
             return dict(zip(self.positional, args, strict=True))
+        bound = self._bound(self.signature, args, kwargs)
+        bound.apply_defaults()
+        return bound.arguments
+
+    def _bound(
+        self, signature: inspect.Signature, args: Sequence[Any], kwargs: Mapping[str, Any]
+    ) -> inspect.BoundArguments:
+        """``signature.bind``, its ``TypeError`` as :class:`ArgumentError` naming the
+        parameter Python quoted."""
         try:
-            bound = self.signature.bind(*args, **kwargs)
+            return signature.bind(*args, **kwargs)
         except TypeError as exc:
             message = str(exc)
             match = _QUOTED.search(message)
             raise ArgumentError(
                 self.task, self.version, match.group(1) if match else None, message
             ) from None
-        bound.apply_defaults()
-        return bound.arguments
 
     def call_arguments(self, call: BoundCall) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """Split validated values into the positional and keyword arguments of a body."""
