@@ -32,26 +32,12 @@ from tests.workers import reliable_bindings
 from .._brokers import BROKERS, RESULT_BACKEND
 from .._workers import Worker
 from ..faults._private_brokers import PrivateRedis
+from ._envelopes import envelope
 
 pytestmark = pytest.mark.integration
 
 TRANSPORT = "celerybridge._redis_transport:Transport"
 SHARED = BROKERS["redis"]
-
-
-def _envelope(queue: str, *, tag: str | None = None, headers: Any = None) -> dict[str, Any]:
-    return {
-        "body": base64.b64encode(b'{"x": 1}').decode(),
-        "content-encoding": "utf-8",
-        "content-type": "application/json",
-        "headers": {} if headers is None else headers,
-        "properties": {
-            "body_encoding": "base64",
-            "delivery_tag": tag or str(uuid.uuid4()),
-            "delivery_info": {"exchange": "", "routing_key": queue},
-            "priority": 0,
-        },
-    }
 
 
 def _reliable(url: str, **options: Any) -> kombu.Connection:
@@ -100,7 +86,7 @@ def test_an_entry_the_script_records_is_restored_after_a_lost_reply(
     queue and from the dead letters."""
     queue = f"cb-rt-hdr-{uuid.uuid4().hex[:8]}"
     raw = redis.Redis.from_url(private.url)
-    raw.lpush(queue, json.dumps(_envelope(queue, headers=[])))
+    raw.lpush(queue, json.dumps(envelope(queue, headers=[])))
     with _reliable(private.url, visibility_timeout=1) as connection:
         _take_but_lose_the_reply(connection, queue)
         assert raw.llen(queue) == 0
@@ -110,7 +96,7 @@ def test_an_entry_the_script_records_is_restored_after_a_lost_reply(
         assert raw.llen(f"{queue}.dead.held") == 1
         # A record the sweep cannot put back (written by an older take, or by hand) is
         # dead-lettered as it came instead of dropped.
-        entry = json.dumps(_envelope(queue, headers=[]))
+        entry = json.dumps(envelope(queue, headers=[]))
         raw.hset("unacked", "hand-written", f'[{entry},"",{json.dumps(queue)}]')
         raw.zadd("unacked_index", {"hand-written": time.time() - 100})
         time.sleep(1.2)
@@ -130,8 +116,8 @@ def _poison_and_victim(private: PrivateRedis, queue: str) -> redis.Redis:
     next to a stale ordinary record; both taken by a script whose reply was lost."""
     raw = redis.Redis.from_url(private.url)
     raw.delete("unacked", "unacked_index", "unacked_mutex")
-    poison = json.dumps(_envelope(queue)).replace('"priority": 0', '"priority": 0x0')
-    raw.lpush(queue, json.dumps(_envelope(queue)), poison)
+    poison = json.dumps(envelope(queue)).replace('"priority": 0', '"priority": 0x0')
+    raw.lpush(queue, json.dumps(envelope(queue)), poison)
     with _reliable(private.url) as connection:
         _take_but_lose_the_reply(connection, queue)
     # Fixed: the script refuses it (held for the dead letters); a record written before
@@ -196,7 +182,7 @@ def test_messages_put_back_at_a_clean_close_are_not_counted_as_deliveries(
     stopping in turn, is dead-lettered as "delivered 3 times ... its worker died or lost
     the broker while it ran, every time" without having run once."""
     with redis.Redis.from_url(SHARED) as raw:
-        raw.lpush(queue, json.dumps(_envelope(queue)))
+        raw.lpush(queue, json.dumps(envelope(queue)))
         for _ in range(2):  # two workers stopping cleanly while holding it
             with _reliable(SHARED, celerybridge_max_deliveries=2) as connection:
                 assert connection.default_channel.basic_get(queue) is not None
@@ -215,7 +201,7 @@ def test_a_stock_worker_acknowledging_leaves_no_delivery_count(queue: str) -> No
     ``celerybridge.deliveries`` is never removed: the hash grows by one field for every
     such message, forever (no expiry, nothing sweeps it)."""
     with redis.Redis.from_url(SHARED) as raw:
-        raw.lpush(queue, json.dumps(_envelope(queue)))
+        raw.lpush(queue, json.dumps(envelope(queue)))
         with _reliable(SHARED) as connection:
             message = connection.default_channel.basic_get(queue)
             tag = message.delivery_tag
@@ -238,7 +224,7 @@ def test_a_tag_containing_the_alias_separator_leaves_no_delivery_count(queue: st
     the message whose tag is the prefix)."""
     tag = f"{uuid.uuid4()}#celerybridge-x"
     with redis.Redis.from_url(SHARED) as raw:
-        raw.lpush(queue, json.dumps(_envelope(queue, tag=tag)))
+        raw.lpush(queue, json.dumps(envelope(queue, tag=tag)))
         with _reliable(SHARED) as connection:
             message = connection.default_channel.basic_get(queue)
             assert message.delivery_tag == tag
@@ -262,7 +248,7 @@ def test_the_sweep_spares_a_record_refreshed_meanwhile_under_a_keyprefix(
     queue = f"cb-rt-pfx-{uuid.uuid4().hex[:8]}"
     prefix = f"app{uuid.uuid4().hex[:4]}:"
     raw = redis.Redis.from_url(private.url)
-    raw.lpush(prefix + queue, json.dumps(_envelope(queue)))
+    raw.lpush(prefix + queue, json.dumps(envelope(queue)))
     with _reliable(private.url, global_keyprefix=prefix, visibility_timeout=1) as connection:
         channel = connection.default_channel
         held = channel.basic_get(queue)

@@ -9,7 +9,6 @@ broker it runs on.
 
 from __future__ import annotations
 
-import base64
 import json
 import time
 import uuid
@@ -25,24 +24,10 @@ from celerybridge._constants import STORE_RETRY_PAUSE
 from celerybridge._intake.consumer import IntakeConsumer
 
 from ..faults._private_brokers import PrivateRedis
+from ._envelopes import envelope
 from .conftest import reliable
 
 pytestmark = pytest.mark.integration
-
-
-def _envelope(queue: str) -> dict[str, Any]:
-    return {
-        "body": base64.b64encode(b'{"x": 1}').decode(),
-        "content-encoding": "utf-8",
-        "content-type": "application/json",
-        "headers": {},
-        "properties": {
-            "body_encoding": "base64",
-            "delivery_tag": str(uuid.uuid4()),
-            "delivery_info": {"exchange": "", "routing_key": queue},
-            "priority": 0,
-        },
-    }
 
 
 class _Hub:
@@ -81,7 +66,7 @@ def test_putting_back_while_the_replay_record_is_down_counts_no_delivery(
     put-backs (~10 s) a good message was dead-lettered as ``deliveries``, "its worker
     died or lost the broker while it ran, every time". And each put-back slept 1 s on
     the worker's hub thread: N prefetched messages stalled consumption N seconds."""
-    raw.lpush(queue, json.dumps(_envelope(queue)))
+    raw.lpush(queue, json.dumps(envelope(queue)))
     consumer = _Consumer()
     with reliable(celerybridge_max_deliveries=1) as connection:
         channel = connection.default_channel
@@ -106,7 +91,7 @@ def test_putting_back_while_the_replay_record_is_down_counts_no_delivery(
 def test_a_put_back_settled_meanwhile_is_left_alone(queue: str, raw: redis.Redis) -> None:
     """The timer fires after the message was settled (the worker shut down and put it
     back already): nothing is put back twice."""
-    raw.lpush(queue, json.dumps(_envelope(queue)))
+    raw.lpush(queue, json.dumps(envelope(queue)))
     consumer = _Consumer()
     with reliable() as connection:
         message = connection.default_channel.basic_get(queue)

@@ -8,7 +8,6 @@ bytes. None is lost, none raises out of the channel.
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import signal
@@ -16,7 +15,6 @@ import subprocess
 import time
 import uuid
 from pathlib import Path
-from typing import Any
 
 import kombu
 import pytest
@@ -34,24 +32,10 @@ from celerybridge._redis_transport.transport import TlsChannel
 
 from ..faults._private_brokers import PrivateRedis
 from ..pusher._s3server import free_port
+from ._envelopes import envelope
 from .conftest import URL, reliable
 
 pytestmark = pytest.mark.integration
-
-
-def _envelope(queue: str = "q") -> dict[str, Any]:
-    return {
-        "body": base64.b64encode(b'{"x": 1}').decode(),
-        "content-encoding": "utf-8",
-        "content-type": "application/json",
-        "headers": {},
-        "properties": {
-            "body_encoding": "base64",
-            "delivery_tag": str(uuid.uuid4()),
-            "delivery_info": {"exchange": "", "routing_key": queue},
-            "priority": 0,
-        },
-    }
 
 
 def test_a_message_is_taken_and_recorded_in_one_step(queue: str, raw: redis.Redis) -> None:
@@ -92,8 +76,8 @@ def test_priorities_come_first_and_all_are_taken(queue: str) -> None:
 def test_a_second_copy_of_a_held_tag_is_recorded_apart(queue: str, raw: redis.Redis) -> None:
     """A message restored or replayed with its tag while another copy is held: each copy
     has a record of its own, and acknowledging one leaves the other's."""
-    envelope = json.dumps(_envelope()).encode()
-    raw.lpush(queue, envelope, envelope)
+    entry = json.dumps(envelope()).encode()
+    raw.lpush(queue, entry, entry)
     with reliable() as connection:
         channel = connection.default_channel
         first, second = channel.basic_get(queue), channel.basic_get(queue)
@@ -109,7 +93,7 @@ def test_a_second_copy_of_a_held_tag_is_recorded_apart(queue: str, raw: redis.Re
 
 
 def test_a_requeued_message_counts_its_deliveries(queue: str, raw: redis.Redis) -> None:
-    raw.lpush(queue, json.dumps(_envelope(queue)).encode())
+    raw.lpush(queue, json.dumps(envelope(queue)).encode())
     with reliable(celerybridge_max_deliveries=2) as connection:
         channel = connection.default_channel
         seen = []
@@ -197,7 +181,7 @@ _fields = st.sampled_from(
 
 @st.composite
 def _changed_envelope(draw: st.DrawFn) -> bytes:
-    document = _envelope()
+    document = envelope()
     path = draw(_fields).split(".")
     target = document
     for part in path[:-1]:
@@ -210,12 +194,12 @@ _entries = st.one_of(
     st.binary(max_size=64),
     _json.map(lambda v: json.dumps(v).encode()),
     _changed_envelope(),
-    st.just(json.dumps(_envelope()).encode()),
+    st.just(json.dumps(envelope()).encode()),
     _changed_envelope().map(lambda b: b.replace(b'"', b'\xff"', 1)),  # not UTF-8
     _changed_envelope().map(lambda b: b.replace(b"{", b"{" + b'"NaN": nan,', 1)),
     # Lone surrogates: Python's JSON reads their escapes, the script's cjson does not.
     _changed_envelope().map(lambda b: b.replace(b"{", b'{"x": "\\udcff",', 1)),
-    st.just(json.dumps({**_envelope(), "body": "\ud800"}).encode()),
+    st.just(json.dumps({**envelope(), "body": "\ud800"}).encode()),
 )
 
 
@@ -225,7 +209,7 @@ _entries = st.one_of(
 @given(entries=st.lists(_entries, min_size=1, max_size=4))
 # A lone surrogate beside empty headers: the script's second look at an empty table read
 # the entry without the surrogate's patch, and held a message Python accepts.
-@example(entries=[json.dumps(_envelope()).encode().replace(b"{", b'{"x": "\\udcff",', 1)])
+@example(entries=[json.dumps(envelope()).encode().replace(b"{", b'{"x": "\\udcff",', 1)])
 def test_whatever_an_entry_is_it_is_delivered_or_dead_lettered_as_it_came(
     entries: list[bytes], queue: str, raw: redis.Redis
 ) -> None:
