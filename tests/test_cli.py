@@ -16,9 +16,12 @@ ROOT = Path(__file__).resolve().parent.parent
 ASYNCAPI_SCHEMA = Path(__file__).parent / "asyncapi" / "asyncapi-3.0.0.json"
 
 
-def run(*args: str) -> subprocess.CompletedProcess[str]:
-    # No PUSHER_* settings: the tools must not need the worker's runtime settings.
+def run(*args: str, extra_path: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """``python -m celerybridge *args`` as a shell runs it, ``extra_path`` importable too.
+    No PUSHER_* settings: the tools must not need the worker's runtime settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PUSHER_", "CELERYBRIDGE_"))}
+    if extra_path is not None:
+        env["PYTHONPATH"] = f"{extra_path}{os.pathsep}{ROOT}"
     return subprocess.run(
         [sys.executable, "-m", "celerybridge", *args],
         cwd=ROOT,

@@ -35,24 +35,11 @@ from celerybridge._schema import _adapter, describe, type_schema
 from tests.workers import bindings  # noqa: F401  (registers calc.*)
 
 from .._brokers import BROKERS, RESULT_BACKEND, purge, queue_length
+from ..test_cli import run as cli
 
 ROOT = Path(__file__).resolve().parents[2]
 MODULES = Path(__file__).parent / "modules"
 ASYNCAPI_SCHEMA = ROOT / "tests" / "asyncapi" / "asyncapi-3.0.0.json"
-
-
-def cli(*args: str, extra_path: Path | None = None) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PUSHER_", "CELERYBRIDGE_"))}
-    if extra_path is not None:
-        env["PYTHONPATH"] = f"{extra_path}{os.pathsep}{ROOT}"
-    return subprocess.run(
-        [sys.executable, "-m", "celerybridge", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 # --------------------------------------------------------------------------------------
