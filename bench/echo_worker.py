@@ -18,7 +18,7 @@ STOCK = {"worker_consumer": "celery.worker.consumer:Consumer", "broker_transport
 if os.environ.get("BENCH_MEMORY_REPLAY"):
     # bench.intake: the replay record in this process's memory, to tell its Redis round
     # trips from the signature check in the cost of signing.
-    from celerybridge._intake import replay
+    from celerybridge._worker.intake import replay
 
     replay.store_for = lambda app: replay.MemorySeen()
 

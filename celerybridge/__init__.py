@@ -42,8 +42,8 @@ from ._exceptions import (
 from ._result import ContractResult, GroupHandle, TaskHandle
 from ._transports.base import OutgoingMessage, Publisher, ResultSource, TaskOutcome
 from ._transports.memory import MemoryTransport
-from ._worker import caller_service, celery_app
-from ._worker_loop import WorkerResource, run_on_worker_loop, worker_resource
+from ._worker.app import caller_service, celery_app
+from ._worker.loop import WorkerResource, run_on_worker_loop, worker_resource
 
 __version__ = _version("celerybridge")
 
