@@ -25,6 +25,8 @@ app = celery_app(
     worker_concurrency=int(os.environ.get("CB_POOL_CONCURRENCY", "100")),
     # Redis hands a killed worker's messages back after this (RabbitMQ at once).
     broker_transport_options={"visibility_timeout": 5},
+    # A setting the pool cannot honour: the worker must refuse to start with it.
+    worker_max_tasks_per_child=int(os.environ.get("CB_POOL_MAX_TASKS_PER_CHILD", "0")) or None,
 )
 
 
@@ -101,6 +103,7 @@ async def hard_limited(seconds: float) -> str:
 
 @pool_bindings.stubborn.implement(app)
 async def stubborn(seconds: float) -> str:
+    _mark(f"started-{_task_id()}", str(os.getpid()))
     try:
         await asyncio.sleep(seconds)
     except asyncio.CancelledError:

@@ -220,8 +220,11 @@ class AsyncioPool(BasePool):
         args = tuple(args or ())
         job = Job(target, args, kwargs or {}, options, self._is_async(target, args))
         assert self._loop is not None, "the pool was not started"
+        # Celery keeps only a weak reference to what on_apply returns: the job keeps it
+        # alive for as long as a request may terminate it.
+        job.handle = ApplyResult(self, job)
         self._loop.call_soon_threadsafe(self._enqueue, job)
-        return ApplyResult(self, job)
+        return job.handle
 
     def _is_async(self, target: Callable[..., Any], args: tuple[Any, ...]) -> bool:
         if target not in _TRACERS or not args or not isinstance(args[0], str):
