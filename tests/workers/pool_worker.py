@@ -19,6 +19,7 @@ from celerybridge import celery_app
 
 from . import pool_bindings
 
+# --8<-- [start:app]
 app = celery_app(
     "pool_worker",
     worker_pool="celerybridge:AsyncioPool",
@@ -28,6 +29,7 @@ app = celery_app(
     # A setting the pool cannot honour: the worker must refuse to start with it.
     worker_max_tasks_per_child=int(os.environ.get("CB_POOL_MAX_TASKS_PER_CHILD", "0")) or None,
 )
+# --8<-- [end:app]
 
 
 def _task_id() -> str:
@@ -82,6 +84,7 @@ async def soft_limited(seconds: float) -> str:
     return "not limited"
 
 
+# --8<-- [start:soft]
 @pool_bindings.soft_cleanup.implement(app, soft_time_limit=1)
 async def soft_cleanup(seconds: float) -> str:
     try:
@@ -90,6 +93,9 @@ async def soft_cleanup(seconds: float) -> str:
         await asyncio.sleep(0.05)  # cleaning up may await
         return f"cleaned up {_task_id()}"
     return "not limited"
+
+
+# --8<-- [end:soft]
 
 
 @pool_bindings.hard_limited.implement(app, time_limit=1)
