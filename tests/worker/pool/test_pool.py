@@ -10,7 +10,10 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import subprocess
+import sys
 import time
+import uuid
 from pathlib import Path
 
 import anyio
@@ -21,7 +24,7 @@ from celerybridge import Bridge, RemoteTaskError
 
 from ... import _summary as summary
 from ..._brokers import BROKERS, RESULT_BACKEND
-from ..._workers import Worker
+from ..._workers import ROOT, Worker
 from ...workers import pool_bindings as bindings
 from .conftest import markers_of, pool_worker, wait_for
 
@@ -189,3 +192,24 @@ def test_a_setting_the_pool_cannot_honour_stops_the_worker(broker: str, tmp_path
     ) in worker.log()
     assert worker.process is not None
     assert worker.process.returncode != 0
+
+
+def test_autoscale_stops_the_worker(broker: str) -> None:
+    command = [
+        sys.executable, "-m", "celery", "-A", "tests.workers.pool_worker", "worker",
+        "-P", "custom", "--autoscale=10,2", "-Q", f"cb-autoscale-{uuid.uuid4().hex[:8]}",
+        "--without-gossip", "--without-mingle", "--without-heartbeat",
+    ]  # fmt: skip
+    env = {
+        **os.environ,
+        "CELERY_CUSTOM_WORKER_POOL": "celerybridge:AsyncioPool",
+        "CELERYBRIDGE_BROKER_URL": BROKERS[broker],
+        "CELERYBRIDGE_RESULT_BACKEND": RESULT_BACKEND,
+        "PYTHONPATH": str(ROOT),
+    }
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert (
+        "celerybridge.AsyncioPool does not support --autoscale: its tasks share one process "
+        "and one event loop (use the prefork pool for them)"
+    ) in done.stdout + done.stderr
