@@ -1,9 +1,10 @@
-"""The Redis envelope and the body's depth check, on their fast ways.
+"""The body, the Redis envelope and the body's depth check, on their fast ways (``_json``).
 
-The envelope kombu LPUSHes (body in base64, headers, properties) is written by orjson
-when every header is a plain JSON value, by kombu's encoder otherwise; a worker decodes
-either to the same document. The body's depth is settled by counting brackets when
-that cannot be wrong, by decoding it otherwise.
+A flat body (plain arguments, no workflow) is written byte for byte as kombu's encoder
+writes it. The envelope kombu LPUSHes (body in base64, headers, properties) is written
+by orjson when every header is a plain JSON value, by kombu's encoder otherwise; a
+worker decodes either to the same document. The body's depth is settled by counting
+brackets when that cannot be wrong, by decoding it otherwise.
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
-from kombu.utils import json as kombu_json
+from kombu.utils import json as kombu_module
 
 from celerybridge import CallError
 from celerybridge._constants import MAX_BODY_DEPTH
+from celerybridge._transports._json import flat_body, kombu_json
 from celerybridge._transports._protocol import (
     Origin,
     TaskMessage,
@@ -84,7 +86,7 @@ def kombus(wire: TaskMessage, extra: dict[str, Any]) -> Any:
     document = json.loads(redis_payload(replace(wire, headers=plain), "env-queue"))
     document["headers"] = wire.headers
     try:
-        return json.loads(kombu_json.dumps(document))
+        return json.loads(kombu_module.dumps(document))
     except (TypeError, ValueError, RecursionError):
         return None
 
@@ -147,11 +149,61 @@ def test_plain_headers_are_written_as_compact_utf8() -> None:
     assert "('é', 1)".encode() in raw  # argsrepr in UTF-8, not \\u escapes
 
 
+# -- the body -----------------------------------------------------------------------------
+
+NO_EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+# Every character class the encoder treats apart: quotes, backslashes, control
+# characters, DEL, non-ASCII, astral, lone surrogates.
+TEXTS = st.text() | st.text(alphabet='\x00\x1f\x7f"\\ aé\u2028\ud800\U0001f642')
+FLAT = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats()
+    | TEXTS
+    | st.sampled_from([2**100, -(2**63), 1e16, 5e-324, -0.0, 0.1])
+)
+
+
+@given(st.lists(FLAT, max_size=5), st.dictionaries(TEXTS, FLAT, max_size=3))
+@example(["DEL \x7f", 'quote "', "back \\ slash", "tab \t", "é", "\ud800"], {"\x7f": 1.5})
+def test_a_flat_body_is_kombus_byte_for_byte(args: list[Any], kwargs: dict[str, Any]) -> None:
+    body = flat_body(tuple(args), kwargs, dict(NO_EMBED))
+    if any(isinstance(v, float) and not math.isfinite(v) for v in [*args, *kwargs.values()]):
+        assert body is None  # NaN and infinities: left to kombu's encoder
+    else:
+        assert body == kombu_json((tuple(args), kwargs, NO_EMBED))
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "embed"),
+    [
+        pytest.param((Name("s"),), {}, NO_EMBED, id="str-subclass"),
+        pytest.param((Level.HIGH,), {}, NO_EMBED, id="int-subclass"),
+        pytest.param(([1],), {}, NO_EMBED, id="nested"),
+        pytest.param((), {1: "x"}, NO_EMBED, id="int-key"),
+        pytest.param((), {}, {**NO_EMBED, "callbacks": [{"task": "t"}]}, id="callback"),
+        pytest.param((), {}, dict(reversed(NO_EMBED.items())), id="reordered-embed"),
+    ],
+)
+def test_a_body_that_is_not_flat_is_left_to_kombus_encoder(
+    args: tuple[Any, ...], kwargs: dict[Any, Any], embed: dict[str, Any]
+) -> None:
+    assert flat_body(args, kwargs, embed) is None
+
+
+def test_a_task_message_body_is_kombus_either_way() -> None:
+    for args in [("x" * 1024, 7, None, 2.5, True), ('é\x7f"', [1, {"a": ()}])]:
+        message = OutgoingMessage("id", "env.task", "env-queue", args, {"k": "v"})
+        wire = task_message(message, Origin())
+        assert wire.body == kombu_json((args, {"k": "v"}, NO_EMBED))
+
+
 # -- the body's depth ----------------------------------------------------------------------
 
 
 def body_of(value: Any) -> bytes:
-    return kombu_json.dumps([[value], {}, {}]).encode()
+    return kombu_module.dumps([[value], {}, {}]).encode()
 
 
 def nested(levels: int) -> list[Any]:
@@ -182,12 +234,12 @@ class Deep:
 
 @pytest.fixture
 def deep_type() -> Iterator[None]:
-    kombu_json.register_type(Deep, "cb-test-deep", lambda _: 0, lambda _: nested(40))
+    kombu_module.register_type(Deep, "cb-test-deep", lambda _: 0, lambda _: nested(40))
     try:
         yield
     finally:
-        del kombu_json._encoders[Deep]
-        del kombu_json._decoders["cb-test-deep"]
+        del kombu_module._encoders[Deep]
+        del kombu_module._decoders["cb-test-deep"]
 
 
 @pytest.mark.usefixtures("deep_type")

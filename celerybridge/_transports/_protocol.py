@@ -8,8 +8,9 @@ The native publishers build their messages here instead of going through
 ``kombu/transport/virtual/base.py``); ``tests/test_wire.py`` compares the result
 field by field with what kombu writes for the same call.
 
-Serialisation goes through kombu's own JSON encoder, so arguments that JSON cannot
-carry natively (datetimes, UUIDs, decimals) are encoded exactly as on the kombu path.
+Serialisation writes what kombu's own JSON encoder writes (``_json``), so arguments
+that JSON cannot carry natively (datetimes, UUIDs, decimals) are encoded exactly as on
+the kombu path.
 """
 
 from __future__ import annotations
@@ -22,9 +23,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-import orjson
 from celery.utils.nodenames import anon_nodename
-from kombu.utils.json import JSONEncoder
 from kombu.utils.json import loads as kombu_loads
 
 from .._constants import (
@@ -42,6 +41,7 @@ from .._constants import (
 from .._exceptions import CallError
 from .._utils import as_list, uuid4_str
 from ._hooks import before_publish
+from ._json import envelope_json, flat_body, kombu_json
 from ._repr import args_repr, kwargs_repr
 
 if TYPE_CHECKING:
@@ -54,21 +54,6 @@ if TYPE_CHECKING:
 
 BODY_ENCODING = "base64"
 """kombu's virtual transports (Redis among them) base64 the serialised body."""
-
-_KOMBU_JSON = JSONEncoder()
-"""What kombu's ``json`` serializer (``kombu.utils.json.dumps``) encodes with: its
-encoder class with ``json.dumps``' defaults. Built once; ``dumps`` builds one per call."""
-
-_ORJSON_OPTIONS = (
-    orjson.OPT_PASSTHROUGH_DATACLASS
-    | orjson.OPT_PASSTHROUGH_DATETIME
-    | orjson.OPT_PASSTHROUGH_SUBCLASS
-)
-"""What orjson would write its own way is handed to ``default``, which it has none of:
-it raises, and the envelope falls back to kombu's encoder."""
-_PLAIN_DEPTH = 16
-_SCALARS = frozenset({str, int, bool, type(None)})
-"""Deepest nesting :func:`_plain` follows in headers before leaving them to kombu's encoder."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,8 +149,10 @@ def task_message(
     }
     payload = (args, kwargs, embed)
     before_publish(message.queue, message.task_name, payload, headers, properties, declare)
-    body = _KOMBU_JSON.encode(payload).encode(CONTENT_ENCODING)
-    check_body_depth(message.task_name, body)
+    body = flat_body(*payload)  # flat: two levels deep
+    if body is None:
+        body = kombu_json(payload)
+        check_body_depth(message.task_name, body)
     if signer is not None:  # the final message: every header merged, the body's bytes
         headers.update(
             signer.headers(
@@ -205,8 +192,7 @@ def encoded_body(message: OutgoingMessage) -> bytes:
         "chain": message.options.get("chain"),
         "chord": message.options.get("chord"),
     }
-    payload = (message.args, message.kwargs, embed)
-    return _KOMBU_JSON.encode(payload).encode(CONTENT_ENCODING)
+    return kombu_json((message.args, message.kwargs, embed))
 
 
 def check_body_depth(task_name: str, body: bytes) -> None:
@@ -315,48 +301,7 @@ def redis_payload(message: TaskMessage, queue: str) -> bytes:
         "headers": message.headers,
         "properties": properties,
     }
-    if _plain(message.headers):  # the rest is ours: strings, numbers, a dict of strings
-        try:
-            return orjson.dumps(document, option=_ORJSON_OPTIONS)
-        except orjson.JSONEncodeError:  # an integer beyond 64 bits, a lone surrogate
-            pass
-    return _KOMBU_JSON.encode(document).encode(CONTENT_ENCODING)
-
-
-def _plain(headers: dict[str, Any]) -> bool:
-    """Whether orjson writes ``headers`` as JSON that decodes to what kombu's encoder's
-    does: only exact ``str``, ``int``, ``bool``, ``None``, finite ``float``, and lists,
-    tuples and ``str``-keyed dicts of them, at most ``_PLAIN_DEPTH`` deep.
-
-    orjson would write a UUID, an enum or a datetime its own way, and a NaN as
-    ``null``; kombu's encoder writes those differently (or refuses them), so any value
-    of another type, subclasses included, leaves the document to kombu's encoder.
-    """
-    for value in headers.values():
-        if type(value) not in _SCALARS and not _plain_value(value, 1):
-            return False
-    return True
-
-
-def _plain_value(value: Any, depth: int) -> bool:
-    kind = type(value)
-    if kind in _SCALARS:
-        return True
-    if kind is float:
-        return bool(value - value == 0.0)  # finite: NaN and the infinities give NaN
-    if depth >= _PLAIN_DEPTH:
-        return False
-    if kind is dict:
-        for key, item in value.items():
-            if type(key) is not str or not _plain_value(item, depth + 1):
-                return False
-        return True
-    if kind is list or kind is tuple:
-        for item in value:  # noqa: SIM110 - all() over a generator costs twice this
-            if not _plain_value(item, depth + 1):
-                return False
-        return True
-    return False
+    return envelope_json(document, message.headers)
 
 
 def redis_queue_key(queue: str, priority: int) -> str:
