@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import threading
 import uuid
 from typing import Any
 
@@ -73,3 +75,34 @@ def test_uuid4_str_is_a_random_version_4_uuid() -> None:
         assert str(parsed) == text
         assert parsed.version == 4
         assert parsed.variant == uuid.RFC_4122
+
+
+def test_uuid4_str_draws_afresh_in_a_forked_child() -> None:
+    """Drawn a few kilobytes at a time: a child must not repeat its parent's next ids."""
+    uuid4_str()  # the parent holds undrawn ids
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next ids, then out without pytest's teardown
+        os.write(write, " ".join(uuid4_str() for _ in range(10)).encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        child = set(pipe.read().split())
+    os.waitpid(pid, 0)
+    parent = {uuid4_str() for _ in range(10)}
+    assert len(child) == 10
+    assert not child & parent
+
+
+def test_uuid4_str_threads_draw_different_ids() -> None:
+    drawn: list[list[str]] = [[] for _ in range(4)]
+
+    def draw(into: list[str]) -> None:
+        into.extend(uuid4_str() for _ in range(600))  # more than one draw of bytes each
+
+    threads = [threading.Thread(target=draw, args=(into,)) for into in drawn]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len({text for into in drawn for text in into}) == 2400
