@@ -85,12 +85,22 @@ class SendOptions:
     retry_policy: Mapping[str, Any] | None = None
     link: tuple[Signature[Any], ...] = field(default=())
     link_error: tuple[Signature[Any], ...] = field(default=())
+    _flat: dict[str, Any] | None = field(default=None, init=False, repr=False, compare=False)
+    """:meth:`celery_options` built once when none is a mapping or a signature, which each
+    call needs a copy of; the others are immutable."""
+
+    def __post_init__(self) -> None:
+        if not (self.headers or self.retry_policy or self.link or self.link_error):
+            object.__setattr__(self, "_flat", self._celery_options())
 
     def celery_options(self) -> dict[str, Any]:
         """The options as ``Celery.send_task`` keywords, ``None`` values left out.
 
         ``queue`` and ``task_id`` are not among them: the message carries both.
         """
+        return self._celery_options() if self._flat is None else dict(self._flat)
+
+    def _celery_options(self) -> dict[str, Any]:
         options: dict[str, Any] = {
             "countdown": self.countdown,
             "eta": self.eta,

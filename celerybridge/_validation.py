@@ -30,6 +30,7 @@ MAX_DEPTH = MAX_ARGUMENT_DEPTH
 accepts in a body (``MAX_BODY_DEPTH``) less the body's own two levels."""
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 """Integers JSON peers can carry (Java's long, Go's int64, ...); beyond, refused."""
+_PLAIN_ANNOTATIONS = (str, int, float, bool)
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +68,13 @@ class Binder:
                 )
             self._adapters[param.name] = _adapter(task, version, param.name, param.annotation)
         self._result = _adapter(task, version, "return", signature.return_annotation)
+        # Parameters whose validated value, when a plain JSON scalar, is also what is
+        # sent: no serialiser of their own to run (str, int, float, bool, unannotated).
+        self._plain = frozenset(
+            p.name
+            for p in parameters
+            if p.annotation in _PLAIN_ANNOTATIONS or self._adapters[p.name] is _ANY
+        )
 
     def bind(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> BoundCall:
         """Bind, validate and serialise one call, or raise :class:`ArgumentError`."""
@@ -128,10 +136,13 @@ class Binder:
         wire: dict[str, Any] = {}
         for name, raw in self._arguments(args, kwargs).items():
             values[name], wire[name] = self._validate(name, raw, from_wire)
+        positional = self.positional
         return BoundCall(
             values=values,
-            args=tuple(wire[name] for name in self.positional),
-            kwargs={k: v for k, v in wire.items() if k not in self.positional},
+            args=tuple(wire[name] for name in positional),
+            kwargs={}
+            if self._by_position
+            else {k: v for k, v in wire.items() if k not in positional},
         )
 
     def _arguments(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -176,6 +187,8 @@ class Binder:
                 value = adapter.validate_json(_as_json(raw))
             else:
                 value = adapter.validate_python(raw)
+                if name in self._plain and _json_scalar(value):
+                    return value, value  # what the dumps and the check below would find
             _check_json(adapter.dump_python(value), strict=adapter is _ANY, depth=0)
             if from_wire:  # the worker never sends it on: no wire form to build
                 return value, value
@@ -218,6 +231,17 @@ def _adapter(task: str, version: int, name: str, annotation: Any) -> TypeAdapter
         raise ContractError(
             f"task {task!r} v{version}: annotation of {name!r} cannot be validated: {exc}"
         ) from exc
+
+
+def _json_scalar(value: Any) -> bool:
+    """Whether ``value`` is a JSON scalar as it is: a string, a boolean, ``None``, a
+    64-bit integer or a finite float (exact types: subclasses may serialise otherwise)."""
+    kind = type(value)
+    if kind is str or kind is bool or value is None:
+        return True
+    if kind is int:
+        return bool(INT64_MIN <= value <= INT64_MAX)
+    return kind is float and math.isfinite(value)
 
 
 def _check_json(value: Any, *, strict: bool, depth: int) -> None:

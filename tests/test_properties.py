@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from typing import Any
 
 import anyio
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from celerybridge import Bridge, CallError, MemoryTransport, remote_task
@@ -121,3 +122,27 @@ def test_what_the_caller_sends_the_worker_receives_unchanged(
     wire = json.loads(json.dumps([list(sent.args), sent.kwargs]))  # across the broker
     received = blob.binder.receive(wire[0], wire[1])
     assert received.values == {"data": data, "sizes": sizes, "labels": labels}
+
+
+@remote_task(name="prop.scalars")
+def scalars(text: str, count: int, ratio: float, flag: bool, free) -> None: ...  # type: ignore[no-untyped-def]
+
+
+def _bound(binder: Any, args: tuple[Any, ...]) -> str:
+    try:
+        call = binder.bind(args, {})
+    except CallError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return repr((call.values, call.args, call.kwargs, [type(v) for v in call.args]))
+
+
+@given(st.tuples(ANYTHING, ANYTHING, ANYTHING, ANYTHING, ANYTHING))
+@example(("s", 2**63, 1.5, True, "free"))
+@example(("s", 3, float("nan"), 1, 2**64))
+@example(("s", 3, 1.0, True, float("inf")))
+def test_plain_parameters_bind_as_the_general_way_binds(args: tuple[Any, ...]) -> None:
+    """str, int, float, bool and unannotated parameters skip the serialisers when the
+    validated value is a JSON scalar as it is: the same values, or the same refusal."""
+    general = copy.copy(scalars.binder)
+    general._plain = frozenset()
+    assert _bound(scalars.binder, args) == _bound(general, args)
