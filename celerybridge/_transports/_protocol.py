@@ -15,9 +15,9 @@ the kombu path.
 
 from __future__ import annotations
 
-import base64
 import os
 import uuid
+from binascii import b2a_base64
 from bisect import bisect
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -295,7 +295,7 @@ def redis_payload(message: TaskMessage, queue: str) -> bytes:
     properties["body_encoding"] = BODY_ENCODING
     properties["delivery_tag"] = uuid4_str()
     document = {
-        "body": base64.b64encode(message.body).decode("ascii"),
+        "body": b2a_base64(message.body, newline=False).decode("ascii"),
         "content-encoding": message.content_encoding,
         "content-type": message.content_type,
         "headers": message.headers,

@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import Any
 
 from celery.utils.saferepr import saferepr
-from celery.utils.text import truncate
 
 from .._constants import CELERY_REPR_MAXLEVELS, CELERY_REPR_MAXSIZE
 
@@ -23,7 +22,7 @@ _FLAT = frozenset({str, int, float, bool, type(None)})
 
 def args_repr(args: tuple[Any, ...]) -> str:
     """``saferepr(args, 1024, maxlevels=3)``: Celery's ``argsrepr`` header."""
-    if not all(type(arg) in _FLAT for arg in args):
+    if not _FLAT.issuperset(map(type, args)):
         return saferepr(args, CELERY_REPR_MAXSIZE, maxlevels=CELERY_REPR_MAXLEVELS)
     end = ",)" if len(args) == 1 else ")"
     parts = ["("]
@@ -36,10 +35,11 @@ def args_repr(args: tuple[Any, ...]) -> str:
             left -= 2
         if left <= 0:  # saferepr: out of room before a value
             break
+        text = arg if type(arg) is str else str(arg)
+        if len(text) >= left:  # Celery's truncate(), left > 0
+            text = text[:left].rsplit(" ", 1)[0] + "..."
         if type(arg) is str:
-            text = "'{}'".format(truncate(arg, left).replace("'", "\\'"))
-        else:
-            text = truncate(str(arg), left)
+            text = "'" + text.replace("'", "\\'") + "'"
         parts.append(text)
         left -= len(text)
     else:
