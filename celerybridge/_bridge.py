@@ -93,6 +93,8 @@ class Bridge:
             raise ConfigurationError(problem)
         self._queues = QueuePlan.from_settings(self.settings, celery)
         self._publisher = publisher
+        # A publisher on the event loop (asyncio only): no need to ask sniffio per call.
+        self._native = isinstance(publisher, NativePublisher)
         self._results = results
         # rpc://: the reply queue every task message names and the result source consumes.
         self._reply_to: str | None = None
@@ -157,18 +159,17 @@ class Bridge:
         publisher = self._get_publisher()
         timeout = self.settings.publish_timeout
         message: OutgoingMessage | None = None
-        what = f"task {stub.name!r} v{stub.version}"
         try:
-            native = isinstance(publisher, NativePublisher)  # asyncio only
             if self._reply_to is not None:
-                await self._prepare_results(what, timeout)
-            async with fail_after(timeout, on_asyncio=native), publisher.admit():
+                await self._prepare_results(f"task {stub.name!r} v{stub.version}", timeout)
+            async with fail_after(timeout, on_asyncio=self._native), publisher.admit():
                 call = stub.bind(args, kwargs, stacklevel=stacklevel + 1)
                 message = stub.message(call).from_service(self.settings.service)
                 if self._reply_to is not None:  # rpc://: its reply will be kept
                     self._get_results().expect(message.task_id)
                 await publisher.publish(message)
         except TimeoutError:
+            what = f"task {stub.name!r} v{stub.version}"
             raise self._publish_timeout(what, message, timeout) from None
         return TaskHandle(self, stub, message.task_id)
 
@@ -206,7 +207,7 @@ class Bridge:
             await self._prepare_results("the workflow", timeout)
             for task_id in _result_ids(result):
                 self._get_results().expect(task_id)
-        native = isinstance(publisher, NativePublisher)
+        native = self._native
         for sent, message in enumerate(messages):
             message = message.from_service(self.settings.service)
             what = f"task {message.task_name!r} of the workflow"
@@ -387,6 +388,7 @@ class Bridge:
                     reply_to=reply_to,
                     queues=self._queues,
                 )
+            self._native = isinstance(self._publisher, NativePublisher)
         return self._publisher
 
     def _get_results(self) -> ResultSource:
