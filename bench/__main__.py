@@ -159,8 +159,6 @@ def target_lines(results: Results, brokers: list[str]) -> list[str]:
         lines += [
             target(f"{b}: publish sequential >= 60% of raw", seq, value(f"{RAW[b]}, sequential"),
                    0.6, "msg/s"),
-            target(f"{b}: publish sequential >= FastStream's", seq,
-                   value(f"{FASTSTREAM}, sequential"), 1.0, "msg/s"),
             target(f"{b}: publish sequential >= 3x send_task", seq,
                    value(f"{SEND_TASK}, sequential"), 3.0, "msg/s"),
             target(f"{b}: round trip p50 <= send_task().get() p50", value(f"{ours}, p50"),
@@ -172,6 +170,9 @@ def target_lines(results: Results, brokers: list[str]) -> list[str]:
             target(f"{b}: loop lag p99 <= 2 ms with 1,000 in flight", value(lag_label(ours)),
                    2.0, 1.0, "ms", lower=True),
         ]  # fmt: skip
+        if b == "redis":  # issue 15; on RabbitMQ every client waits for the same confirm
+            peer = value(f"{FASTSTREAM}, sequential")
+            lines.append(target(f"{b}: publish sequential >= FastStream's", seq, peer, 1, "msg/s"))
     return lines
 
 
