@@ -23,6 +23,7 @@ from ._config import (
     scheme_of,
 )
 from ._constants import REDIS_WIRE_OPTIONS
+from ._deadlines import Deadlines
 from ._exceptions import (
     ConfigurationError,
     DelegationError,
@@ -95,6 +96,7 @@ class Bridge:
         self._publisher = publisher
         # A publisher on the event loop (asyncio only): no need to ask sniffio per call.
         self._native = isinstance(publisher, NativePublisher)
+        self._deadlines = Deadlines(self.settings.publish_timeout)
         self._results = results
         # rpc://: the reply queue every task message names and the result source consumes.
         self._reply_to: str | None = None
@@ -162,7 +164,9 @@ class Bridge:
         try:
             if self._reply_to is not None:
                 await self._prepare_results(f"task {stub.name!r} v{stub.version}", timeout)
-            async with fail_after(timeout, on_asyncio=self._native), publisher.admit():
+            # On the event loop, one timer bounds every publish (``_deadlines``).
+            limit = self._deadlines.bound() if self._native else fail_after(timeout)
+            async with limit, publisher.admit():
                 call = stub.bind(args, kwargs, stacklevel=stacklevel + 1)
                 message = stub.message(call).from_service(self.settings.service)
                 if self._reply_to is not None:  # rpc://: its reply will be kept
