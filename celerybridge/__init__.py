@@ -44,11 +44,13 @@ from ._transports.base import OutgoingMessage, Publisher, ResultSource, TaskOutc
 from ._transports.memory import MemoryTransport
 from ._worker.app import caller_service, celery_app
 from ._worker.loop import WorkerResource, run_on_worker_loop, worker_resource
+from ._worker.pool.pool import AsyncioPool
 
 __version__ = _version("celerybridge")
 
 __all__ = [
     "ArgumentError",
+    "AsyncioPool",
     "Bridge",
     "BridgeSettings",
     "CallError",

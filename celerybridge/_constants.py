@@ -246,3 +246,14 @@ BATCH_MAX: Final = 256
 # 8 keeps that iteration near a millisecond (32 published a little faster with 50
 # concurrent, with 4-5 ms of loop lag; see docs/benchmarks.md).
 PUBLISH_SLOTS: Final = 8
+
+# The worker's asyncio pool (_worker/pool/): plain ``def`` tasks run in a thread pool of
+# at most this many threads (and never more than the worker's concurrency); the
+# Celery setting ``celerybridge_pool_threads`` changes it.
+POOL_SYNC_THREADS: Final = 8
+# The pool's loop-lag watchdog warns when the worker's event loop has not run its
+# callbacks for this many seconds (a blocking call inside a coroutine task); the Celery
+# setting ``celerybridge_loop_lag_warning`` changes it, 0 turns the watchdog off.
+LOOP_LAG_WARNING: Final = 0.5
+# How often the watchdog looks at the loop, as a fraction of the warning threshold.
+LOOP_LAG_CHECKS_PER_THRESHOLD: Final = 4

@@ -18,6 +18,8 @@ from typing import Any, Generic, TypeVar
 
 from celery import signals
 
+from .pool.greenlets import running_job
+
 T = TypeVar("T")
 logger = logging.getLogger("celerybridge.worker")
 
@@ -36,6 +38,10 @@ class WorkerLoop:
         self.resources = AsyncExitStack()
         self.values: dict[WorkerResource[Any], Any] = {}
         self.creating = asyncio.Lock()  # serialises first uses of resources
+
+    def start(self) -> asyncio.AbstractEventLoop:
+        """The running loop of this process, started now if it was not yet."""
+        return self._ensure()
 
     def _ensure(self) -> asyncio.AbstractEventLoop:
         with self._lock:
@@ -64,7 +70,14 @@ class WorkerLoop:
         schedules in the caller's current context), as a coroutine awaited there would:
         the worker's tracing span and Sentry's scope for the task are current inside it
         (``tests/ecosystem``).
+
+        Inside a job of :class:`celerybridge.AsyncioPool` (the tracer's greenlet on the
+        loop's own thread) nothing blocks: the coroutine becomes a Task of the loop and the
+        greenlet switches out until it is done (``pool/greenlets.py``).
         """
+        job = running_job()
+        if job is not None:
+            return job.await_(coro)
         future = asyncio.run_coroutine_threadsafe(coro, self._ensure())
         try:
             return future.result()
