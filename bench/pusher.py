@@ -196,7 +196,8 @@ def log_problems(log: str) -> list[str]:
 def pool_of(log: str) -> str:
     """The pool a worker's banner names (``concurrency: 32 (thread)``)."""
     found = re.search(r"concurrency:\s*\d+ \(([^)]+)\)", log)
-    return found.group(1) if found else "?"
+    name = found.group(1) if found else "?"
+    return {"pool": "celerybridge.AsyncioPool", "thread": "threads"}.get(name, name)
 
 
 def py_spy() -> str | None:
