@@ -155,6 +155,73 @@ def test_a_final_state_stored_between_the_check_and_the_write_wins_on_redis(
     assert published(pubsub) == [states.STARTED, states.FAILURE]
 
 
+@pytest.mark.integration
+def test_a_success_is_never_replaced_and_a_failure_is_on_redis(
+    app: Celery, results: redis.Redis, channel: Callable[[str], Any]
+) -> None:
+    # Celery's rule, kept in one script: a duplicate run's outcome never replaces a SUCCESS.
+    task_id = str(uuid.uuid4())
+    pubsub = channel(task_id)
+    app.backend.mark_as_failure(task_id, Flaky("first run"))
+    app.backend.mark_as_done(task_id, {"value": 1})
+    app.backend.mark_as_failure(task_id, Flaky("a duplicate run"))
+    app.backend.mark_as_done(task_id, {"value": 2})
+
+    assert stored(results, task_id)["result"] == {"value": 1}
+    assert published(pubsub) == [states.FAILURE, states.SUCCESS]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    "meta",
+    [
+        {"result": 7, "status": states.SUCCESS},  # another writer's key order
+        {"status": states.SUCCESS, "result": {"status": states.FAILURE}},
+    ],
+)
+def test_a_stored_success_is_recognised_whatever_its_layout_on_redis(
+    app: Celery, results: redis.Redis, meta: dict[str, Any]
+) -> None:
+    task_id = str(uuid.uuid4())
+    results.set(f"celery-task-meta-{task_id}", json.dumps(meta))
+    app.backend.mark_as_failure(task_id, Flaky("a duplicate run"))
+    assert stored(results, task_id) == meta
+
+
+@pytest.mark.integration
+def test_a_success_whose_result_reads_like_one_is_not_taken_for_one_on_redis(
+    app: Celery, results: redis.Redis
+) -> None:
+    task_id = str(uuid.uuid4())
+    app.backend.mark_as_retry(task_id, Flaky('{"status": "SUCCESS"}'))
+    app.backend.mark_as_done(task_id, '{"status": "SUCCESS"}')
+    meta = stored(results, task_id)
+    assert (meta["status"], meta["result"]) == (states.SUCCESS, '{"status": "SUCCESS"}')
+
+
+@pytest.mark.integration
+def test_final_states_are_stored_in_one_round_trip_with_their_expiry_on_redis(
+    results: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = celery_app(
+        "final-state-expiry",
+        BridgeSettings(broker_url=BROKERS["redis"], result_backend=RESULT_BACKEND),
+        result_expires=120,
+        result_failure_expires=30,
+    )
+    try:
+        # Celery's own path reads the key first: here nothing may.
+        monkeypatch.setattr(type(app.backend), "get", lambda *_: pytest.fail("read"))
+        done, failed = str(uuid.uuid4()), str(uuid.uuid4())
+        app.backend.mark_as_done(done, 1)
+        app.backend.mark_as_failure(failed, Flaky("no"))
+    finally:
+        close_celery_app(app)
+    assert 30 < results.ttl(f"celery-task-meta-{done}") <= 120
+    assert 0 < results.ttl(f"celery-task-meta-{failed}") <= 30
+    assert stored(results, done)["result"] == 1
+
+
 @pytest.mark.parametrize(
     ("url", "guarded"),
     [
