@@ -2,7 +2,7 @@
 
 Run: ``python -m bench.pusher [--uploads 1000] [--concurrency 32,256] [--size 1024]
 [--brokers redis,amqp] [--s3-latency-ms 0] [--pusher-pool POOL] [--no-plain]
-[--profile DIR]``.
+[--profile DIR [--profile-what cpu|wall]]``.
 
 Measures, in one run, against one moto S3 server (started here, on a free port), at
 each concurrency of ``--concurrency`` (uploads in flight), how many uploads of
@@ -37,7 +37,9 @@ is bound by the CPU of this machine, not by waiting on S3. ``--s3-latency-ms N``
 a delay proxy (its own process, loopback only) between every measured path and moto
 that holds each HTTP request back by N ms, as a network round trip to S3 would; the
 setup (bucket creation, counting objects) goes direct. ``--profile DIR`` records the
-pusher worker of each measurement with py-spy (if installed) into DIR.
+pusher and echo workers of each measurement with py-spy (if installed) into DIR:
+the thread holding the GIL, or with ``--profile-what wall`` every thread, waits
+included.
 
 Needs Redis and RabbitMQ on loopback (``CELERYBRIDGE_TEST_REDIS_URL``,
 ``CELERYBRIDGE_TEST_AMQP_URL``, ``CELERYBRIDGE_TEST_RESULT_BACKEND`` override them).
@@ -205,29 +207,23 @@ def py_spy() -> str | None:
     return shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
 
 
+PROFILE_WALL = "wall"
+"""``--profile-what wall``: every thread all the time (waits included), not CPU."""
+
+
 @contextmanager
-def profiled(pid: int, out: Path | None) -> Iterator[None]:
-    """py-spy records ``pid`` meanwhile (collapsed stacks, idle threads left out) into
-    ``out``; nothing when ``out`` is None."""
+def profiled(pid: int, out: Path | None, what: str = "cpu") -> Iterator[None]:
+    """py-spy records ``pid`` meanwhile into ``out`` as collapsed stacks: the thread
+    holding the GIL (``cpu``), or every thread, idle or not (``wall``); nothing when
+    ``out`` is None."""
     spy = py_spy()
     if out is None or spy is None:
         yield
         return
+    which = "--idle" if what == PROFILE_WALL else "--gil"
+    command = [spy, "record", "-p", str(pid), "-f", "raw", "-o", str(out), "-r", "200"]
     process = subprocess.Popen(
-        [
-            spy,
-            "record",
-            "-p",
-            str(pid),
-            "-f",
-            "raw",
-            "-o",
-            str(out),
-            "-r",
-            "200",
-            "--nonblocking",
-            "--gil",
-        ],
+        [*command, "--nonblocking", which],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -247,6 +243,8 @@ class Row:
     n: int
     landed: str = ""
     cpu: CpuUse | None = None
+    pool: str = ""
+    """The worker's pool, as its banner names it."""
 
     def cpu_ms(self, who: str) -> float | None:
         """CPU milliseconds per call of the caller or of the worker."""
@@ -279,9 +277,10 @@ def run(
     size: int,
     latency_ms: int,
     *,
-    pusher_pool: str | None,
+    pusher_pools: list[str],
     plain: bool,
     profile: Path | None,
+    profile_what: str = "cpu",
 ) -> list[Row]:
     rows: list[Row] = []
     with moto_server() as moto, delay_proxy(moto, latency_ms) as endpoint:
@@ -297,11 +296,16 @@ def run(
             }
 
             def record(
-                measurement: str, broker: str, prefix: str | None, rate: float, meter: CpuMeter
+                measurement: str,
+                broker: str,
+                prefix: str | None,
+                rate: float,
+                meter: CpuMeter,
+                pool: str = "",
             ) -> None:
                 landed = count_objects(s3, prefix) if prefix is not None else n
                 rows.append(
-                    Row(measurement, broker, width, rate, n, f"{landed}/{n}", meter.use)  # noqa: B023
+                    Row(measurement, broker, width, rate, n, f"{landed}/{n}", meter.use, pool)  # noqa: B023
                 )
                 status = "ok" if landed == n else "MISSING OBJECTS"
                 print(
@@ -315,13 +319,15 @@ def run(
             rate = asyncio.run(raw_aiobotocore(endpoint, prefix, n, width, size, meter))
             record(RAW, "-", prefix, rate, meter)
 
-            pusher_args = (f"--pool={pusher_pool}",) if pusher_pool else ()
             for broker in brokers:
                 url = BROKERS[broker]
-                workers = [
-                    (PUSHER, Worker("pusher", url, worker_env, pusher_args)),
-                    (ECHO, Worker("bench.pusher_echo_worker", url, worker_env, pusher_args)),
-                ]
+                workers = []
+                for pool in pusher_pools:
+                    pusher_args = (f"--pool={pool}",) if pool else ()
+                    workers += [
+                        (PUSHER, Worker("pusher", url, worker_env, pusher_args)),
+                        (ECHO, Worker("bench.pusher_echo_worker", url, worker_env, pusher_args)),
+                    ]
                 if plain:
                     workers += [
                         (PLAIN_PREFORK, Worker("bench.plain_boto3_worker", url, worker_env)),
@@ -344,11 +350,16 @@ def run(
                     )
                     with worker.running() as running:
                         meter = CpuMeter(running.pid)
-                        label = measurement
-                        if measurement in (PUSHER, ECHO):
-                            label = f"{measurement} ({pool_of(worker.log())})"
+                        pool = pool_of(worker.log())
+                        label = (
+                            f"{measurement} ({pool})"
+                            if measurement in (PUSHER, ECHO)
+                            else measurement
+                        )
                         spied = profiled(
-                            running.pid, out if measurement in (PUSHER, ECHO) else None
+                            running.pid,
+                            out if measurement in (PUSHER, ECHO) else None,
+                            profile_what,
                         )
                         with spied:
                             if measurement == ECHO:
@@ -357,7 +368,8 @@ def run(
                                 rate = asyncio.run(
                                     end_to_end(url, worker.queue, prefix, n, width, size, meter)
                                 )
-                        record(label, broker, None if measurement == ECHO else prefix, rate, meter)
+                        landed = None if measurement == ECHO else prefix
+                        record(label, broker, landed, rate, meter, pool)
                     problems = log_problems(worker.log())
                     if problems:
                         print(f"    {len(problems)} log lines to look at in {worker.log_path}:")
@@ -383,7 +395,12 @@ def targets(rows: list[Row], latency: str) -> Iterator[str]:
             f"{_verdict(share >= 0.9)} ({r.rate:,.0f} vs {raw.rate:,.0f} uploads/s = {share:.0%})"
         )
         echo_row = next(
-            (x for x in same if x.broker == r.broker and x.measurement.startswith(ECHO)), None
+            (
+                x
+                for x in same
+                if x.broker == r.broker and x.measurement.startswith(ECHO) and x.pool == r.pool
+            ),
+            None,
         )
         mine, raw_cpu = r.cpu_ms("worker"), raw.cpu_ms("caller")
         theirs = echo_row.cpu_ms("worker") if echo_row else None
@@ -469,14 +486,23 @@ def main() -> None:
         help="delay added to every S3 request by a loopback proxy (0: moto direct)",
     )
     parser.add_argument(
-        "--pusher-pool", default=None, help="run the pusher with this -P (default: its own)"
+        "--pusher-pool",
+        default="",
+        help="run the pusher (and its echo task) with each of these -P, comma-separated; "
+        "empty: its own pool (e.g. ',threads' measures both)",
     )
     parser.add_argument("--no-plain", action="store_true", help="skip the plain boto3 workers")
     parser.add_argument(
         "--profile",
         type=Path,
         default=None,
-        help="py-spy the pusher and echo workers into this folder (GIL holders only)",
+        help="py-spy the pusher and echo workers into this folder",
+    )
+    parser.add_argument(
+        "--profile-what",
+        choices=("cpu", PROFILE_WALL),
+        default="cpu",
+        help="cpu: the thread holding the GIL; wall: every thread, waits included",
     )
     args = parser.parse_args()
     brokers = args.brokers.split(",")
@@ -495,9 +521,10 @@ def main() -> None:
         args.concurrency,
         args.size,
         args.s3_latency_ms,
-        pusher_pool=args.pusher_pool,
+        pusher_pools=args.pusher_pool.split(","),
         plain=not args.no_plain,
         profile=args.profile,
+        profile_what=args.profile_what,
     )
     report(rows, args.uploads, args.size, args.s3_latency_ms)
 
