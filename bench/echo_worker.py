@@ -30,6 +30,15 @@ if os.environ.get("BENCH_STOCK_TRANSPORT"):
 app = celery_app("bench_echo_worker", **conf)
 
 
-@echo.implement(app)
-def echo_impl(payload: str) -> int:
-    return len(payload)
+if os.environ.get("BENCH_ASYNC_ECHO"):
+    # bench._roundtrip: the drain rate of celerybridge.AsyncioPool, on its coroutine path.
+
+    @echo.implement(app)
+    async def async_echo_impl(payload: str) -> int:
+        return len(payload)
+
+else:
+
+    @echo.implement(app)
+    def echo_impl(payload: str) -> int:
+        return len(payload)

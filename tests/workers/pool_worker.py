@@ -19,13 +19,17 @@ from celerybridge import celery_app
 
 from . import pool_bindings
 
+# --8<-- [start:app]
 app = celery_app(
     "pool_worker",
     worker_pool="celerybridge:AsyncioPool",
     worker_concurrency=int(os.environ.get("CB_POOL_CONCURRENCY", "100")),
     # Redis hands a killed worker's messages back after this (RabbitMQ at once).
     broker_transport_options={"visibility_timeout": 5},
+    # A setting the pool cannot honour: the worker must refuse to start with it.
+    worker_max_tasks_per_child=int(os.environ.get("CB_POOL_MAX_TASKS_PER_CHILD", "0")) or None,
 )
+# --8<-- [end:app]
 
 
 def _task_id() -> str:
@@ -80,6 +84,7 @@ async def soft_limited(seconds: float) -> str:
     return "not limited"
 
 
+# --8<-- [start:soft]
 @pool_bindings.soft_cleanup.implement(app, soft_time_limit=1)
 async def soft_cleanup(seconds: float) -> str:
     try:
@@ -88,6 +93,9 @@ async def soft_cleanup(seconds: float) -> str:
         await asyncio.sleep(0.05)  # cleaning up may await
         return f"cleaned up {_task_id()}"
     return "not limited"
+
+
+# --8<-- [end:soft]
 
 
 @pool_bindings.hard_limited.implement(app, time_limit=1)
@@ -101,6 +109,7 @@ async def hard_limited(seconds: float) -> str:
 
 @pool_bindings.stubborn.implement(app)
 async def stubborn(seconds: float) -> str:
+    _mark(f"started-{_task_id()}", str(os.getpid()))
     try:
         await asyncio.sleep(seconds)
     except asyncio.CancelledError:

@@ -60,6 +60,7 @@ class Job:
         self.soft_expired = False
         self.killed = False  # hard time limit, terminate, cold shutdown: no result callback
         self.timers: list[asyncio.TimerHandle] = []
+        self.handle: object = None  # the pool's ApplyResult for this job
 
     def __repr__(self) -> str:
         return f"{self.name}[{self.task_id}]"
@@ -97,7 +98,11 @@ class Job:
         self.task = task
 
         def resume(done: asyncio.Task[Any]) -> None:
-            if self.task is done and not me.dead:
+            if self.task is not done or me.dead:
+                return
+            if self.killed:
+                self._unwind()  # the body has stopped: now the tracer, without a result
+            else:
                 self._switch()
 
         task.add_done_callback(resume)
@@ -115,16 +120,31 @@ class Job:
         return task.result()
 
     def kill(self) -> None:
-        """End the job now, without a result (on the loop thread, from outside its greenlet)."""
+        """End the job without a result (on the loop thread, from outside its greenlet).
+
+        The coroutine is cancelled first, and the tracer unwound once it has stopped, so
+        the body's cleanup still sees its request; a body that will not stop gets
+        :data:`KILL_GRACE` seconds, then the tracer is unwound under it.
+        """
         self.killed = True
-        if self.task is not None:
-            self.task.cancel()
+        task = self.task
+        if task is not None and not task.done():
+            task.cancel()
+            task.get_loop().call_later(KILL_GRACE, self._unwind)
+        else:
+            self._unwind()
+
+    def _unwind(self) -> None:
         if self.greenlet is not None and not self.greenlet.dead:
             Job.on_loop = self
             try:
                 self.greenlet.throw(GreenletExit)
             finally:
                 Job.on_loop = None
+
+
+KILL_GRACE = 1.0
+"""Seconds a cancelled coroutine has to stop before its tracer is unwound under it."""
 
 
 def running_job() -> Job | None:

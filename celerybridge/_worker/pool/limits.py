@@ -21,7 +21,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from .greenlets import Job
+from .greenlets import KILL_GRACE, Job
 
 logger = logging.getLogger("celerybridge.worker.pool")
 
@@ -62,11 +62,7 @@ def _hard(job: Job, post: Callable[..., None], finish: Callable[[Job], None]) ->
     job.kill()
     finish(job)
     if task is not None:
-        asyncio.get_running_loop().call_later(ORPHAN_CHECK, _check_stopped, job, task)
-
-
-ORPHAN_CHECK = 1.0
-"""Seconds a coroutine has to stop once cancelled, before it is reported as an orphan."""
+        asyncio.get_running_loop().call_later(KILL_GRACE, _check_stopped, job, task)
 
 
 def _check_stopped(job: Job, task: asyncio.Task[object]) -> None:
@@ -75,6 +71,6 @@ def _check_stopped(job: Job, task: asyncio.Task[object]) -> None:
             "task %r: its coroutine has not stopped %ss after the hard time limit (%ss) "
             "cancelled it; it keeps running on the worker's loop",
             job,
-            ORPHAN_CHECK,
+            KILL_GRACE,
             job.timeout,
         )

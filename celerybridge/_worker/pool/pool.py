@@ -31,7 +31,6 @@ from typing import Any
 from billiard.einfo import ExceptionInfo
 from billiard.exceptions import WorkerLostError
 from celery import signals
-from celery.app.trace import fast_trace_task, trace_task_ret
 from celery.concurrency.base import BasePool
 from celery.worker import state as worker_state
 from greenlet import GreenletExit, getcurrent, greenlet
@@ -48,7 +47,11 @@ from .watchdog import Watchdog
 
 logger = logging.getLogger("celerybridge.worker.pool")
 
-_TRACERS = (fast_trace_task, trace_task_ret)
+# Celery's tracer entry points, by name: importing celery.app.trace with celerybridge
+# would bind its tracer before Sentry can patch it (tests/test_exported_members.py).
+_TRACERS = frozenset(
+    {("celery.app.trace", "fast_trace_task"), ("celery.app.trace", "trace_task_ret")}
+)
 THREADS_SETTING = "celerybridge_pool_threads"
 LAG_SETTING = "celerybridge_loop_lag_warning"
 
@@ -82,7 +85,9 @@ class AsyncioPool(BasePool):
     """A Celery worker pool running coroutine tasks concurrently on one event loop.
 
     Select it with ``worker_pool="celerybridge:AsyncioPool"`` (in ``celery_app(...)`` or
-    the app's configuration) or ``celery worker -P celerybridge:AsyncioPool``.
+    the app's configuration), or on the command line with ``celery worker -P custom``
+    and ``CELERY_CUSTOM_WORKER_POOL=celerybridge:AsyncioPool`` (Celery's ``-P`` takes
+    only its own pool names).
     ``--concurrency N`` is the number of tasks in flight in the one worker process:
     ``async def`` implementations run on the worker's event loop, plain ``def`` ones in
     a thread pool of at most ``celerybridge_pool_threads`` threads (default 8).
@@ -220,11 +225,15 @@ class AsyncioPool(BasePool):
         args = tuple(args or ())
         job = Job(target, args, kwargs or {}, options, self._is_async(target, args))
         assert self._loop is not None, "the pool was not started"
+        # Celery keeps only a weak reference to what on_apply returns: the job keeps it
+        # alive for as long as a request may terminate it.
+        job.handle = ApplyResult(self, job)
         self._loop.call_soon_threadsafe(self._enqueue, job)
-        return ApplyResult(self, job)
+        return job.handle
 
     def _is_async(self, target: Callable[..., Any], args: tuple[Any, ...]) -> bool:
-        if target not in _TRACERS or not args or not isinstance(args[0], str):
+        where = (getattr(target, "__module__", None), getattr(target, "__name__", None))
+        if where not in _TRACERS or not args or not isinstance(args[0], str):
             return False
         name = args[0]
         if name not in self._async_names:
