@@ -19,6 +19,13 @@ final one (SUCCESS, FAILURE, REVOKED), checked and written in one step:
 - ``file://``: every result write (final ones too) holds an exclusive ``flock`` on
   ``.celerybridge-results.lock`` in the results folder while it compares and writes.
 
+On :class:`celerybridge.AsyncioPool`, Celery's tracer stores a coroutine task's
+result from the task's greenlet on the event loop's thread, where a Redis round trip
+(and, while the backend is down, every retry and its sleep) would hold up every task
+of the worker. The Redis backends store from a small thread pool instead
+(``RESULT_STORE_THREADS`` per process) while the greenlet waits, and the loop runs
+the other tasks meanwhile.
+
 Final states keep Celery's rule (a stored SUCCESS is never replaced). Celery reads the
 key, then writes and publishes: two round trips to Redis, made by the tracer after each
 task (on :class:`celerybridge.AsyncioPool`, on the event loop's thread). With the
@@ -42,12 +49,16 @@ with an ``override_backends`` of its own replaces this mapping.
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
+import functools
 import logging
 import os
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 from celery import states
 from celery.backends.base import BaseKeyValueStoreBackend
@@ -57,6 +68,12 @@ from celery.exceptions import BackendStoreError
 from celery.loaders.app import AppLoader
 from kombu.utils.encoding import bytes_to_str
 from redis.exceptions import WatchError
+
+from .._constants import RESULT_STORE_THREADS
+from .loop import worker_loop
+from .pool.greenlets import running_job
+
+T = TypeVar("T")
 
 log = logging.getLogger("celerybridge.final_state")
 
@@ -93,6 +110,34 @@ def is_final(backend: BaseKeyValueStoreBackend, raw: bytes | None) -> bool:
     return backend.decode_result(raw)["status"] in states.READY_STATES
 
 
+_stores: tuple[int, ThreadPoolExecutor] | None = None
+_stores_lock = threading.Lock()
+
+
+def _store_threads() -> ThreadPoolExecutor:
+    """This process's threads for result stores (made afresh in a forked child)."""
+    global _stores
+    with _stores_lock:
+        if _stores is None or _stores[0] != os.getpid():
+            executor = ThreadPoolExecutor(
+                RESULT_STORE_THREADS, thread_name_prefix="celerybridge-results"
+            )
+            _stores = (os.getpid(), executor)
+        return _stores[1]
+
+
+async def _in_thread(call: Callable[[], T]) -> T:
+    return await asyncio.get_running_loop().run_in_executor(_store_threads(), call)
+
+
+def off_the_loop(call: Callable[[], T]) -> T:
+    """``call()``; from a coroutine job of the asyncio pool (its greenlet on the event
+    loop's thread), in a result-store thread while the greenlet waits."""
+    if running_job() is None:
+        return call()
+    return worker_loop.run(_in_thread(call))
+
+
 def _refused(key: bytes | str, state: str) -> None:
     log.debug("not storing %s over the final state of %r", state, key)
 
@@ -108,6 +153,20 @@ class FinalStateRedisBackend(RedisBackend):
     serializer: str
     _MAX_STR_VALUE_SIZE: int
     _store_final_script: Any = None  # per backend: Celery makes one per thread
+
+    def store_result(
+        self,
+        task_id: str,
+        result: Any,
+        state: str,
+        traceback: Any = None,
+        request: Any = None,
+        **kwargs: Any,
+    ) -> Any:
+        store = super().store_result
+        return off_the_loop(
+            functools.partial(store, task_id, result, state, traceback, request, **kwargs)
+        )
 
     def _store_result(
         self,

@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import json
 import os
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -16,6 +18,7 @@ import anyio
 import pytest
 import redis
 from celery import Celery, states
+from greenlet import getcurrent
 
 from celerybridge import Bridge, BridgeSettings, RemoteTaskError, celery_app
 from celerybridge._contracts import RemoteTask
@@ -26,6 +29,8 @@ from celerybridge._worker.final_state import (
     FinalStateRedisBackend,
     FinalStateSentinelBackend,
 )
+from celerybridge._worker.loop import worker_loop
+from celerybridge._worker.pool.greenlets import Job
 
 from .._brokers import BROKERS, RESULT_BACKEND, dead_letters
 from .._workers import Worker
@@ -220,6 +225,45 @@ def test_final_states_are_stored_in_one_round_trip_with_their_expiry_on_redis(
     assert 30 < results.ttl(f"celery-task-meta-{done}") <= 120
     assert 0 < results.ttl(f"celery-task-meta-{failed}") <= 30
     assert stored(results, done)["result"] == 1
+
+
+def test_a_result_store_from_a_pool_job_leaves_the_event_loop_running() -> None:
+    # A coroutine job of the asyncio pool stores its result from its greenlet on the
+    # loop's thread: the store must wait in a thread, with the loop free meanwhile.
+    loop = worker_loop.start()
+    released = threading.Event()
+    outcome: dict[str, Any] = {}
+
+    def store() -> str:  # stands for Redis: answers once the loop has run something
+        outcome["thread"] = threading.current_thread().name
+        if not released.wait(10):
+            raise TimeoutError("the event loop was held")
+        return "stored"
+
+    async def main() -> None:
+        done = asyncio.get_running_loop().create_future()
+
+        def run(job: Job) -> None:
+            job.in_greenlet()
+            try:
+                outcome["value"] = _final_state.off_the_loop(store)
+            except BaseException as exc:
+                outcome["value"] = exc
+            finally:
+                done.set_result(None)
+
+        Job(lambda: None, ("t", "id"), {}, {}, True).start(run, getcurrent())
+        asyncio.get_running_loop().call_soon(released.set)  # runs only on a free loop
+        await done
+
+    try:
+        asyncio.run_coroutine_threadsafe(main(), loop).result(30)
+    finally:
+        worker_loop.shutdown()
+    assert outcome["value"] == "stored"
+    assert outcome["thread"].startswith("celerybridge-results")
+    # Outside a job (threads pool, prefork, solo) the store runs where it is called.
+    assert _final_state.off_the_loop(threading.current_thread) is threading.current_thread()
 
 
 @pytest.mark.parametrize(
