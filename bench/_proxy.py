@@ -4,7 +4,7 @@
 proxy that forwards every connection to the real broker and holds each chunk of bytes
 back by half of ``latency_ms`` in each direction, so a request and its reply take
 ``latency_ms`` longer, as a broker that far away would. Unlike the pusher bench's S3
-proxy (``bench.pusher.delay_proxy``, which sleeps before each HTTP request), this one is
+proxy (``bench._s3rig.delay_proxy``, which sleeps before each HTTP request), this one is
 a delay line: a chunk's delay runs while later chunks are read, in order, so pipelined
 commands and publisher confirms keep flowing; only the wait grows, not the cost.
 

@@ -1,34 +1,45 @@
-"""Pusher upload throughput against raw aiobotocore and a plain Celery + boto3 worker.
+"""Pusher upload throughput and CPU against raw aiobotocore and a plain Celery + boto3 worker.
 
-Run: ``python -m bench.pusher [--uploads 1000] [--concurrency 32] [--size 1024]
-[--brokers redis,amqp] [--s3-latency-ms 0]``.
+Run: ``python -m bench.pusher [--uploads 1000] [--concurrency 32,256] [--size 1024]
+[--brokers redis,amqp] [--s3-latency-ms 0] [--pusher-pool POOL] [--no-plain]
+[--profile DIR [--profile-what cpu|wall]]``.
 
-Measures, in one run, against one moto S3 server (started here, on a free port) and
-at one concurrency, how many uploads of ``--size`` bytes per second get through:
+Measures, in one run, against one moto S3 server (started here, on a free port), at
+each concurrency of ``--concurrency`` (uploads in flight), how many uploads of
+``--size`` bytes per second get through and what CPU each costs:
 
-- raw aiobotocore ``put_object``: one process, one client, ``--concurrency``
-  coroutines in flight; the ceiling for any Python uploader on this machine;
-- end to end through the pusher (``celery -A pusher worker``, threads pool, one
-  event loop and one aiobotocore client), per broker: a celerybridge caller keeps
-  ``--concurrency`` uploads in flight (delegate, then await the receipt);
-- the same caller against a plain Celery worker uploading with boto3
-  (``bench/plain_boto3_worker.py``), once with Celery's default prefork pool and
+- raw aiobotocore ``put_object``: one process, one client, that many coroutines in
+  flight; the ceiling for any Python uploader on this machine;
+- end to end through the pusher (``celery -A pusher worker`` on its own pool, or
+  ``--pusher-pool``; ``PUSHER_CONCURRENCY`` = the concurrency), per broker: a
+  celerybridge caller keeps that many uploads in flight (delegate, then await the
+  receipt);
+- an echo task on the pusher's app and pool (``bench.pusher_echo_worker``): the same
+  calls with nothing uploaded, so its worker CPU per task is the pool's and
+  celerybridge's own cost per task;
+- unless ``--no-plain``, the same caller against a plain Celery worker uploading with
+  boto3 (``bench/plain_boto3_worker.py``), once with Celery's default prefork pool and
   concurrency (what a plain Celery user gets) and once with ``--pool=threads
   --concurrency=<concurrency>``.
 
 Every S3 path sends the same request (``ChecksumSHA256``, ``ContentType``). Each
-measurement starts with an untimed warm-up of ``--concurrency`` uploads; rates count
-from the first send to the last result. After each end-to-end run the objects are
-counted in S3. It ends with a markdown table and whether the issue's targets are met:
-end to end >= 90 % of raw aiobotocore, and >= 2x the plain prefork boto3 worker.
+measurement starts with an untimed warm-up of as many uploads as are in flight, in a
+worker started for it; rates count from the first send to the last result. After each
+upload run the objects are counted in S3. For each worker the table gives its CPU per
+upload, the most threads it had at once and its peak resident memory (``VmHWM``).
+It ends with a markdown table and whether the issue's targets are met, per
+concurrency and broker: the pusher >= 90 % of raw aiobotocore; its worker CPU per
+upload <= 1.25 x (raw aiobotocore's CPU per upload + the echo task's worker CPU per
+task); >= 2x the plain prefork boto3 worker.
 
 Against moto on loopback an upload costs about a millisecond of S3 time, so every row
 is bound by the CPU of this machine, not by waiting on S3. ``--s3-latency-ms N`` puts
 a delay proxy (its own process, loopback only) between every measured path and moto
 that holds each HTTP request back by N ms, as a network round trip to S3 would; the
-setup (bucket creation, counting objects) goes direct. Run once per latency, e.g.
-``python -m bench.pusher`` and ``python -m bench.pusher --s3-latency-ms 100``; each
-table says which latency it was measured at.
+setup (bucket creation, counting objects) goes direct. ``--profile DIR`` records the
+pusher and echo workers of each measurement with py-spy (if installed) into DIR:
+the thread holding the GIL, or with ``--profile-what wall`` every thread, waits
+included.
 
 Needs Redis and RabbitMQ on loopback (``CELERYBRIDGE_TEST_REDIS_URL``,
 ``CELERYBRIDGE_TEST_AMQP_URL``, ``CELERYBRIDGE_TEST_RESULT_BACKEND`` override them).
@@ -40,21 +51,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import functools
 import hashlib
-import multiprocessing
-import os
+import re
+import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
-import uuid
 from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager, nullcontext, suppress
-from dataclasses import dataclass
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
 from typing import Any
 
 import boto3
@@ -64,9 +69,10 @@ from botocore.config import Config
 from celerybridge import Bridge
 from pusher.bindings import send_to_s3
 
-from ._common import BROKERS, RESULT_BACKEND, ROOT, RUN, delete_queue, free_port, log_dir
-from ._cpu import CpuMeter, CpuUse
-from ._proxy import forward
+from ._common import BROKERS, RESULT_BACKEND, RUN, echo
+from ._cpu import CpuMeter
+from ._pusher_report import ECHO, PLAIN_PREFORK, PLAIN_THREADS, PUSHER, RAW, Row, report
+from ._s3rig import Worker, delay_proxy, moto_server
 
 BUCKET = f"cb-bench-{RUN}"
 AWS_ENV = {
@@ -74,162 +80,6 @@ AWS_ENV = {
     "AWS_SECRET_ACCESS_KEY": "testing",
     "AWS_DEFAULT_REGION": "us-east-1",
 }
-
-RAW = "raw aiobotocore put_object"
-PUSHER = "pusher worker (threads, aiobotocore)"
-PLAIN_PREFORK = "plain Celery worker, boto3 (default prefork)"
-PLAIN_THREADS = "plain Celery worker, boto3 (threads)"
-
-
-def stop_process(process: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
-    """SIGTERM, wait, then SIGKILL the process group (prefork children included)."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            with suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-    with suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)  # children left behind by a dead parent
-
-
-@contextmanager
-def moto_server() -> Iterator[str]:
-    """moto's standalone server on a free port; yields its URL once it answers."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = (log_dir() / "moto.log").open("wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(url, timeout=1).close()
-                break
-            except (urllib.error.URLError, OSError):
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"moto server did not start, see {log.name}") from None
-                time.sleep(0.1)
-        yield url
-    finally:
-        stop_process(process)
-        log.close()
-
-
-HTTP_METHODS = (b"GET ", b"PUT ", b"POST ", b"HEAD ", b"DELETE ")
-
-
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay: float) -> None:
-    """Copy ``reader`` to ``writer``, sleeping ``delay`` s before each chunk that starts
-    an HTTP request (per request, so keep-alive connections are delayed every time)."""
-    try:
-        while data := await reader.read(65536):
-            if delay and data.startswith(HTTP_METHODS):
-                await asyncio.sleep(delay)
-            writer.write(data)
-            await writer.drain()
-    except OSError:
-        pass
-    finally:
-        writer.close()
-
-
-def serve_delay_proxy(listener: socket.socket, target_port: int, delay: float) -> None:
-    """Forward connections on ``listener`` to ``127.0.0.1:target_port`` (runs forever),
-    each HTTP request ``delay`` s late."""
-    forward(
-        listener,
-        target_port,
-        functools.partial(_pipe, delay=delay),
-        functools.partial(_pipe, delay=0),
-    )
-
-
-@contextmanager
-def delay_proxy(target: str, latency_ms: int) -> Iterator[str]:
-    """Yields an endpoint that reaches ``target`` (``http://127.0.0.1:<port>``) with
-    ``latency_ms`` added to every HTTP request; ``target`` itself when it is 0.
-
-    The proxy runs in a process of its own, so it competes for the GIL with nothing
-    it measures; the listening socket is bound here, so it accepts from the start."""
-    if latency_ms <= 0:
-        yield target
-        return
-    listener = socket.create_server(("127.0.0.1", 0), backlog=1024)
-    port = listener.getsockname()[1]
-    target_port = int(target.rsplit(":", 1)[1])
-    process = multiprocessing.get_context("fork").Process(
-        target=serve_delay_proxy,
-        args=(listener, target_port, latency_ms / 1000),
-        name="s3-delay-proxy",
-        daemon=True,
-    )
-    process.start()
-    listener.close()  # the proxy process holds its own copy
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        process.join(5)
-
-
-@dataclass
-class Worker:
-    """A ``celery -A <app> worker -Q <queue>`` subprocess and its log file."""
-
-    app: str
-    broker_url: str
-    env: dict[str, str]
-    pool_args: tuple[str, ...] = ()
-    """Empty: the app's own pool settings (the pusher's threads, Celery's prefork)."""
-
-    pid: int = 0
-    """The worker's process id while it runs."""
-
-    def __post_init__(self) -> None:
-        self.queue = f"cb-bench-{self.app.replace('.', '-')}-{uuid.uuid4().hex[:8]}"
-        self.log_path = log_dir() / f"{self.queue}.log"
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    @contextmanager
-    def running(self, timeout: float = 60.0) -> Iterator[Worker]:
-        command = [
-            sys.executable, "-m", "celery", "-A", self.app, "worker",
-            "-Q", self.queue, "-n", f"{self.queue}@%h", "--loglevel=info",
-            "--without-gossip", "--without-mingle", "--without-heartbeat",
-            *self.pool_args,
-        ]  # fmt: skip
-        env = {
-            **os.environ,
-            **self.env,
-            "CELERYBRIDGE_BROKER_URL": self.broker_url,
-            "PYTHONPATH": str(ROOT),
-        }
-        with self.log_path.open("wb") as log:
-            process = subprocess.Popen(
-                command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )  # fmt: skip
-        try:
-            deadline = time.monotonic() + timeout
-            while " ready." not in self.log():
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"{self.app} worker did not start:\n{self.log()}")
-                time.sleep(0.05)
-            self.pid = process.pid
-            yield self
-        finally:
-            stop_process(process)
-            delete_queue(self.broker_url, self.queue)
 
 
 def checksum_of(body: bytes) -> str:
@@ -243,7 +93,7 @@ async def keep_in_flight(
     width: int,
     meter: CpuMeter | None = None,
 ) -> float:
-    """Run ``one(key)`` for ``n`` keys under ``prefix``, ``width`` at a time; uploads/s.
+    """Run ``one(key)`` for ``n`` keys under ``prefix``, ``width`` at a time; calls/s.
     ``meter`` measures the CPU used meanwhile."""
     keys = iter(range(n))
 
@@ -252,9 +102,9 @@ async def keep_in_flight(
             await one(f"{prefix}{i:06d}.json")
 
     with meter or nullcontext():
-        started = time.perf_counter()
+        started = asyncio.get_running_loop().time()
         await asyncio.gather(*(lane() for _ in range(width)))
-        elapsed = time.perf_counter() - started
+        elapsed = asyncio.get_running_loop().time() - started
     return n / elapsed
 
 
@@ -290,12 +140,28 @@ async def end_to_end(
 
         async def upload(key: str) -> None:
             handle = await bridge.send(stub, (key, content), {})
-            receipt = await handle.result(timeout=60)
+            receipt = await handle.result(timeout=120)
             if receipt.key != key or receipt.size != size:
                 raise RuntimeError(f"unexpected receipt for {key}: {receipt!r}")
 
         await keep_in_flight(upload, f"{prefix}warm-up/", width, width)
         return await keep_in_flight(upload, prefix, n, width, meter)
+
+
+async def echoes(
+    broker_url: str, queue: str, n: int, width: int, size: int, meter: CpuMeter
+) -> float:
+    stub = echo.with_options(queue=queue)
+    payload = "x" * size
+    async with Bridge(broker_url=broker_url, result_backend=RESULT_BACKEND) as bridge:
+
+        async def one(_: str) -> None:
+            handle = await bridge.send(stub, (payload,), {})
+            if await handle.result(timeout=120) != size:
+                raise RuntimeError("unexpected echo")
+
+        await keep_in_flight(one, "", width, width)
+        return await keep_in_flight(one, "", n, width, meter)
 
 
 def aws_credentials() -> dict[str, str]:
@@ -320,136 +186,172 @@ def log_problems(log: str) -> list[str]:
     return [line for line in log.splitlines() if any(m in line for m in marks)]
 
 
-@dataclass
-class Row:
-    measurement: str
-    broker: str
-    rate: float
-    n: int
-    landed: str = ""
-    cpu: CpuUse | None = None
-
-    def cpu_columns(self) -> str:
-        """Machine busy, and the caller's and worker's CPU milliseconds per upload."""
-        if self.cpu is None:
-            return "- | - | -"
-        busy = self.cpu.machine_busy
-        worker = self.cpu.worker_s
-        return " | ".join(
-            (
-                f"{busy:.0%}",
-                f"{self.cpu.caller_s * 1000 / self.n:.2f}",
-                f"{worker * 1000 / self.n:.2f}" if worker is not None else "-",
-            )
-        )
+def pool_of(log: str) -> str:
+    """The pool a worker's banner names (``concurrency: 32 (thread)``)."""
+    found = re.search(r"concurrency:\s*\d+ \(([^)]+)\)", log)
+    name = found.group(1) if found else "?"
+    return {"pool": "celerybridge.AsyncioPool", "thread": "threads"}.get(name, name)
 
 
-def run(brokers: list[str], n: int, width: int, size: int, latency_ms: int) -> list[Row]:
+def py_spy() -> str | None:
+    """py-spy's path: on PATH or beside this Python (a venv not activated)."""
+    return shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
+
+
+PROFILE_WALL = "wall"
+"""``--profile-what wall``: every thread all the time (waits included), not CPU."""
+
+
+@contextmanager
+def profiled(pid: int, out: Path | None, what: str = "cpu") -> Iterator[None]:
+    """py-spy records ``pid`` meanwhile into ``out`` as collapsed stacks: the thread
+    holding the GIL (``cpu``), or every thread, idle or not (``wall``); nothing when
+    ``out`` is None."""
+    spy = py_spy()
+    if out is None or spy is None:
+        yield
+        return
+    which = "--idle" if what == PROFILE_WALL else "--gil"
+    command = [spy, "record", "-p", str(pid), "-f", "raw", "-o", str(out), "-r", "200"]
+    process = subprocess.Popen(
+        [*command, "--nonblocking", which],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(30)
+
+
+def run(
+    brokers: list[str],
+    n: int,
+    widths: list[int],
+    size: int,
+    latency_ms: int,
+    *,
+    pusher_pools: list[str],
+    plain: bool,
+    profile: Path | None,
+    profile_what: str = "cpu",
+) -> list[Row]:
     rows: list[Row] = []
     with moto_server() as moto, delay_proxy(moto, latency_ms) as endpoint:
         s3 = boto3.client("s3", endpoint_url=moto, **aws_credentials())
         s3.create_bucket(Bucket=BUCKET)
-        worker_env = {
-            **AWS_ENV,
-            "AWS_ENDPOINT_URL_S3": endpoint,
-            "CELERYBRIDGE_RESULT_BACKEND": RESULT_BACKEND,
-            "PUSHER_BUCKET": BUCKET,
-            "PUSHER_CONCURRENCY": str(width),
-        }
+        for width in widths:
+            worker_env = {
+                **AWS_ENV,
+                "AWS_ENDPOINT_URL_S3": endpoint,
+                "CELERYBRIDGE_RESULT_BACKEND": RESULT_BACKEND,
+                "PUSHER_BUCKET": BUCKET,
+                "PUSHER_CONCURRENCY": str(width),
+            }
 
-        def record(
-            measurement: str, broker: str, prefix: str, rate: float, meter: CpuMeter
-        ) -> None:
-            landed = count_objects(s3, prefix)
-            rows.append(Row(measurement, broker, rate, n, f"{landed}/{n}", meter.use))
-            status = "ok" if landed == n else "MISSING OBJECTS"
-            print(
-                f"  {measurement} [{broker}]: {rate:,.0f} uploads/s; "
-                f"{landed} of {n} objects under s3://{BUCKET}/{prefix} ({status})",
-                flush=True,
-            )
+            def record(
+                measurement: str,
+                broker: str,
+                prefix: str | None,
+                rate: float,
+                meter: CpuMeter,
+                pool: str = "",
+            ) -> None:
+                landed = count_objects(s3, prefix) if prefix is not None else n
+                rows.append(
+                    Row(measurement, broker, width, rate, n, f"{landed}/{n}", meter.use, pool)  # noqa: B023
+                )
+                status = "ok" if landed == n else "MISSING OBJECTS"
+                print(
+                    f"  {measurement} [{broker}, {width} in flight]: {rate:,.0f}/s; "  # noqa: B023
+                    f"{landed} of {n} landed ({status})",
+                    flush=True,
+                )
 
-        prefix = "raw/"
-        meter = CpuMeter()
-        rate = asyncio.run(raw_aiobotocore(endpoint, prefix, n, width, size, meter))
-        record(RAW, "-", prefix, rate, meter)
+            prefix = f"raw-{width}/"
+            meter = CpuMeter()
+            rate = asyncio.run(raw_aiobotocore(endpoint, prefix, n, width, size, meter))
+            record(RAW, "-", prefix, rate, meter)
 
-        for broker in brokers:
-            url = BROKERS[broker]
-            workers = [
-                (PUSHER, Worker("pusher", url, worker_env)),
-                (PLAIN_PREFORK, Worker("bench.plain_boto3_worker", url, worker_env)),
-                (
-                    PLAIN_THREADS,
-                    Worker(
-                        "bench.plain_boto3_worker",
-                        url,
-                        worker_env,
-                        ("--pool=threads", f"--concurrency={width}"),
-                    ),
-                ),
-            ]
-            for measurement, worker in workers:
-                prefix = f"{broker}/{worker.queue}/"
-                with worker.running() as running:
-                    meter = CpuMeter(running.pid)
-                    rate = asyncio.run(end_to_end(url, worker.queue, prefix, n, width, size, meter))
-                record(measurement, broker, prefix, rate, meter)
-                problems = log_problems(worker.log())
-                if problems:
-                    print(f"    {len(problems)} log lines to look at in {worker.log_path}:")
-                    for line in problems[:5]:
-                        print(f"      {line[:200]}")
+            for broker in brokers:
+                url = BROKERS[broker]
+                workers = []
+                for pool in pusher_pools:
+                    pusher_args = (f"--pool={pool}",) if pool else ()
+                    workers += [
+                        (PUSHER, Worker("pusher", url, worker_env, pusher_args)),
+                        (ECHO, Worker("bench.pusher_echo_worker", url, worker_env, pusher_args)),
+                    ]
+                if plain:
+                    workers += [
+                        (PLAIN_PREFORK, Worker("bench.plain_boto3_worker", url, worker_env)),
+                        (
+                            PLAIN_THREADS,
+                            Worker(
+                                "bench.plain_boto3_worker",
+                                url,
+                                worker_env,
+                                ("--pool=threads", f"--concurrency={width}"),
+                            ),
+                        ),
+                    ]
+                for measurement, worker in workers:
+                    prefix = f"{broker}/{worker.queue}/"
+                    out = (
+                        profile / f"{broker}-{width}-{worker.app}-{worker.queue}.txt"
+                        if profile
+                        else None
+                    )
+                    with worker.running() as running:
+                        meter = CpuMeter(running.pid)
+                        pool = pool_of(worker.log())
+                        label = (
+                            f"{measurement} ({pool})"
+                            if measurement in (PUSHER, ECHO)
+                            else measurement
+                        )
+                        spied = profiled(
+                            running.pid,
+                            out if measurement in (PUSHER, ECHO) else None,
+                            profile_what,
+                        )
+                        with spied:
+                            if measurement == ECHO:
+                                rate = asyncio.run(echoes(url, worker.queue, n, width, size, meter))
+                            else:
+                                rate = asyncio.run(
+                                    end_to_end(url, worker.queue, prefix, n, width, size, meter)
+                                )
+                        landed = None if measurement == ECHO else prefix
+                        record(label, broker, landed, rate, meter, pool)
+                    problems = log_problems(worker.log())
+                    if problems:
+                        print(f"    {len(problems)} log lines to look at in {worker.log_path}:")
+                        for line in problems[:5]:
+                            print(f"      {line[:200]}")
     return rows
 
 
-def report(rows: list[Row], n: int, width: int, size: int, latency_ms: int) -> None:
-    raw = next(r.rate for r in rows if r.measurement == RAW)
-    prefork = {r.broker: r.rate for r in rows if r.measurement == PLAIN_PREFORK}
-    latency = f"S3 +{latency_ms} ms"
-    print()
-    print(
-        f"{n} uploads of {size} B, {width} in flight, one moto server, "
-        f"S3 latency +{latency_ms} ms per request"
-        + (" (delay proxy)" if latency_ms else " (moto direct, no added latency)")
-    )
-    print()
-    print(
-        f"| measurement | broker | uploads/s ({latency}) | vs raw aiobotocore "
-        "| vs plain prefork | landed | machine CPU busy | caller CPU ms/upload "
-        "| worker CPU ms/upload |"
-    )
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
-        vs_plain = f"{r.rate / prefork[r.broker]:.2f}x" if r.broker in prefork else "-"
-        print(
-            f"| {r.measurement} | {r.broker} | {r.rate:,.0f} | {r.rate / raw:.0%} "
-            f"| {vs_plain} | {r.landed} | {r.cpu_columns()} |"
-        )
-    print()
-    for r in rows:
-        if r.measurement != PUSHER:
-            continue
-        share, factor = r.rate / raw, r.rate / prefork[r.broker]
-        print(
-            f"- {r.broker}, {latency}: "
-            f">= 90% of raw aiobotocore: {'MET' if share >= 0.9 else 'NOT MET'} "
-            f"({r.rate:,.0f} vs {raw:,.0f} uploads/s = {share:.0%}); "
-            f">= 2x plain prefork boto3 worker: {'MET' if factor >= 2 else 'NOT MET'} "
-            f"({r.rate:,.0f} vs {prefork[r.broker]:,.0f} uploads/s = {factor:.2f}x)"
-        )
-    print(
-        "\nCPU columns: share of the machine's CPUs busy (any process: moto, the delay proxy, "
-        "brokers included), and CPU time per upload of the calling process and of the worker "
-        "process tree. When the machine is near 100%, rates measure CPU cost, not waiting."
-    )
-    print(f"\nworker and moto logs: {log_dir()}")
+def _widths(text: str) -> list[int]:
+    try:
+        widths = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of numbers: {text!r}") from None
+    if not widths or min(widths) < 1:
+        raise argparse.ArgumentTypeError("concurrencies must be >= 1")
+    return widths
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--uploads", type=int, default=1000, help="uploads per measurement")
-    parser.add_argument("--concurrency", type=int, default=32, help="uploads in flight")
+    parser.add_argument(
+        "--concurrency",
+        type=_widths,
+        default=[32, 256],
+        help="uploads in flight, comma-separated: each is measured (default 32,256)",
+    )
     parser.add_argument("--size", type=int, default=1024, help="bytes per object")
     parser.add_argument("--brokers", default="redis,amqp")
     parser.add_argument(
@@ -458,6 +360,25 @@ def main() -> None:
         default=0,
         help="delay added to every S3 request by a loopback proxy (0: moto direct)",
     )
+    parser.add_argument(
+        "--pusher-pool",
+        default="",
+        help="run the pusher (and its echo task) with each of these -P, comma-separated; "
+        "empty: its own pool (e.g. ',threads' measures both)",
+    )
+    parser.add_argument("--no-plain", action="store_true", help="skip the plain boto3 workers")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="py-spy the pusher and echo workers into this folder",
+    )
+    parser.add_argument(
+        "--profile-what",
+        choices=("cpu", PROFILE_WALL),
+        default="cpu",
+        help="cpu: the thread holding the GIL; wall: every thread, waits included",
+    )
     args = parser.parse_args()
     brokers = args.brokers.split(",")
     unknown = set(brokers) - set(BROKERS)
@@ -465,8 +386,22 @@ def main() -> None:
         parser.error(f"unknown broker(s) {', '.join(sorted(unknown))}; known: redis, amqp")
     if args.s3_latency_ms < 0:
         parser.error("--s3-latency-ms must be >= 0")
-    rows = run(brokers, args.uploads, args.concurrency, args.size, args.s3_latency_ms)
-    report(rows, args.uploads, args.concurrency, args.size, args.s3_latency_ms)
+    if args.profile is not None:
+        if py_spy() is None:
+            parser.error("--profile needs py-spy (pip install py-spy)")
+        args.profile.mkdir(parents=True, exist_ok=True)
+    rows = run(
+        brokers,
+        args.uploads,
+        args.concurrency,
+        args.size,
+        args.s3_latency_ms,
+        pusher_pools=args.pusher_pool.split(","),
+        plain=not args.no_plain,
+        profile=args.profile,
+        profile_what=args.profile_what,
+    )
+    report(rows, args.uploads, args.size, args.s3_latency_ms)
 
 
 if __name__ == "__main__":

@@ -257,3 +257,7 @@ POOL_SYNC_THREADS: Final = 8
 LOOP_LAG_WARNING: Final = 0.5
 # How often the watchdog looks at the loop, as a fraction of the warning threshold.
 LOOP_LAG_CHECKS_PER_THRESHOLD: Final = 4
+# On the asyncio pool a coroutine task's result is stored in Redis from a thread of this
+# many (per worker process) while the task's greenlet waits, so the event loop runs the
+# other tasks meanwhile (_worker/final_state.py).
+RESULT_STORE_THREADS: Final = 4

@@ -21,8 +21,9 @@ class PusherSettings(BaseSettings):
 
     bucket: str = Field(min_length=3)
     """The bucket objects land in (``PUSHER_BUCKET``); must exist."""
-    concurrency: PositiveInt = 32
-    """Uploads in flight per worker process (threads sharing one event loop and client)."""
+    concurrency: PositiveInt = 128
+    """Uploads in flight per worker process: coroutines on its one event loop, sharing one
+    S3 client whose connection pool is as large. Each holds its content in memory."""
     content_type: str = "application/json"
     multipart_threshold: PositiveInt = 8 * MiB
     """Content of at least this many bytes is sent as a multipart upload."""

@@ -64,9 +64,11 @@ _redis = scheme_of(bridge_settings.broker_url) in {"redis", "rediss", "sentinel"
 app = celery_app(
     "pusher",
     bridge_settings,
-    # Uploads wait on the network: threads sharing one event loop and one S3 client.
-    # worker_concurrency: PUSHER_CONCURRENCY, set at worker start (_configure).
-    worker_pool="threads",
+    # Uploads wait on the network: every upload in flight is a coroutine on the worker's
+    # one event loop, sharing one S3 client (celerybridge.AsyncioPool; -P threads still
+    # works, a thread per upload). worker_concurrency: PUSHER_CONCURRENCY, the uploads in
+    # flight, set at worker start (_configure).
+    worker_pool="celerybridge:AsyncioPool",
     task_default_queue=QUEUE,
     # At-least-once: acknowledge after the upload; a lost worker means redelivery
     # (on Redis and RabbitMQ; the demo's filesystem transport cannot redeliver).
@@ -76,8 +78,8 @@ app = celery_app(
     # After a broker reconnection Celery would lower the prefetch count by the tasks
     # still running and raise it back as they end; on RabbitMQ the worker then stopped
     # taking tasks until the broker dropped it for missed heartbeats, some 3 minutes
-    # later (tests/faults/test_broker_restart.py). With one task per thread prefetched
-    # there is nothing to save.
+    # later (tests/faults/test_broker_restart.py). With one task per upload in flight
+    # prefetched there is nothing to save.
     worker_enable_prefetch_count_reduction=False,
     broker_connection_retry_on_startup=True,
     # A receipt the backend cannot take yet is retried until it can (10 s apart at

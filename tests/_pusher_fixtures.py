@@ -56,12 +56,20 @@ def start_pusher(
     shared: dict[tuple[object, ...], Worker] = {}
     log_dir: Path = tmp_path_factory.mktemp("pushers")
 
-    def start(broker: str, *, queue: str | None = None, wait: bool = True, **env: str) -> Worker:
-        """A pusher on ``broker``; one per (broker, queue, env), reused while it runs."""
-        key = (broker, queue, tuple(sorted(env.items())))
+    def start(
+        broker: str,
+        *,
+        queue: str | None = None,
+        wait: bool = True,
+        pool: str | None = None,
+        **env: str,
+    ) -> Worker:
+        """A pusher on ``broker``, on its own pool or ``-P pool`` (its concurrency still
+        ``PUSHER_CONCURRENCY``); one per (broker, queue, pool, env), reused while it runs."""
+        key = (broker, queue, pool, tuple(sorted(env.items())))
         if wait and key in shared and shared[key].running:
             return shared[key]
-        worker = Worker("pusher", BROKERS[broker], RESULT_BACKEND, pool=None)
+        worker = Worker("pusher", BROKERS[broker], RESULT_BACKEND, pool=pool, concurrency=None)
         if queue is not None:
             worker.queue = queue
         worker.extra_env.update(pusher_env)

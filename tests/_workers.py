@@ -24,7 +24,8 @@ class Worker:
     result_backend: str
     pool: str | None = "threads"
     """``None``: no pool flags, the app's own configuration decides (as the seed runs it)."""
-    concurrency: int = 4
+    concurrency: int | None = 4
+    """With ``pool``: ``--concurrency``; ``None``: the app's own (the pusher's setting)."""
     queue: str = field(default_factory=lambda: f"cb-test-{uuid.uuid4().hex[:10]}")
     extra_env: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = None
@@ -48,7 +49,9 @@ class Worker:
             "--loglevel=info",
         ]  # fmt: skip
         if self.pool is not None:
-            command += [f"--pool={self.pool}", f"--concurrency={self.concurrency}"]
+            command.append(f"--pool={self.pool}")
+            if self.concurrency is not None:
+                command.append(f"--concurrency={self.concurrency}")
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(
                 command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT

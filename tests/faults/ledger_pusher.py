@@ -20,7 +20,7 @@ __all__ = ["app"]
 LEDGER = Path(os.environ["FAULTS_LEDGER"])
 
 # Celery cannot tell ``--pool=prefork`` from its default, so an app that configures a
-# pool (the pusher: threads) keeps it. The pool-child case asks for prefork here.
+# pool (the pusher: celerybridge.AsyncioPool) keeps it. The pool-child case asks for prefork here.
 app.conf.worker_pool = os.environ.get("FAULTS_POOL", app.conf.worker_pool)
 
 

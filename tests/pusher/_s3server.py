@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Literal
@@ -168,6 +169,13 @@ class DelayProxy(TcpProxy):
         """How many of the next uploads get S3's ``503 SlowDown`` instead of reaching S3."""
         self.uploads: Counter[str] = Counter()
         self.upload_seen = threading.Event()
+        self.held = 0
+        """Uploads being held back now (``delay``)."""
+        self.peak_held = 0
+        """The most uploads held back at once so far."""
+        self.on_peak: Callable[[int], None] = lambda held: None
+        """Called with ``held`` each time a new peak is reached, while it is held."""
+        self._lock = threading.Lock()
 
     def on_request(self, path: str, client: socket.socket) -> Verdict:
         self.uploads[path] += 1
@@ -176,5 +184,15 @@ class DelayProxy(TcpProxy):
             self.slow_downs -= 1
             client.sendall(_SLOW_DOWN)
             return "close"
-        time.sleep(self.delay)
+        with self._lock:
+            self.held += 1
+            peak = self.held > self.peak_held
+            if peak:
+                self.peak_held = self.held
+                self.on_peak(self.held)
+        try:
+            time.sleep(self.delay)
+        finally:
+            with self._lock:
+                self.held -= 1
         return "forward"

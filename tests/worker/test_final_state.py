@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import json
 import os
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -16,6 +18,7 @@ import anyio
 import pytest
 import redis
 from celery import Celery, states
+from greenlet import getcurrent
 
 from celerybridge import Bridge, BridgeSettings, RemoteTaskError, celery_app
 from celerybridge._contracts import RemoteTask
@@ -26,6 +29,8 @@ from celerybridge._worker.final_state import (
     FinalStateRedisBackend,
     FinalStateSentinelBackend,
 )
+from celerybridge._worker.loop import worker_loop
+from celerybridge._worker.pool.greenlets import Job
 
 from .._brokers import BROKERS, RESULT_BACKEND, dead_letters
 from .._workers import Worker
@@ -153,6 +158,112 @@ def test_a_final_state_stored_between_the_check_and_the_write_wins_on_redis(
     assert checks == [False, True]  # the write saw the key change, looked again, gave up
     assert stored(results, task_id)["status"] == states.FAILURE
     assert published(pubsub) == [states.STARTED, states.FAILURE]
+
+
+@pytest.mark.integration
+def test_a_success_is_never_replaced_and_a_failure_is_on_redis(
+    app: Celery, results: redis.Redis, channel: Callable[[str], Any]
+) -> None:
+    # Celery's rule, kept in one script: a duplicate run's outcome never replaces a SUCCESS.
+    task_id = str(uuid.uuid4())
+    pubsub = channel(task_id)
+    app.backend.mark_as_failure(task_id, Flaky("first run"))
+    app.backend.mark_as_done(task_id, {"value": 1})
+    app.backend.mark_as_failure(task_id, Flaky("a duplicate run"))
+    app.backend.mark_as_done(task_id, {"value": 2})
+
+    assert stored(results, task_id)["result"] == {"value": 1}
+    assert published(pubsub) == [states.FAILURE, states.SUCCESS]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    "meta",
+    [
+        {"result": 7, "status": states.SUCCESS},  # another writer's key order
+        {"status": states.SUCCESS, "result": {"status": states.FAILURE}},
+    ],
+)
+def test_a_stored_success_is_recognised_whatever_its_layout_on_redis(
+    app: Celery, results: redis.Redis, meta: dict[str, Any]
+) -> None:
+    task_id = str(uuid.uuid4())
+    results.set(f"celery-task-meta-{task_id}", json.dumps(meta))
+    app.backend.mark_as_failure(task_id, Flaky("a duplicate run"))
+    assert stored(results, task_id) == meta
+
+
+@pytest.mark.integration
+def test_a_success_whose_result_reads_like_one_is_not_taken_for_one_on_redis(
+    app: Celery, results: redis.Redis
+) -> None:
+    task_id = str(uuid.uuid4())
+    app.backend.mark_as_retry(task_id, Flaky('{"status": "SUCCESS"}'))
+    app.backend.mark_as_done(task_id, '{"status": "SUCCESS"}')
+    meta = stored(results, task_id)
+    assert (meta["status"], meta["result"]) == (states.SUCCESS, '{"status": "SUCCESS"}')
+
+
+@pytest.mark.integration
+def test_final_states_are_stored_in_one_round_trip_with_their_expiry_on_redis(
+    results: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = celery_app(
+        "final-state-expiry",
+        BridgeSettings(broker_url=BROKERS["redis"], result_backend=RESULT_BACKEND),
+        result_expires=120,
+        result_failure_expires=30,
+    )
+    try:
+        # Celery's own path reads the key first: here nothing may.
+        monkeypatch.setattr(type(app.backend), "get", lambda *_: pytest.fail("read"))
+        done, failed = str(uuid.uuid4()), str(uuid.uuid4())
+        app.backend.mark_as_done(done, 1)
+        app.backend.mark_as_failure(failed, Flaky("no"))
+    finally:
+        close_celery_app(app)
+    assert 30 < results.ttl(f"celery-task-meta-{done}") <= 120
+    assert 0 < results.ttl(f"celery-task-meta-{failed}") <= 30
+    assert stored(results, done)["result"] == 1
+
+
+def test_a_result_store_from_a_pool_job_leaves_the_event_loop_running() -> None:
+    # A coroutine job of the asyncio pool stores its result from its greenlet on the
+    # loop's thread: the store must wait in a thread, with the loop free meanwhile.
+    loop = worker_loop.start()
+    released = threading.Event()
+    outcome: dict[str, Any] = {}
+
+    def store() -> str:  # stands for Redis: answers once the loop has run something
+        outcome["thread"] = threading.current_thread().name
+        if not released.wait(10):
+            raise TimeoutError("the event loop was held")
+        return "stored"
+
+    async def main() -> None:
+        done = asyncio.get_running_loop().create_future()
+
+        def run(job: Job) -> None:
+            job.in_greenlet()
+            try:
+                outcome["value"] = _final_state.off_the_loop(store)
+            except BaseException as exc:
+                outcome["value"] = exc
+            finally:
+                done.set_result(None)
+
+        Job(lambda: None, ("t", "id"), {}, {}, True).start(run, getcurrent())
+        asyncio.get_running_loop().call_soon(released.set)  # runs only on a free loop
+        await done
+
+    try:
+        asyncio.run_coroutine_threadsafe(main(), loop).result(30)
+    finally:
+        worker_loop.shutdown()
+    assert outcome["value"] == "stored"
+    assert outcome["thread"].startswith("celerybridge-results")
+    # Outside a job (threads pool, prefork, solo) the store runs where it is called.
+    assert _final_state.off_the_loop(threading.current_thread) is threading.current_thread()
 
 
 @pytest.mark.parametrize(

@@ -95,6 +95,7 @@ class ReliableChannel:
     _cb_candidates: Sequence[tuple[str, str, str]] = ()
     _cb_refresher: VisibilityRefresher | None = None
     _cb_saved_pool: Any = None
+    _cb_ack_client: Any = None
     _cb_errors: tuple[type[BaseException], ...] = ()
     _cb_checked = False
 
@@ -116,13 +117,24 @@ class ReliableChannel:
         return True
 
     def celerybridge_client(self) -> Any:
-        """A client for acknowledgements: the channel's, or once the channel is closed,
-        one on the pool it had (a pool reconnects when used)."""
+        """A client for acknowledgements: on the channel's pool, or once the channel is
+        closed, on the pool it had (a pool reconnects when used). Made once per pool and
+        shared by every thread (redis-py clients are): a client per acknowledgement cost
+        a tenth of the worker's CPU per task."""
         if getattr(self, "connection", None) is not None:
-            return self._create_client()  # type: ignore[attr-defined]
-        if self._cb_saved_pool is None:
+            pool = self.pool  # type: ignore[attr-defined]
+        elif self._cb_saved_pool is None:
             raise ChannelClosed("the channel is closed and never had a connection pool")
-        return self.Client(connection_pool=self._cb_saved_pool)  # type: ignore[attr-defined]
+        else:
+            pool = self._cb_saved_pool
+        client = self._cb_ack_client
+        if client is None or client.connection_pool is not pool:
+            if pool is self._cb_saved_pool:
+                client = self.Client(connection_pool=pool)  # type: ignore[attr-defined]
+            else:
+                client = self._create_client()  # type: ignore[attr-defined]
+            self._cb_ack_client = client
+        return client
 
     @property
     def celerybridge_errors(self) -> tuple[type[BaseException], ...]:
