@@ -241,8 +241,15 @@ PUBLISH_RETRIES: Final = 3
 REDIS_CONNECTIONS: Final = 16
 # Messages the native Redis publisher sends in one pipeline at most.
 BATCH_MAX: Final = 256
-# Publishes a native publisher validates, encodes and has on the wire at once. A batch
-# of replies lets as many waiting publishes in, all in one iteration of the event loop:
-# 8 keeps that iteration near a millisecond (32 published a little faster with 50
-# concurrent, with 4-5 ms of loop lag; see docs/benchmarks.md).
-PUBLISH_SLOTS: Final = 8
+# Publishes a native publisher validates and encodes at once (``_transports._window``).
+# Their callers resume together when a batch of replies comes back, so this also bounds
+# the work of one iteration of the event loop: 8 keeps it near a millisecond (32 made
+# 4-5 ms of loop lag with 50 concurrent; see docs/benchmarks.md).
+PUBLISH_BUILDERS: Final = 8
+# Publishes a native publisher admits at once, built or waiting for the broker, and the
+# bytes they may hold: round trips to a distant broker overlap up to this window (1,000
+# at 100 ms is 10,000 msg/s); beyond it callers wait, before their message is built.
+PUBLISH_WINDOW_MESSAGES: Final = 1024
+PUBLISH_WINDOW_BYTES: Final = 16 * 1024 * 1024
+# Batches the native Redis publisher has on the wire at once, each on a pool connection.
+REDIS_BATCHES: Final = REDIS_CONNECTIONS

@@ -281,6 +281,10 @@ class AmqpPublisher(NativePublisher[tuple[bytes, CeleryProperties]]):
     def _frame(self, message: OutgoingMessage, wire: TaskMessage) -> tuple[bytes, CeleryProperties]:
         return wire.body, properties_for(wire)
 
+    def _size(self, framed: tuple[bytes, CeleryProperties]) -> int:
+        body, properties = framed
+        return len(body) + len(properties.encoded_headers)
+
     async def _send(self, message: OutgoingMessage, framed: tuple[bytes, CeleryProperties]) -> None:
         body, properties = framed
         doing = f"publishing {message.task_name!r} to {message.queue!r}"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextvars
 from abc import ABC, abstractmethod
 from contextlib import AbstractAsyncContextManager, nullcontext
@@ -16,7 +15,9 @@ from .._constants import (
     POLL_FACTOR,
     POLL_INITIAL,
     POLL_MAX,
-    PUBLISH_SLOTS,
+    PUBLISH_BUILDERS,
+    PUBLISH_WINDOW_BYTES,
+    PUBLISH_WINDOW_MESSAGES,
     READY_STATES,
     SERVICE_HEADER,
 )
@@ -26,6 +27,7 @@ from .._utils import uuid4_str
 from ._errors import UNBUILDABLE, unbuildable
 from ._hooks import after_publish, celery_queue, sentry_headers
 from ._protocol import Origin, TaskMessage, check_body_depth, encoded_body, task_message
+from ._window import Window, current_ticket
 
 F = TypeVar("F")
 
@@ -138,19 +140,23 @@ class NativePublisher(Publisher, Generic[F]):
     A message that cannot be built or framed (a receiver put something there JSON or
     AMQP cannot carry) is a :class:`DelegationError`, and nothing is sent.
 
-    Refuses once closed, and admits at most ``PUBLISH_SLOTS`` publishes at a time; the
-    rest wait before they are validated and encoded, so a thousand delegations started
-    at once do not all do that work in one iteration of the loop.
+    Refuses once closed. Admission (``_window``): at most ``PUBLISH_BUILDERS`` publishes
+    are validated and encoded at a time, so a thousand delegations started at once do
+    not all do that work in one iteration of the loop; once built, a publish frees its
+    builder and waits for the broker with up to ``PUBLISH_WINDOW_MESSAGES`` others
+    (``PUBLISH_WINDOW_BYTES`` in all), so round trips to a distant broker overlap.
     """
 
     def __init__(self, *, signer: Signer | None = None, reply_to: str | None = None) -> None:
         self._closed = False
-        self._slots = asyncio.Semaphore(PUBLISH_SLOTS)
+        self._window = Window(
+            builders=PUBLISH_BUILDERS, messages=PUBLISH_WINDOW_MESSAGES, size=PUBLISH_WINDOW_BYTES
+        )
         self._signer = signer
         self._origin = Origin(reply_to)  # reply_to: the bridge's rpc:// reply queue, if any
 
     def admit(self) -> AbstractAsyncContextManager[object]:
-        return self._slots
+        return self._window.ticket()
 
     async def publish(self, message: OutgoingMessage) -> None:
         if self._closed:
@@ -160,6 +166,9 @@ class NativePublisher(Publisher, Generic[F]):
             wire, framed = context.run(self._build, message)
         except UNBUILDABLE as exc:
             raise unbuildable(message.task_name, exc) from exc
+        ticket = current_ticket()
+        if ticket is not None:
+            ticket.built(self._size(framed))
         await self._send(message, framed)
         context.run(after_publish, message.queue, message.task_name, wire.payload, wire.headers)
 
@@ -179,6 +188,10 @@ class NativePublisher(Publisher, Generic[F]):
     def _frame(self, message: OutgoingMessage, wire: TaskMessage) -> F:
         """``wire`` as this broker is sent it; raises what ``UNBUILDABLE`` lists if it
         cannot carry it."""
+
+    @abstractmethod
+    def _size(self, framed: F) -> int:
+        """The bytes ``framed`` puts on the wire, about (for the window)."""
 
     @abstractmethod
     async def _send(self, message: OutgoingMessage, framed: F) -> None:
