@@ -38,6 +38,37 @@ class Window:
         self.size = 0
         """Bytes of the admitted publishes that are built."""
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._turns = builders
+        self._finishing = 0  # publishes that finished in this iteration of the loop
+        self._queued: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    async def finish(self) -> None:
+        """Wait for a turn to finish a publish the broker accepted: at most ``builders``
+        finish per iteration of the loop.
+
+        A broker answers many publishes at once (a batch's replies, RabbitMQ's
+        ``multiple`` acks), and each caller then goes on with its own work in the same
+        iteration; paced, a thousand answered at once do not stall the loop.
+        """
+        if not self._queued and self._finishing < self._turns:
+            if not self._finishing:
+                asyncio.get_running_loop().call_soon(self._next_turn)
+            self._finishing += 1
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._queued.append(waiter)
+        await waiter  # cancelled: its caller had no more to do anyway
+
+    def _next_turn(self) -> None:
+        self._finishing = 0
+        queued = self._queued
+        while queued and self._finishing < self._turns:
+            waiter = queued.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                self._finishing += 1
+        if self._finishing:  # they finish in the next iteration: count them there
+            asyncio.get_running_loop().call_soon(self._next_turn)
 
     def ticket(self) -> Ticket:
         """Admission for one publish: ``async with window.ticket(): ...``."""

@@ -170,6 +170,8 @@ class NativePublisher(Publisher, Generic[F]):
         if ticket is not None:
             ticket.built(self._size(framed))
         await self._send(message, framed)
+        if ticket is not None:
+            await self._window.finish()
         context.run(after_publish, message.queue, message.task_name, wire.payload, wire.headers)
 
     def _build(self, message: OutgoingMessage) -> tuple[TaskMessage, F]:
