@@ -143,14 +143,17 @@ class NativePublisher(Publisher, Generic[F]):
     Refuses once closed. Admission (``_window``): at most ``PUBLISH_BUILDERS`` publishes
     are validated and encoded at a time, so a thousand delegations started at once do
     not all do that work in one iteration of the loop; once built, a publish frees its
-    builder and waits for the broker with up to ``PUBLISH_WINDOW_MESSAGES`` others
+    builder and waits for the broker with up to :attr:`window_messages` others
     (``PUBLISH_WINDOW_BYTES`` in all), so round trips to a distant broker overlap.
     """
+
+    window_messages = PUBLISH_WINDOW_MESSAGES
+    """Publishes admitted at once (built, or waiting for the broker)."""
 
     def __init__(self, *, signer: Signer | None = None, reply_to: str | None = None) -> None:
         self._closed = False
         self._window = Window(
-            builders=PUBLISH_BUILDERS, messages=PUBLISH_WINDOW_MESSAGES, size=PUBLISH_WINDOW_BYTES
+            builders=PUBLISH_BUILDERS, messages=self.window_messages, size=PUBLISH_WINDOW_BYTES
         )
         self._signer = signer
         self._origin = Origin(reply_to)  # reply_to: the bridge's rpc:// reply queue, if any
