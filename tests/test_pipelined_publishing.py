@@ -219,3 +219,25 @@ async def test_publish_timeouts_while_batches_are_in_flight_leave_the_publisher_
     assert [0, 0] in landed
     assert [2, 0] in landed
     assert len(landed) <= 42  # the timed-out ones may have arrived, none twice
+
+
+async def test_closing_the_publisher_with_publishes_in_flight_tells_their_callers(
+    broker: str, broker_url: str, queue: str
+) -> None:
+    async with proxy(broker_url, delay=0.2) as (url, _):
+        publisher = _publisher(broker, url)
+        await publisher.publish(_message(queue, 0))  # connects and declares
+        in_flight = [asyncio.ensure_future(publisher.publish(_message(queue, i))) for i in range(5)]
+        await asyncio.sleep(0.05)  # on the wire, not answered
+        with anyio.fail_after(10):  # nobody is left waiting
+            await publisher.aclose()
+            outcomes = await asyncio.gather(*in_flight, return_exceptions=True)
+    # Each is accepted (a lone Redis LPUSH may be resent and answered) or told it may
+    # or may not have been delivered; none sees a CancelledError it did not ask for.
+    failed = [o for o in outcomes if o is not None]
+    assert failed
+    for failure in failed:
+        assert isinstance(failure, DelegationError), repr(failure)
+        assert str(failure).endswith("it may or may not have been delivered")
+    landed = _arguments(broker_url, queue)
+    assert all([i] in landed for i, o in enumerate(outcomes) if o is None)

@@ -307,6 +307,16 @@ class AmqpPublisher(NativePublisher[tuple[bytes, CeleryProperties]]):
                         mandatory=False,
                     )
                     return
+                except asyncio.CancelledError:
+                    task = asyncio.current_task()
+                    if task is None or task.cancelling():  # our caller's (its timeout)
+                        raise
+                    # Not ours: aiormq cancels the confirms it waits for when the
+                    # channel is closed under them (aclose).
+                    raise DelegationError(
+                        f"{doing}: the connection was closed before RabbitMQ confirmed it; "
+                        "it may or may not have been delivered"
+                    ) from None
                 except CONNECTION_LOST as exc:
                     if self._closed or attempt == PUBLISH_RETRIES:
                         raise

@@ -40,6 +40,10 @@ from .base import NativePublisher, OutgoingMessage
 
 logger = logging.getLogger(__name__)
 
+_CLOSED_WHILE_SENDING = (
+    "the publisher was closed while sending it; it may or may not have been delivered"
+)
+
 
 def redis_client(url: str, timeout: float, *, command_timeout: bool = True) -> redis.asyncio.Redis:
     """An asyncio client for ``url`` that reconnects after a server restart.
@@ -181,7 +185,9 @@ class RedisPublisher(NativePublisher[tuple[str, bytes]]):
         await self._lone.read_response()
 
     async def _lone_lost(self, error: Exception) -> None:
-        await self._lone.disconnect()  # the retry connects again
+        await self._lone.disconnect()  # the retry connects again, unless closed meanwhile
+        if self._closed:
+            raise DelegationError(_CLOSED_WHILE_SENDING) from error
 
     def _take(self) -> list[_Push]:
         """The next batch: up to ``BATCH_MAX`` pending publishes whose callers still wait."""
@@ -207,6 +213,11 @@ class RedisPublisher(NativePublisher[tuple[str, bytes]]):
             try:
                 async with asyncio.timeout(self._timeout):
                     await _Batch(self, batch).run()
+            except asyncio.CancelledError:  # closed (aclose) with the batch on the wire
+                for push in batch:
+                    if not push.done.done():
+                        push.done.set_exception(DelegationError(_CLOSED_WHILE_SENDING))
+                raise
             except Exception as error:  # handed to the publishers still waiting
                 exc = error
                 unanswered = [push for push in batch if not push.done.done()]
