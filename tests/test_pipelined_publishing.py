@@ -241,3 +241,30 @@ async def test_closing_the_publisher_with_publishes_in_flight_tells_their_caller
         assert str(failure).endswith("it may or may not have been delivered")
     landed = _arguments(broker_url, queue)
     assert all([i] in landed for i, o in enumerate(outcomes) if o is None)
+
+
+async def test_a_command_redis_refuses_fails_its_own_publish_not_its_batchs(
+    redis_queue: str,
+) -> None:
+    wrong = f"{redis_queue}-wrong"
+    with redis.Redis.from_url(REDIS_URL) as client:
+        client.set(wrong, "not a list")  # LPUSH onto it: WRONGTYPE
+    publisher = RedisPublisher(REDIS_URL, timeout=10)
+    try:
+        outcomes = await asyncio.gather(  # one batch: both queues are new
+            publisher.publish(_message(redis_queue, 1)),
+            publisher.publish(_message(wrong, 2)),
+            publisher.publish(_message(redis_queue, 3)),
+            return_exceptions=True,
+        )
+    finally:
+        await publisher.aclose()
+        with redis.Redis.from_url(REDIS_URL) as client:
+            client.delete(wrong, f"_kombu.binding.{wrong}", f"_kombu.binding_permanent.{wrong}")
+    assert outcomes[0] is None
+    assert outcomes[2] is None
+    assert isinstance(outcomes[1], DelegationError)
+    assert str(outcomes[1]).startswith(
+        f"publishing 'pipelined.note' to {wrong!r}: ResponseError: WRONGTYPE"
+    )
+    assert _arguments(REDIS_URL, redis_queue) == [[1], [3]]
