@@ -258,3 +258,10 @@ AMQP_WINDOW_MESSAGES: Final = 128
 PUBLISH_WINDOW_BYTES: Final = 16 * 1024 * 1024
 # Batches the native Redis publisher has on the wire at once, each on a pool connection.
 REDIS_BATCHES: Final = REDIS_CONNECTIONS
+# ... unless Redis is near: its fastest recent batch answered within this many seconds.
+# Then one batch at a time: the answer is back within an iteration of the loop or two,
+# and publishes made meanwhile go in the next batch, a bigger one (fewer writes and reads
+# per message). The fastest round trip is remembered with a drift up of this factor per
+# batch, so a Redis that became slow (or far: a failover) is seen as such.
+REDIS_NEAR: Final = 0.001
+REDIS_RTT_DRIFT: Final = 1.01

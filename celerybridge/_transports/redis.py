@@ -31,6 +31,8 @@ from .._constants import (
     RECONNECT_MAX,
     REDIS_BATCHES,
     REDIS_CONNECTIONS,
+    REDIS_NEAR,
+    REDIS_RTT_DRIFT,
 )
 from .._exceptions import DelegationError, PublishTimeoutError
 from .._signing import Signer
@@ -125,6 +127,9 @@ class RedisPublisher(NativePublisher[tuple[str, bytes]]):
         self._flushers: set[asyncio.Task[None]] = set()
         self._gathering = False  # a flusher is about to take what is pending
         self._alone = False  # a publish sent on its own is not answered yet
+        self._fastest = float("inf")  # the fastest recent batch round trip, in seconds
+        self._connections: list[AbstractConnection] = []  # the batches', made as needed
+        self._spare: list[AbstractConnection] = []  # ... those no batch is using
 
     def _frame(self, message: OutgoingMessage, wire: TaskMessage) -> tuple[str, bytes]:
         return redis_queue_key(message.queue, wire.priority), redis_payload(wire, message.queue)
@@ -160,10 +165,12 @@ class RedisPublisher(NativePublisher[tuple[str, bytes]]):
 
     def _start_flusher(self) -> None:
         """Have a flusher take what is pending at the next iteration of the loop: a new
-        one if none is about to and fewer than ``REDIS_BATCHES`` are busy; otherwise the
-        first to finish its batch takes the next."""
+        one if none is about to and fewer than ``REDIS_BATCHES`` are busy (one, if Redis is
+        near: ``REDIS_NEAR``); otherwise the first to finish its batch takes the next."""
         if self._gathering or len(self._flushers) >= REDIS_BATCHES:
             return
+        if self._flushers and self._fastest < REDIS_NEAR:
+            return  # near: the busy flusher takes them next, in a bigger batch
         self._gathering = True
         self._flushers.add(asyncio.get_running_loop().create_task(self._flush()))
 
@@ -183,6 +190,23 @@ class RedisPublisher(NativePublisher[tuple[str, bytes]]):
     async def _lpush_alone(self, key: str, payload: bytes) -> None:
         await self._lone.send_command("LPUSH", key, payload)
         await self._lone.read_response()
+
+    def _connection(self) -> AbstractConnection:
+        """A connection for a batch: a spare one, else a new one (connected on first use).
+
+        The pool's own bookkeeping (a lock, a condition, a health read per checkout) is
+        skipped: there are never more batches than ``REDIS_BATCHES``, and a connection a
+        batch gave up on midway was closed by redis-py, so none has a stale reply.
+        """
+        if self._spare:
+            return self._spare.pop()
+        connection: AbstractConnection = self._client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
+        self._connections.append(connection)
+        return connection
+
+    def _answered_in(self, seconds: float) -> None:
+        """A batch was answered after ``seconds``: how near Redis is (``REDIS_NEAR``)."""
+        self._fastest = min(seconds, self._fastest * REDIS_RTT_DRIFT)
 
     async def _lone_lost(self, error: Exception) -> None:
         await self._lone.disconnect()  # the retry connects again, unless closed meanwhile
@@ -243,7 +267,8 @@ class RedisPublisher(NativePublisher[tuple[str, bytes]]):
             if not push.done.done():
                 push.done.set_exception(DelegationError("the publisher was closed"))
         self._pending.clear()
-        await self._lone.disconnect()
+        for connection in [self._lone, *self._connections]:
+            await connection.disconnect()
         await self._client.aclose()
 
 
@@ -261,14 +286,13 @@ class _Batch:
         self._pushes = pushes
 
     async def run(self) -> None:
-        pool = self._publisher._client.connection_pool
-        connection: AbstractConnection = await pool.get_connection()  # type: ignore[no-untyped-call]
+        connection = self._publisher._connection()
         try:
             await connection.retry.call_with_retry(
                 partial(self._attempt, connection), partial(self._lost, connection)
             )
         finally:
-            await pool.release(connection)
+            self._publisher._spare.append(connection)
 
     async def _attempt(self, connection: AbstractConnection) -> None:
         publisher = self._publisher
@@ -288,10 +312,14 @@ class _Batch:
             return
         for push in pushes:
             push.written = True
+        loop = asyncio.get_running_loop()
+        sent = loop.time()
         await connection.send_packed_command(connection.pack_commands(commands))
-        for owner in owners:
+        for n, owner in enumerate(owners):
             try:
                 await connection.read_response()
+                if not n:
+                    publisher._answered_in(loop.time() - sent)
             except redis.exceptions.ResponseError as exc:  # this command's, not the batch's
                 if owner is not None and not owner.done.done():
                     owner.done.set_exception(exc)
