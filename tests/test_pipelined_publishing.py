@@ -56,6 +56,26 @@ def redis_queue() -> Iterator[str]:
     yield from _queue(REDIS_URL)
 
 
+@pytest.fixture
+def on_wire(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How many Redis batches were on the wire, sampled as each one started."""
+    counts: list[int] = []
+    original = redis_transport._Batch.run
+    running = 0
+
+    async def counted(self: Any) -> None:
+        nonlocal running
+        running += 1
+        counts.append(running)
+        try:
+            await original(self)
+        finally:
+            running -= 1
+
+    monkeypatch.setattr(redis_transport._Batch, "run", counted)
+    return counts
+
+
 def _message(queue: str, *args: int) -> OutgoingMessage:
     return OutgoingMessage(str(uuid.uuid4()), "pipelined.note", queue, args, {})
 
@@ -83,25 +103,10 @@ def _arguments(broker_url: str, queue: str) -> list[list[Any]]:
 
 
 async def test_each_callers_publishes_land_in_the_order_it_made_them(
-    broker: str, broker_url: str, queue: str, monkeypatch: pytest.MonkeyPatch
+    broker: str, broker_url: str, queue: str, on_wire: list[int]
 ) -> None:
     # Through a delay, so that many publishes (several Redis batches, many unconfirmed
     # AMQP publishes) are on the wire at once while each caller waits for its own.
-    on_wire: list[int] = []
-    if broker == "redis":
-        original = redis_transport._Batch.run
-        running = 0
-
-        async def counted(self: Any) -> None:
-            nonlocal running
-            running += 1
-            on_wire.append(running)
-            try:
-                await original(self)
-            finally:
-                running -= 1
-
-        monkeypatch.setattr(redis_transport._Batch, "run", counted)
     async with (
         proxy(broker_url, delay=0.01) as (url, _),
         Bridge(publisher=_publisher(broker, url), publish_timeout=30) as bridge,
@@ -268,3 +273,24 @@ async def test_a_command_redis_refuses_fails_its_own_publish_not_its_batchs(
         f"publishing 'pipelined.note' to {wrong!r}: ResponseError: WRONGTYPE"
     )
     assert _arguments(REDIS_URL, redis_queue) == [[1], [3]]
+
+
+@pytest.mark.parametrize(("near", "one_at_a_time"), [(10.0, True), (0.0, False)])
+async def test_a_near_redis_gets_one_batch_at_a_time_a_far_one_several(
+    redis_queue: str,
+    monkeypatch: pytest.MonkeyPatch,
+    on_wire: list[int],
+    near: float,
+    one_at_a_time: bool,
+) -> None:
+    # The same Redis, seen as near (any round trip is under 10 s) or far (none under 0 s).
+    monkeypatch.setattr(redis_transport, "REDIS_NEAR", near)
+    async with (
+        proxy(REDIS_URL, delay=0.005) as (url, _),
+        Bridge(publisher=RedisPublisher(url, timeout=10), publish_timeout=30) as bridge,
+    ):
+        stub = note.with_options(queue=redis_queue)
+        await bridge.send(stub, (0, 0), {})  # a first batch: how near Redis is
+        await asyncio.gather(*(bridge.send(stub, (1, i), {}) for i in range(200)))
+    assert (max(on_wire) == 1) is one_at_a_time
+    assert len(_arguments(REDIS_URL, redis_queue)) == 201
