@@ -4,6 +4,7 @@ count and bytes in flight, first come first served, cancellation, paced finishin
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 
 import pytest
@@ -157,6 +158,33 @@ async def test_finishing_is_paced_to_the_builders_per_iteration() -> None:
     per_iteration = [len(list(g)) for _, g in itertools.groupby(finished)]
     assert sum(per_iteration) == 30
     assert max(per_iteration) == 4
+
+
+async def test_settled_outcomes_resume_their_callers_a_few_per_iteration() -> None:
+    window = Window(builders=4, messages=100, size=10**6)
+    loop = asyncio.get_running_loop()
+    outcomes = [loop.create_future() for _ in range(30)]
+    iterations = Iterations()
+    resumed: list[int] = []
+
+    async def caller(outcome: asyncio.Future[None]) -> None:
+        with contextlib.suppress(ValueError):
+            await outcome
+        resumed.append(iterations.count)
+
+    callers = [asyncio.ensure_future(caller(o)) for o in outcomes]
+    await asyncio.sleep(0)
+    outcomes[5].cancel()  # its caller gave up: skipped, no turn spent on it
+    for i, outcome in enumerate(outcomes):  # all answered at once, as a batch's replies
+        window.settle(outcome, ValueError("refused") if i % 3 else None)
+    await asyncio.gather(*callers, return_exceptions=True)
+    iterations.stop()
+    per_iteration = [len(list(g)) for _, g in itertools.groupby(resumed)]
+    assert sum(per_iteration) == 29
+    assert max(per_iteration) == 4
+    assert [o.exception() is None for o in outcomes if not o.cancelled()] == [
+        i % 3 == 0 for i in range(30) if i != 5
+    ]
 
 
 @settings(max_examples=40, deadline=None)

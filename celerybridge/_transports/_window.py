@@ -40,35 +40,61 @@ class Window:
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._turns = builders
         self._finishing = 0  # publishes that finished in this iteration of the loop
-        self._queued: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._queued: collections.deque[tuple[asyncio.Future[None], BaseException | None]] = (
+            collections.deque()
+        )
+        self._turning = False  # a turn is scheduled
 
     async def finish(self) -> None:
         """Wait for a turn to finish a publish the broker accepted: at most ``builders``
-        finish per iteration of the loop.
+        finish per iteration of the loop (with those :meth:`settle` resolves).
 
         A broker answers many publishes at once (a batch's replies, RabbitMQ's
         ``multiple`` acks), and each caller then goes on with its own work in the same
         iteration; paced, a thousand answered at once do not stall the loop.
         """
         if not self._queued and self._finishing < self._turns:
-            if not self._finishing:
-                asyncio.get_running_loop().call_soon(self._next_turn)
-            self._finishing += 1
+            self._take_turn()
             return
         waiter = asyncio.get_running_loop().create_future()
-        self._queued.append(waiter)
+        self._queued.append((waiter, None))
+        self._schedule()
         await waiter  # cancelled: its caller had no more to do anyway
 
+    def settle(self, outcome: asyncio.Future[None], error: BaseException | None = None) -> None:
+        """Resolve a publish's ``outcome`` (with ``error``, if any) at its turn: the
+        publisher's way to pace callers it wakes itself (see :meth:`finish`)."""
+        if outcome.done():
+            return
+        if not self._queued and self._finishing < self._turns:
+            self._take_turn()
+            _resolve(outcome, error)
+            return
+        self._queued.append((outcome, error))
+        self._schedule()
+
+    def _take_turn(self) -> None:
+        self._finishing += 1
+        self._schedule()
+
+    def _schedule(self) -> None:
+        if not self._turning:
+            self._turning = True
+            asyncio.get_running_loop().call_soon(self._next_turn)
+
     def _next_turn(self) -> None:
+        # Runs after the callers resolved in the previous turn were scheduled to resume:
+        # they resume in this iteration, as those resolved now resume in the next.
+        self._turning = False
         self._finishing = 0
         queued = self._queued
         while queued and self._finishing < self._turns:
-            waiter = queued.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
+            outcome, error = queued.popleft()
+            if not outcome.done():
+                _resolve(outcome, error)
                 self._finishing += 1
-        if self._finishing:  # they finish in the next iteration: count them there
-            asyncio.get_running_loop().call_soon(self._next_turn)
+        if self._finishing or queued:
+            self._schedule()
 
     def ticket(self) -> Ticket:
         """Admission for one publish: ``async with window.ticket(): ...``."""
@@ -161,6 +187,13 @@ class Ticket:
             self._window._builders.release()
         size, self._size = self._size, 0
         self._window._leave(size)
+
+
+def _resolve(outcome: asyncio.Future[None], error: BaseException | None) -> None:
+    if error is None:
+        outcome.set_result(None)
+    else:
+        outcome.set_exception(error)
 
 
 def current_ticket() -> Ticket | None:

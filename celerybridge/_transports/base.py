@@ -149,6 +149,8 @@ class NativePublisher(Publisher, Generic[F]):
 
     window_messages = PUBLISH_WINDOW_MESSAGES
     """Publishes admitted at once (built, or waiting for the broker)."""
+    _paces_itself = False
+    """Whether ``_send`` returns at a paced turn already (``Window.settle``)."""
 
     def __init__(self, *, signer: Signer | None = None, reply_to: str | None = None) -> None:
         self._closed = False
@@ -173,7 +175,7 @@ class NativePublisher(Publisher, Generic[F]):
         if ticket is not None:
             ticket.built(self._size(framed))
         await self._send(message, framed)
-        if ticket is not None:
+        if ticket is not None and not self._paces_itself:
             await self._window.finish()
         context.run(after_publish, message.queue, message.task_name, wire.payload, wire.headers)
 

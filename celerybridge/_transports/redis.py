@@ -131,6 +131,8 @@ class RedisPublisher(NativePublisher[tuple[str, bytes]]):
         self._connections: list[AbstractConnection] = []  # the batches', made as needed
         self._spare: list[AbstractConnection] = []  # ... those no batch is using
 
+    _paces_itself = True  # batches' replies are handed out a few per loop iteration
+
     def _frame(self, message: OutgoingMessage, wire: TaskMessage) -> tuple[str, bytes]:
         return redis_queue_key(message.queue, wire.priority), redis_payload(wire, message.queue)
 
@@ -239,12 +241,12 @@ class RedisPublisher(NativePublisher[tuple[str, bytes]]):
                     await _Batch(self, batch).run()
             except asyncio.CancelledError:  # closed (aclose) with the batch on the wire
                 for push in batch:
-                    if not push.done.done():
+                    if not push.answered and not push.done.done():
                         push.done.set_exception(DelegationError(_CLOSED_WHILE_SENDING))
                 raise
             except Exception as error:  # handed to the publishers still waiting
                 exc = error
-                unanswered = [push for push in batch if not push.done.done()]
+                unanswered = [push for push in batch if not push.answered]
                 if isinstance(error, TimeoutError):
                     exc = PublishTimeoutError(
                         f"Redis did not answer a batch of {len(unanswered)} publishes within "
@@ -253,7 +255,7 @@ class RedisPublisher(NativePublisher[tuple[str, bytes]]):
                 if isinstance(error, redis.exceptions.ConnectionError):
                     self._declared.clear()  # the server may have restarted without its data
                 for push in unanswered:
-                    push.done.set_exception(exc)
+                    self._window.settle(push.done, exc)
 
     async def aclose(self) -> None:
         if self._closed:
@@ -296,7 +298,7 @@ class _Batch:
 
     async def _attempt(self, connection: AbstractConnection) -> None:
         publisher = self._publisher
-        pushes = [push for push in self._pushes if not push.done.done()]
+        pushes = [push for push in self._pushes if not push.answered and not push.done.done()]
         commands: list[tuple[str | bytes, ...]] = []
         owners: list[_Push | None] = []  # the publish each reply answers; None: a binding
         declaring: set[str] = set()
@@ -315,17 +317,18 @@ class _Batch:
         loop = asyncio.get_running_loop()
         sent = loop.time()
         await connection.send_packed_command(connection.pack_commands(commands))
+        settle = publisher._window.settle
         for n, owner in enumerate(owners):
+            error: BaseException | None = None
             try:
                 await connection.read_response()
                 if not n:
                     publisher._answered_in(loop.time() - sent)
             except redis.exceptions.ResponseError as exc:  # this command's, not the batch's
-                if owner is not None and not owner.done.done():
-                    owner.done.set_exception(exc)
-                continue
-            if owner is not None and not owner.done.done():
-                owner.done.set_result(None)
+                error = exc
+            if owner is not None and not owner.answered:
+                owner.answered = True
+                settle(owner.done, error)
         publisher._declared |= declaring
 
     async def _lost(self, connection: AbstractConnection, error: Exception) -> None:
@@ -342,3 +345,6 @@ class _Push:
     done: asyncio.Future[None]
     written: bool = False
     """Its ``LPUSH`` was handed to a connection at least once: Redis may have it."""
+    answered: bool = False
+    """Redis answered its ``LPUSH`` (or refused a command of it); ``done`` is resolved
+    at the publisher's pace (``Window.settle``)."""
