@@ -88,13 +88,16 @@ class RedisPublisher(NativePublisher[tuple[str, bytes]]):
     once per connection.
 
     A publish made while nothing else is on the wire goes alone, as one ``LPUSH`` on a
-    connection kept for that (one more than the pool's). Publishes made while others are
-    on the wire are pipelined: those made in one iteration of the loop go out together,
-    in order, as one batch (at most ``BATCH_MAX``) on a connection of the pool, and up
-    to ``REDIS_BATCHES`` batches are on the wire at once, so a distant Redis costs
-    round trips that overlap, not one after another. Each publish returns once Redis has
-    answered its own ``LPUSH``. A caller's publishes made one after another (each
-    awaited) arrive in that order; concurrent callers have no order between them.
+    connection kept for that. Publishes made while others are on the wire are
+    pipelined: those made in one iteration of the loop go out together, in order, as one
+    batch (at most ``BATCH_MAX``) on a connection of the publisher's, and up to
+    ``REDIS_BATCHES`` batches are on the wire at once, so a distant Redis costs round
+    trips that overlap, not one after another. A near one (``REDIS_NEAR``) gets one batch
+    at a time: it answers within an iteration or two, and bigger batches cost fewer writes.
+    Each publish returns once Redis has answered its own ``LPUSH``, its caller resuming
+    at the window's pace (``Window.settle``: a few per iteration of the loop). A caller's
+    publishes made one after another (each awaited) arrive in that order; concurrent
+    callers have no order between them.
 
     Delivery is at least once, as with kombu: when a connection breaks, the publishes
     Redis had answered are accepted and the others are sent again on a new connection
