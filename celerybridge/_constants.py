@@ -241,11 +241,11 @@ PUBLISH_RETRIES: Final = 3
 REDIS_CONNECTIONS: Final = 16
 # Messages the native Redis publisher sends in one pipeline at most.
 BATCH_MAX: Final = 256
-# Publishes a native publisher validates and encodes at once (``_transports._window``).
-# Their callers resume together when a batch of replies comes back, so this also bounds
-# the work of one iteration of the event loop: 8 keeps it near a millisecond (32 made
-# 4-5 ms of loop lag with 50 concurrent; see docs/benchmarks.md).
-PUBLISH_BUILDERS: Final = 8
+# Publishes a native publisher validates and encodes per iteration of the event loop, and
+# callers it resumes per iteration once the broker answered (``_transports._window``):
+# 4 of each keeps an iteration near a millisecond (before, 8 publishes held until answered
+# did; 32 made 4-5 ms of loop lag with 50 concurrent; see docs/benchmarks.md).
+PUBLISH_BUILDERS: Final = 4
 # Publishes a native publisher admits at once, built or waiting for the broker, and the
 # bytes they may hold: round trips to a distant broker overlap up to this window (1,000
 # at 100 ms is 10,000 msg/s); beyond it callers wait, before their message is built.

@@ -1,4 +1,4 @@
-"""The admission window of native publishers (``_transports._window``): builders, the
+"""The admission window of native publishers (``_transports._window``): turns to build, the
 count and bytes in flight, first come first served, cancellation, paced finishing."""
 
 from __future__ import annotations
@@ -38,28 +38,21 @@ async def _until(condition: object, turns: int = 100) -> None:
     raise AssertionError("never happened")
 
 
-async def test_builders_bound_how_many_build_at_once_and_are_freed_once_built() -> None:
-    window = Window(builders=2, messages=10, size=10**6)
-    building: list[int] = []
-    most = 0
+async def test_at_most_its_turns_build_per_iteration() -> None:
+    window = Window(turns=2, messages=10, size=10**6)
     iterations = Iterations()
     started: dict[int, int] = {}
 
     async def publish(i: int) -> None:
-        nonlocal most
         async with window.ticket() as ticket:
             assert current_ticket() is ticket
             started[i] = iterations.count
-            building.append(i)
-            most = max(most, len(building))
-            building.remove(i)
             ticket.built(1)
-            await asyncio.sleep(0.01)  # waiting for the broker holds no builder
+            await asyncio.sleep(0.01)  # waiting for the broker holds no turn
 
     await asyncio.gather(*(publish(i) for i in range(6)))
     iterations.stop()
     assert current_ticket() is None
-    assert most == 1  # one at a time here: building does not yield
     per_iteration = [len(list(g)) for _, g in itertools.groupby(sorted(started.values()))]
     assert max(per_iteration) == 2
     assert sorted(started) == list(range(6))
@@ -67,7 +60,7 @@ async def test_builders_bound_how_many_build_at_once_and_are_freed_once_built() 
 
 
 async def test_the_window_admits_its_count_then_the_first_to_come() -> None:
-    window = Window(builders=8, messages=3, size=10**6)
+    window = Window(turns=8, messages=3, size=10**6)
     order: list[int] = []
     release = asyncio.Event()
 
@@ -90,7 +83,7 @@ async def test_the_window_admits_its_count_then_the_first_to_come() -> None:
 
 
 async def test_the_byte_bound_holds_back_the_next_until_room_is_made() -> None:
-    window = Window(builders=8, messages=100, size=100)
+    window = Window(turns=8, messages=100, size=100)
     leave = asyncio.Event()
     entered: list[str] = []
 
@@ -119,7 +112,7 @@ async def test_the_byte_bound_holds_back_the_next_until_room_is_made() -> None:
 
 
 async def test_a_caller_cancelled_while_waiting_or_just_woken_passes_its_turn_on() -> None:
-    window = Window(builders=8, messages=1, size=10**6)
+    window = Window(turns=8, messages=1, size=10**6)
     entered: list[str] = []
 
     async def publish(name: str) -> None:
@@ -144,8 +137,8 @@ async def test_a_caller_cancelled_while_waiting_or_just_woken_passes_its_turn_on
     assert (window.messages, window.size) == (0, 0)
 
 
-async def test_finishing_is_paced_to_the_builders_per_iteration() -> None:
-    window = Window(builders=4, messages=100, size=10**6)
+async def test_finishing_is_paced_to_the_turns_per_iteration() -> None:
+    window = Window(turns=4, messages=100, size=10**6)
     iterations = Iterations()
     finished: list[int] = []
 
@@ -161,7 +154,7 @@ async def test_finishing_is_paced_to_the_builders_per_iteration() -> None:
 
 
 async def test_settled_outcomes_resume_their_callers_a_few_per_iteration() -> None:
-    window = Window(builders=4, messages=100, size=10**6)
+    window = Window(turns=4, messages=100, size=10**6)
     loop = asyncio.get_running_loop()
     outcomes = [loop.create_future() for _ in range(30)]
     iterations = Iterations()
@@ -201,7 +194,7 @@ def test_the_window_never_holds_more_than_its_bounds_and_ends_empty(
     calls: list[tuple[int, str]], messages: int, size: int
 ) -> None:
     async def main() -> None:
-        window = Window(builders=2, messages=messages, size=size)
+        window = Window(turns=2, messages=messages, size=size)
         inside = 0
         most = 0
 
@@ -233,4 +226,4 @@ def test_the_window_never_holds_more_than_its_bounds_and_ends_empty(
 
 def test_bounds_must_be_positive() -> None:
     with pytest.raises(ValueError, match="window bounds must be positive: 0, 1, 1"):
-        Window(builders=0, messages=1, size=1)
+        Window(turns=0, messages=1, size=1)

@@ -1,12 +1,14 @@
-"""Admission to a native publisher: a few builders at a time, a window of messages in flight.
+"""Admission to a native publisher: a few builds per loop iteration, a window in flight.
 
 Two bounds with two purposes. Building a message (validation, encoding, signing) is CPU
-on the event loop: ``builders`` publishes at most build at once, so a thousand
-delegations started together do not all encode in one iteration of the loop (loop lag).
-Waiting for the broker costs nothing but memory and the broker's patience: the window
-lets up to ``messages`` publishes, holding at most about ``size`` bytes, be admitted at
-once, so a distant broker's round trips overlap instead of queueing. A publish holds its
-builder only while it builds, and its place in the window until its caller leaves.
+on the event loop: at most ``turns`` publishes build per iteration of the loop, so a
+thousand delegations started together do not all encode in one iteration (loop lag);
+likewise at most ``turns`` callers resume per iteration once the broker answered
+them (:meth:`Window.finish`, :meth:`Window.settle`). Waiting for the broker costs
+nothing but memory and the broker's patience: the window lets up to ``messages``
+publishes, holding at most about ``size`` bytes, be admitted at once, so a distant
+broker's round trips overlap instead of queueing. A publish keeps its place in the
+window until its caller leaves.
 
 Everything a publish waits for, it waits for *before* its message is built: a caller
 that times out while waiting was certainly not sent. The byte bound is checked on
@@ -24,13 +26,72 @@ from types import TracebackType
 _TICKET: ContextVar[Ticket | None] = ContextVar("celerybridge_publish_ticket", default=None)
 
 
+class Turns:
+    """At most ``per_iteration`` turns per iteration of the event loop, first come first
+    served; a turn is taken at once while the iteration has some left."""
+
+    def __init__(self, per_iteration: int) -> None:
+        self._per_iteration = per_iteration
+        self._taken = 0  # in this iteration
+        self._scheduled = False  # the next iteration's reset
+        self._queued: collections.deque[tuple[asyncio.Future[None], BaseException | None]] = (
+            collections.deque()
+        )
+
+    async def take(self) -> None:
+        """Return at a turn: now if this iteration has one left, else at a later one."""
+        if not self._queued and self._taken < self._per_iteration:
+            self._count()
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._queued.append((waiter, None))
+        self._schedule()
+        await waiter
+
+    def settle(self, outcome: asyncio.Future[None], error: BaseException | None = None) -> None:
+        """Resolve ``outcome`` (with ``error``, if any) at a turn: whoever awaits it
+        resumes then, and spends that turn."""
+        if outcome.done():
+            return
+        if not self._queued and self._taken < self._per_iteration:
+            self._count()
+            _resolve(outcome, error)
+            return
+        self._queued.append((outcome, error))
+        self._schedule()
+
+    def _count(self) -> None:
+        self._taken += 1
+        self._schedule()
+
+    def _schedule(self) -> None:
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._next)
+
+    def _next(self) -> None:
+        # Runs after those given a turn in the last iteration were scheduled to resume:
+        # they resume in this one, as those given a turn now resume in the next.
+        self._scheduled = False
+        self._taken = 0
+        queued = self._queued
+        while queued and self._taken < self._per_iteration:
+            outcome, error = queued.popleft()
+            if not outcome.done():  # else its caller gave up (cancelled): no turn spent
+                _resolve(outcome, error)
+                self._taken += 1
+        if self._taken or queued:
+            self._schedule()
+
+
 class Window:
     """The admission bounds of one publisher (see the module's docstring)."""
 
-    def __init__(self, *, builders: int, messages: int, size: int) -> None:
-        if builders < 1 or messages < 1 or size < 1:
-            raise ValueError(f"window bounds must be positive: {builders}, {messages}, {size}")
-        self._builders = asyncio.Semaphore(builders)
+    def __init__(self, *, turns: int, messages: int, size: int) -> None:
+        if turns < 1 or messages < 1 or size < 1:
+            raise ValueError(f"window bounds must be positive: {turns}, {messages}, {size}")
+        self._builds = Turns(turns)
+        self._finishes = Turns(turns)
         self._max_messages = messages
         self._max_size = size
         self.messages = 0
@@ -38,67 +99,24 @@ class Window:
         self.size = 0
         """Bytes of the admitted publishes that are built."""
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
-        self._turns = builders
-        self._finishing = 0  # publishes that finished in this iteration of the loop
-        self._queued: collections.deque[tuple[asyncio.Future[None], BaseException | None]] = (
-            collections.deque()
-        )
-        self._turning = False  # a turn is scheduled
+
+    def ticket(self) -> Ticket:
+        """Admission for one publish: ``async with window.ticket(): ...``."""
+        return Ticket(self)
 
     async def finish(self) -> None:
-        """Wait for a turn to finish a publish the broker accepted: at most ``builders``
-        finish per iteration of the loop (with those :meth:`settle` resolves).
+        """Wait for a turn to finish a publish the broker accepted.
 
         A broker answers many publishes at once (a batch's replies, RabbitMQ's
         ``multiple`` acks), and each caller then goes on with its own work in the same
         iteration; paced, a thousand answered at once do not stall the loop.
         """
-        if not self._queued and self._finishing < self._turns:
-            self._take_turn()
-            return
-        waiter = asyncio.get_running_loop().create_future()
-        self._queued.append((waiter, None))
-        self._schedule()
-        await waiter  # cancelled: its caller had no more to do anyway
+        await self._finishes.take()
 
     def settle(self, outcome: asyncio.Future[None], error: BaseException | None = None) -> None:
-        """Resolve a publish's ``outcome`` (with ``error``, if any) at its turn: the
-        publisher's way to pace callers it wakes itself (see :meth:`finish`)."""
-        if outcome.done():
-            return
-        if not self._queued and self._finishing < self._turns:
-            self._take_turn()
-            _resolve(outcome, error)
-            return
-        self._queued.append((outcome, error))
-        self._schedule()
-
-    def _take_turn(self) -> None:
-        self._finishing += 1
-        self._schedule()
-
-    def _schedule(self) -> None:
-        if not self._turning:
-            self._turning = True
-            asyncio.get_running_loop().call_soon(self._next_turn)
-
-    def _next_turn(self) -> None:
-        # Runs after the callers resolved in the previous turn were scheduled to resume:
-        # they resume in this iteration, as those resolved now resume in the next.
-        self._turning = False
-        self._finishing = 0
-        queued = self._queued
-        while queued and self._finishing < self._turns:
-            outcome, error = queued.popleft()
-            if not outcome.done():
-                _resolve(outcome, error)
-                self._finishing += 1
-        if self._finishing or queued:
-            self._schedule()
-
-    def ticket(self) -> Ticket:
-        """Admission for one publish: ``async with window.ticket(): ...``."""
-        return Ticket(self)
+        """Resolve a publish's ``outcome`` at a turn to finish (see :meth:`finish`): the
+        pace for a publisher that resolves its callers' outcomes itself."""
+        self._finishes.settle(outcome, error)
 
     def _has_room(self) -> bool:
         return self.messages < self._max_messages and self.size < self._max_size
@@ -133,18 +151,17 @@ class Window:
 
 
 class Ticket:
-    """One publish's admission: a place in the window, then a builder until it is built.
+    """One publish's admission: a place in the window, then a turn to build.
 
     The publisher finds the current ticket with :func:`current_ticket` (it runs in the
     caller's task, inside the ``async with``) and calls :meth:`built` once the message
-    is built, which frees the builder for the next publish.
+    is built, with its size.
     """
 
-    __slots__ = ("_building", "_size", "_token", "_window")
+    __slots__ = ("_size", "_token", "_window")
 
     def __init__(self, window: Window) -> None:
         self._window = window
-        self._building = False
         self._size = 0
         self._token: Token[Ticket | None] | None = None
 
@@ -152,24 +169,15 @@ class Ticket:
         window = self._window
         await window._enter()
         try:
-            await window._builders.acquire()
+            await window._builds.take()
         except BaseException:
             window._leave(0)
             raise
-        self._building = True
         self._token = _TICKET.set(self)
         return self
 
     def built(self, size: int) -> None:
-        """The message is built and holds ``size`` bytes: free the builder.
-
-        Freed at the next iteration of the loop, not now: a publish builds without
-        yielding, so a builder freed now would be taken by a caller starting later in
-        this same iteration, and a thousand started at once would all build in it.
-        """
-        if self._building:
-            self._building = False
-            asyncio.get_running_loop().call_soon(self._window._builders.release)
+        """The message is built and holds ``size`` bytes."""
         self._window.size += size
         self._size += size
 
@@ -182,9 +190,6 @@ class Ticket:
         if self._token is not None:
             _TICKET.reset(self._token)
             self._token = None
-        if self._building:
-            self._building = False
-            self._window._builders.release()
         size, self._size = self._size, 0
         self._window._leave(size)
 

@@ -141,10 +141,11 @@ class NativePublisher(Publisher, Generic[F]):
     AMQP cannot carry) is a :class:`DelegationError`, and nothing is sent.
 
     Refuses once closed. Admission (``_window``): at most ``PUBLISH_BUILDERS`` publishes
-    are validated and encoded at a time, so a thousand delegations started at once do
-    not all do that work in one iteration of the loop; once built, a publish frees its
-    builder and waits for the broker with up to :attr:`window_messages` others
-    (``PUBLISH_WINDOW_BYTES`` in all), so round trips to a distant broker overlap.
+    are validated and encoded per iteration of the loop, so a thousand delegations
+    started at once do not all do that work in one iteration; once built, a publish
+    waits for the broker with up to :attr:`window_messages` others (``PUBLISH_WINDOW_BYTES``
+    in all), so round trips to a distant broker overlap; and at most ``PUBLISH_BUILDERS``
+    callers resume per iteration once the broker accepted their message.
     """
 
     window_messages = PUBLISH_WINDOW_MESSAGES
@@ -155,7 +156,7 @@ class NativePublisher(Publisher, Generic[F]):
     def __init__(self, *, signer: Signer | None = None, reply_to: str | None = None) -> None:
         self._closed = False
         self._window = Window(
-            builders=PUBLISH_BUILDERS, messages=self.window_messages, size=PUBLISH_WINDOW_BYTES
+            turns=PUBLISH_BUILDERS, messages=self.window_messages, size=PUBLISH_WINDOW_BYTES
         )
         self._signer = signer
         self._origin = Origin(reply_to)  # reply_to: the bridge's rpc:// reply queue, if any
