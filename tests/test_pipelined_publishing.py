@@ -294,3 +294,24 @@ async def test_a_near_redis_gets_one_batch_at_a_time_a_far_one_several(
         await asyncio.gather(*(bridge.send(stub, (1, i), {}) for i in range(200)))
     assert (max(on_wire) == 1) is one_at_a_time
     assert len(_arguments(REDIS_URL, redis_queue)) == 201
+
+
+async def test_a_lone_publish_whose_connection_keeps_breaking_may_or_may_not_have_arrived(
+    redis_queue: str,
+) -> None:
+    # The first connection (the batch that declares the queue) works; every later one,
+    # the lone LPUSH's and its retries', is cut when Redis answers.
+    async with proxy(REDIS_URL, replies=cut_after_replies(10**6, then=0)) as (url, state):
+        publisher = RedisPublisher(url, timeout=10)
+        try:
+            await publisher.publish(_message(redis_queue, 0))  # declares: a batch
+            with anyio.fail_after(30), pytest.raises(DelegationError) as caught:
+                await publisher.publish(_message(redis_queue, 1))  # alone
+        finally:
+            await publisher.aclose()
+    assert state.cut == 1 + PUBLISH_RETRIES
+    assert str(caught.value).startswith(
+        f"publishing 'pipelined.note' to {redis_queue!r}: ConnectionError"
+    )
+    assert str(caught.value).endswith("; it may or may not have been delivered")
+    assert Counter(args[0] for args in _arguments(REDIS_URL, redis_queue))[1] >= 1  # it did

@@ -130,6 +130,7 @@ class RedisPublisher(NativePublisher[tuple[str, bytes]]):
         self._flushers: set[asyncio.Task[None]] = set()
         self._gathering = False  # a flusher is about to take what is pending
         self._alone = False  # a publish sent on its own is not answered yet
+        self._lone_written = False  # ... and was written at least once
         self._fastest = float("inf")  # the fastest recent batch round trip, in seconds
         self._connections: list[AbstractConnection] = []  # the batches', made as needed
         self._spare: list[AbstractConnection] = []  # ... those no batch is using
@@ -147,7 +148,10 @@ class RedisPublisher(NativePublisher[tuple[str, bytes]]):
         doing = f"publishing {message.task_name!r} to {message.queue!r}"
         with translate(DelegationError, doing):
             if message.queue in self._declared and self._idle():
-                await self._send_alone(key, payload)
+                try:
+                    await self._send_alone(key, payload)
+                except redis.exceptions.ConnectionError as exc:
+                    raise self._lost(doing, exc, written=self._lone_written) from exc
                 return
             push = _Push(message.queue, key, payload, asyncio.get_running_loop().create_future())
             self._pending.append(push)
@@ -158,11 +162,17 @@ class RedisPublisher(NativePublisher[tuple[str, bytes]]):
                 # PublishTimeoutError says.
                 await push.done
             except redis.exceptions.ConnectionError as exc:
-                if not push.written:
-                    raise
-                raise DelegationError(
-                    f"{doing}: {type(exc).__name__}: {exc}; it may or may not have been delivered"
-                ) from exc
+                raise self._lost(doing, exc, written=push.written) from exc
+
+    @staticmethod
+    def _lost(doing: str, exc: Exception, *, written: bool) -> DelegationError:
+        """The error for a publish whose connection broke, after the retries: one sent at
+        least once may have reached Redis, one never written did not."""
+        if not written:
+            return DelegationError(f"{doing}: {type(exc).__name__}: {exc}")
+        return DelegationError(
+            f"{doing}: {type(exc).__name__}: {exc}; it may or may not have been delivered"
+        )
 
     def _idle(self) -> bool:
         """Nothing is on the wire: no batch to join, so a pipeline would only cost."""
@@ -182,6 +192,7 @@ class RedisPublisher(NativePublisher[tuple[str, bytes]]):
     async def _send_alone(self, key: str, payload: bytes) -> None:
         # Publishes made meanwhile see this one on the wire and are batched.
         self._alone = True
+        self._lone_written = False
         try:
             await self._lone.retry.call_with_retry(
                 partial(self._lpush_alone, key, payload), self._lone_lost
@@ -194,6 +205,7 @@ class RedisPublisher(NativePublisher[tuple[str, bytes]]):
 
     async def _lpush_alone(self, key: str, payload: bytes) -> None:
         await self._lone.send_command("LPUSH", key, payload)
+        self._lone_written = True
         await self._lone.read_response()
 
     def _connection(self) -> AbstractConnection:
@@ -278,8 +290,8 @@ class RedisPublisher(NativePublisher[tuple[str, bytes]]):
 
 
 class _Batch:
-    """One pipelined batch on a connection of the pool: bindings the batch's queues still
-    need, then one ``LPUSH`` per publish, in order, in one write.
+    """One pipelined batch on a connection of the publisher's: bindings the batch's queues
+    still need, then one ``LPUSH`` per publish, in order, in one write.
 
     Each reply is handed to its publisher as it is read, so when the connection breaks
     midway the publishes answered so far are accepted; the rest are sent again on a new
