@@ -3,7 +3,8 @@
 One ``bench.echo_worker`` process per broker (threads pool). Its queue is filled before
 it starts, so the first measurement is how fast it drains a backlog: the ceiling for any
 client's round trips. Then celerybridge, ``send_task().get()`` and the same in threads
-take turns against it.
+take turns against it. Last, the same drain on the other pools: prefork, and
+``celerybridge.AsyncioPool`` with the echo as an ``async def`` (its coroutine path).
 """
 
 from __future__ import annotations
@@ -31,6 +32,17 @@ DRAIN = "worker drain rate (pre-filled queue)"
 GET = "send_task().get()"
 GET_THREADS = f"send_task().get() in anyio.to_thread, {WIDTH} in flight"
 WORKER_POOL, WORKER_CONCURRENCY = "threads", 8
+# The other pools drained: (label, -P, -c, environment). Celery's -P names a pool class
+# only as "custom", given in CELERY_CUSTOM_WORKER_POOL.
+OTHER_POOLS = (
+    ("prefork", "prefork", 2, {}),
+    (
+        "celerybridge.AsyncioPool, async echo",
+        "custom",
+        100,
+        {"CELERY_CUSTOM_WORKER_POOL": "celerybridge:AsyncioPool", "BENCH_ASYNC_ECHO": "1"},
+    ),
+)
 TIMEOUT = 60.0
 
 
@@ -149,6 +161,7 @@ async def round_trip_rows(broker: str, broker_url: str, n: int, in_flight: int) 
         app.conf.broker_transport_options = {"confirm_publish": True}
     backends: list[Any] = []
     rows: list[Row] = []
+    others: list[Row] = []
     try:
         async with Bridge(broker_url=broker_url, result_backend=RESULT_BACKEND) as bridge:
             drains = [await drain_rate(bridge, worker, in_flight)]
@@ -164,8 +177,18 @@ async def round_trip_rows(broker: str, broker_url: str, n: int, in_flight: int) 
                 rates[GET_THREADS].append(threads)
             await anyio.to_thread.run_sync(worker.stop)
             drains.append(await drain_rate(bridge, worker, in_flight))
+            for label, pool, concurrency, env in OTHER_POOLS:
+                other = Worker("bench.echo_worker", broker_url, RESULT_BACKEND, pool, concurrency)
+                other.extra_env.update(env)
+                try:
+                    rate = await drain_rate(bridge, other, in_flight)
+                finally:
+                    await anyio.to_thread.run_sync(other.stop)
+                    delete_queue(broker_url, other.queue)
+                note = f"{in_flight} queued, {label} x{concurrency}, once"
+                others.append(Row(SECTION, broker, f"{DRAIN}, {label}", rate, "tasks/s", note))
         note = f"{in_flight} queued, {WORKER_POOL} pool x{WORKER_CONCURRENCY}, best of 2"
-        rows.insert(0, Row(SECTION, broker, DRAIN, max(drains), "tasks/s", note))
+        rows[0:0] = [Row(SECTION, broker, DRAIN, max(drains), "tasks/s", note), *others]
         note = f"{in_flight} calls, best of {REPEATS}"
         rows += [
             Row(SECTION, broker, f"{ours}, {WIDTH} in flight", max(rates[ours]), "tasks/s", note),

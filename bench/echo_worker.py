@@ -18,7 +18,7 @@ STOCK = {"worker_consumer": "celery.worker.consumer:Consumer", "broker_transport
 if os.environ.get("BENCH_MEMORY_REPLAY"):
     # bench.intake: the replay record in this process's memory, to tell its Redis round
     # trips from the signature check in the cost of signing.
-    from celerybridge._intake import replay
+    from celerybridge._worker.intake import replay
 
     replay.store_for = lambda app: replay.MemorySeen()
 
@@ -30,6 +30,15 @@ if os.environ.get("BENCH_STOCK_TRANSPORT"):
 app = celery_app("bench_echo_worker", **conf)
 
 
-@echo.implement(app)
-def echo_impl(payload: str) -> int:
-    return len(payload)
+if os.environ.get("BENCH_ASYNC_ECHO"):
+    # bench._roundtrip: the drain rate of celerybridge.AsyncioPool, on its coroutine path.
+
+    @echo.implement(app)
+    async def async_echo_impl(payload: str) -> int:
+        return len(payload)
+
+else:
+
+    @echo.implement(app)
+    def echo_impl(payload: str) -> int:
+        return len(payload)

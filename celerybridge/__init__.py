@@ -14,6 +14,19 @@ and implement it in the service that owns it::
 
     @send_to_s3.implement(app)
     async def upload(key: str, content: str) -> Receipt: ...
+
+The package is laid out by side (every module but this one and ``fastapi`` is private):
+
+- contracts, both sides: ``_contracts``, ``_registry``, ``_validation``, ``_options``,
+  ``_canvas``, ``_schema``;
+- the caller side: ``_bridge`` and ``_default`` (delegation), ``_transports/`` (how a
+  message is published and a result awaited, per broker), ``_result`` (handles);
+- the wire format: ``_transports/_protocol`` (Celery protocol 2 messages), ``_signing``;
+- the worker side: ``_worker/`` (the app, its event loop, the intake gate, dead letters,
+  the Redis transport of workers);
+- the operator's tools: ``_cli`` and what it runs (``_call``, ``_check``, ``_dlq``,
+  ``_asyncapi``);
+- shared: ``_config``, ``_constants``, ``_exceptions``, ``_utils``.
 """
 
 from importlib.metadata import version as _version
@@ -42,13 +55,15 @@ from ._exceptions import (
 from ._result import ContractResult, GroupHandle, TaskHandle
 from ._transports.base import OutgoingMessage, Publisher, ResultSource, TaskOutcome
 from ._transports.memory import MemoryTransport
-from ._worker import caller_service, celery_app
-from ._worker_loop import WorkerResource, run_on_worker_loop, worker_resource
+from ._worker.app import caller_service, celery_app
+from ._worker.loop import WorkerResource, run_on_worker_loop, worker_resource
+from ._worker.pool.pool import AsyncioPool
 
 __version__ = _version("celerybridge")
 
 __all__ = [
     "ArgumentError",
+    "AsyncioPool",
     "Bridge",
     "BridgeSettings",
     "CallError",

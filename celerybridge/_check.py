@@ -1,6 +1,6 @@
 """``celerybridge check``: does an implementation fit its contract, call shape and types?
 
-The call shape is :func:`celerybridge._worker.check_signature`'s. The types are compared
+The call shape is :func:`celerybridge._worker.app.check_signature`'s. The types are compared
 as JSON Schema (:mod:`celerybridge._compat`): each parameter of the implementation must
 accept every value the contract lets callers send, and its return annotation must
 promise no more than the contract's return type allows. Where the schemas agree, the
@@ -23,7 +23,7 @@ from pydantic.errors import PydanticUserError
 from ._compat import Verdict, subset
 from ._received import received_fits
 from ._schema import type_schema
-from ._worker import check_signature
+from ._worker.app import check_signature
 
 if TYPE_CHECKING:
     from ._contracts import RemoteTask

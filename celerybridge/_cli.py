@@ -23,12 +23,12 @@ from ._bridge import Bridge
 from ._check import check_implementation
 from ._config import BROKER_SCHEMES, BridgeSettings, client_transport_options, url_problem
 from ._constants import DEAD_FROM_HEADER, DEAD_KIND_DELIVERIES
-from ._dead_letter import dead_letter_queue
 from ._exceptions import CeleryBridgeError, ConfigurationError
 from ._registry import registry
 from ._schema import describe
 from ._signing import Signer
 from ._utils import printable
+from ._worker.dead_letter import dead_letter_queue
 
 
 def _import_module(name: str) -> ModuleType:

@@ -30,7 +30,7 @@ DEAD_KIND_DELIVERIES: Final = "deliveries"  # delivered more than CELERYBRIDGE_M
 DEAD_KINDS_NEVER_RESIGNED: Final = frozenset({DEAD_KIND_SIGNATURE, DEAD_KIND_REPLAY})
 
 # How deep JSON may nest in a task message's body (arrays and objects, the body's own
-# list counted), as the worker's intake (_intake/shape.py) accepts it; Celery's own
+# list counted), as the worker's intake (_worker/intake/shape.py) accepts it; Celery's own
 # messages use 4. An argument sits two levels down ([args, kwargs, embed] > args or
 # kwargs > the argument), so the caller accepts arguments nested MAX_ARGUMENT_DEPTH deep;
 # a workflow's embedded steps sit deeper, and a message's encoded body is checked too.
@@ -38,7 +38,7 @@ MAX_BODY_DEPTH: Final = 32
 BODY_ENVELOPE_DEPTH: Final = 2
 MAX_ARGUMENT_DEPTH: Final = MAX_BODY_DEPTH - BODY_ENVELOPE_DEPTH
 
-# The worker's intake (_intake/): the largest body it reads (CELERYBRIDGE_MAX_MESSAGE_BYTES),
+# The worker's intake (_worker/intake/): the largest body it reads (CELERYBRIDGE_MAX_MESSAGE_BYTES),
 # and the record of signed messages already taken, kept as long as a signature is valid.
 DEFAULT_MAX_MESSAGE_BYTES: Final = 32 * 1024 * 1024
 SEEN_KEY_PREFIX: Final = "celerybridge-seen-"
@@ -46,7 +46,7 @@ SEEN_KEY_PREFIX: Final = "celerybridge-seen-"
 # cannot be read (it is not at fault: putting it back does not count as a delivery).
 STORE_RETRY_PAUSE: Final = 1.0
 # The only header of the stand-in for an AMQP message whose properties py-amqp cannot
-# read (_intake/amqp.py), and what it says; a dead letter names the headers it had to drop.
+# read (_worker/intake/amqp.py), and what it says; a dead letter names the headers it had to drop.
 UNREADABLE_HEADER: Final = "x-celerybridge-unreadable-headers"
 UNREADABLE: Final = "its properties or headers cannot be read"
 DROPPED_HEADER: Final = "x-celerybridge-dropped-headers"
@@ -135,7 +135,7 @@ RPC_REPLY_QUEUE_EXPIRES: Final = 86400.0  # seconds
 RPC_REPLIES_KEPT: Final = 10_000
 RPC_DRAIN_LIMIT: Final = 1000
 
-# The reliable Redis transport of workers (_redis_transport/): the property of a Redis
+# The reliable Redis transport of workers (_worker/redis_transport/): the property of a Redis
 # message that counts its deliveries (added to as it is put back by the sweep or a
 # requeue), the list suffix where the take script moves entries it refuses, as they came,
 # for the worker to dead-letter, how many deliveries a message may have before it is
@@ -265,3 +265,14 @@ REDIS_BATCHES: Final = REDIS_CONNECTIONS
 # batch, so a Redis that became slow (or far: a failover) is seen as such.
 REDIS_NEAR: Final = 0.001
 REDIS_RTT_DRIFT: Final = 1.01
+
+# The worker's asyncio pool (_worker/pool/): plain ``def`` tasks run in a thread pool of
+# at most this many threads (and never more than the worker's concurrency); the
+# Celery setting ``celerybridge_pool_threads`` changes it.
+POOL_SYNC_THREADS: Final = 8
+# The pool's loop-lag watchdog warns when the worker's event loop has not run its
+# callbacks for this many seconds (a blocking call inside a coroutine task); the Celery
+# setting ``celerybridge_loop_lag_warning`` changes it, 0 turns the watchdog off.
+LOOP_LAG_WARNING: Final = 0.5
+# How often the watchdog looks at the loop, as a fraction of the warning threshold.
+LOOP_LAG_CHECKS_PER_THRESHOLD: Final = 4

@@ -287,7 +287,7 @@ class RemoteTask(Generic[P, R]):
         registers on every Celery app (``shared_task``). Returns the function unchanged;
         the task is ``app.tasks[stub.wire_name]``.
         """
-        from ._worker import register_implementation
+        from ._worker.app import register_implementation
 
         def decorator(fn: F) -> F:
             register_implementation(self, fn, app, task_options)

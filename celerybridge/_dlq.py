@@ -41,14 +41,14 @@ from ._constants import (
     HOLD_SUFFIX,
     KOMBU_PRIORITY_STEPS,
 )
-from ._dead_letter import dead_letter_queue
 from ._exceptions import CallError, DelegationError
-from ._redis_transport.records import key_for
 from ._signing import Signer
 from ._transports._errors import translate
 from ._transports._protocol import redis_queue_key
 from ._transports.kombu import ExistingFirstQueue
 from ._utils import printable
+from ._worker.dead_letter import dead_letter_queue
+from ._worker.redis_transport.records import key_for
 
 # How signature refusals begin (_signing.py), as workers wrote them before the kind header
 # and since: unsigned, malformed headers, unreadable body or header, bad, outdated scheme,

@@ -59,7 +59,7 @@ RETRY_POLICY_KEYS: Final = frozenset(
 def _protocol_headers() -> frozenset[str]:
     # What the protocol, the worker's request and celerybridge itself put in headers:
     # a custom header of that name would replace the task name, its id, its ETA...
-    from ._intake.shape import _HEADER_TYPES, RESERVED_HEADERS
+    from ._worker.intake.shape import _HEADER_TYPES, RESERVED_HEADERS
 
     return frozenset({*_HEADER_TYPES, *RESERVED_HEADERS, "compression", "headers"})
 

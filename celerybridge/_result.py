@@ -235,9 +235,9 @@ class ContractResult(AsyncResult[R]):
         return f"<ContractResult {self.stub.wire_name!r} id={self.id}>"
 
 
-# How a dead letter's failure is stored (celerybridge._dead_letter.DeadLettered), by name:
+# How a dead letter's failure is stored (celerybridge._worker.dead_letter.DeadLettered), by name:
 # the module is never imported from what a backend says.
-DEAD_LETTERED = ("celerybridge._dead_letter", "DeadLettered")
+DEAD_LETTERED = ("celerybridge._worker.dead_letter", "DeadLettered")
 
 
 def decode_outcome(stub: RemoteTask[Any, R], task_id: str, outcome: TaskOutcome) -> R:

@@ -32,7 +32,7 @@ Both publishing paths sign the final message: the native publishers in
 Several keys may verify (``CELERYBRIDGE_SIGNING_VERIFY_KEYS``, for rotation); one
 signs. A worker built by :func:`~celerybridge.celery_app` with a key checks every
 message before Celery looks at it (:meth:`Signer.refusal`), and what fails goes to the
-dead-letter queue (``_dead_letter.py``). The key is never part of a reason, a log line
+dead-letter queue (``_worker/dead_letter.py``). The key is never part of a reason, a log line
 or a repr.
 """
 

@@ -162,7 +162,7 @@ def _loaded() -> PusherSettings:
 def _reliable_transport(conf: Any) -> bool:
     """Whether the worker takes from Redis with celerybridge's transport (running tasks'
     records refreshed), not kombu's own (``broker_transport="redis"``)."""
-    return str(conf.broker_transport or "").startswith("celerybridge._redis_transport")
+    return str(conf.broker_transport or "").startswith("celerybridge._worker.redis_transport")
 
 
 def _apply(conf: Any) -> None:

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import settings
 
 from celerybridge import Bridge, BridgeSettings, _default
 from celerybridge._registry import registry
@@ -13,6 +14,11 @@ from celerybridge._registry import registry
 from . import _summary as summary
 from ._brokers import BROKERS, RESULT_BACKEND
 from ._workers import Worker, stop_all
+
+# No hypothesis deadline: a generated case that takes 469 ms on a loaded machine is not a
+# defect, and how long a test takes is measured in bench/, never asserted here.
+settings.register_profile("celerybridge", deadline=None)
+settings.load_profile("celerybridge")
 
 pytest_plugins = ("tests._pusher_fixtures",)
 

@@ -509,7 +509,7 @@ _TOO_DEEP = (
 def test_the_deepest_argument_the_caller_accepts_is_one_the_worker_accepts() -> None:
     """The caller accepted 64 levels and the worker's intake 32: a 40-deep argument was
     sent, then dead-lettered. One limit now, counted the same way on both sides."""
-    from celerybridge._intake import shape
+    from celerybridge._worker.intake import shape
 
     wire = task_message(deep.message(deep.bind((_lists(30),), {})), Origin())
     document, refusal = shape.parse_body(wire.body, 1 << 20)

@@ -222,7 +222,7 @@ _json = st.recursive(
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(headers=st.dictionaries(_names, _json, max_size=4))
 def test_hostile_headers_are_refused_or_carried_intact(headers: dict[str, Any]) -> None:
-    from celerybridge._intake.shape import header_refusal
+    from celerybridge._worker.intake.shape import header_refusal
 
     try:
         stub = b.add.with_options(headers=headers)
@@ -247,7 +247,7 @@ _moments = st.datetimes(
 @settings(max_examples=200, deadline=None)
 @given(eta=_moments, expires=st.one_of(_moments, st.floats(), st.integers()))
 def test_odd_datetimes_are_refused_or_make_valid_headers(eta: datetime, expires: Any) -> None:
-    from celerybridge._intake.shape import header_refusal
+    from celerybridge._worker.intake.shape import header_refusal
 
     for options in ({"eta": eta}, {"expires": expires}):
         try:

@@ -23,7 +23,7 @@ from celerybridge import Bridge, BridgeSettings, ConfigurationError, DelegationE
 from celerybridge._queues import QueueDeclaration, QueuePlan, celery_declaration
 from celerybridge._transports import amqp as amqp_transport
 from celerybridge._transports import kombu as kombu_transport
-from celerybridge._worker import celery_app
+from celerybridge._worker.app import celery_app
 
 from ._brokers import BROKERS, RESULT_BACKEND
 from ._workers import Worker

@@ -200,7 +200,7 @@ def encoded_body(message: OutgoingMessage) -> bytes:
 def check_body_depth(task_name: str, body: bytes) -> None:
     """Refuse (:class:`CallError`) a body nested deeper than the worker's intake reads
     (``MAX_BODY_DEPTH``, as it decodes it): sent, it would only be dead-lettered."""
-    from .._intake.shape import depth_exceeds
+    from .._worker.intake.shape import depth_exceeds
 
     try:
         deep = depth_exceeds(kombu_loads(body), MAX_BODY_DEPTH)

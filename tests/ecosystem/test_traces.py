@@ -3,8 +3,9 @@
 Real tools, as a service installs them: ``opentelemetry-sdk`` with
 ``opentelemetry-instrumentation-celery``, and ``sentry-sdk`` with its Celery
 integration, on both sides (the caller in a process of its own, the worker a real
-``celery worker`` on the threads pool, laid out with ``import celerybridge`` before the
-tool is set up). What they export goes to a file instead of a collector (``tracing``).
+``celery worker`` on the threads pool and on ``celerybridge.AsyncioPool``, laid out
+with ``import celerybridge`` before the tool is set up). What they export goes to a
+file instead of a collector (``tracing``).
 """
 
 from __future__ import annotations
@@ -38,17 +39,30 @@ def tool(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
+@pytest.fixture(scope="module", params=["threads", "asyncio"])
+def pool(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
 @pytest.fixture(scope="module", params=sorted(BROKERS))
 def traced(
-    request: pytest.FixtureRequest, tool: str, tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest, tool: str, pool: str, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """One worker and one caller run with ``tool`` on a broker: what the caller printed
-    (a line per path and task) and what the worker exported."""
+    """One worker (on ``pool``) and one caller run with ``tool`` on a broker: what the
+    caller printed (a line per path and task) and what the worker exported."""
     broker_url = BROKERS[str(request.param)]
     folder = tmp_path_factory.mktemp(f"eco-{tool}-{request.param}")
     exported = folder / "worker.jsonl"
     env = {"CB_ECO_TOOL": tool, "CB_ECO_OUT": str(exported)}
-    worker = Worker("tests.ecosystem.worker", broker_url, RESULT_BACKEND, extra_env=env)
+    if pool == "asyncio":  # Celery's -P takes a class only as "custom", named so
+        env["CELERY_CUSTOM_WORKER_POOL"] = "celerybridge:AsyncioPool"
+    worker = Worker(
+        "tests.ecosystem.worker",
+        broker_url,
+        RESULT_BACKEND,
+        "custom" if pool == "asyncio" else pool,
+        extra_env=env,
+    )
     worker.start(folder)
     try:
         caller = subprocess.run(

@@ -49,7 +49,7 @@ def _assert_all_ran(tally: Tally, seed: int) -> None:
     kombu's own Redis transport took a message off the queue (``BRPOP``) and only then
     recorded it as unacknowledged, so a kill in between lost it (celery/celery#7950);
     workers built by ``celery_app`` take and record in one step
-    (``celerybridge._redis_transport``), and this suite allows no loss on Redis either.
+    (``celerybridge._worker.redis_transport``), and this suite allows no loss on Redis either.
     """
     assert tally.vanished == 0, (seed, tally.examples[:5])
     assert tally.ok == tally.landed == tally.calls, (seed, tally)

@@ -36,8 +36,8 @@ from celerybridge._constants import (
     RESULT_KEY_PREFIX,
     STATE_FAILURE,
 )
-from celerybridge._intake.envelope import envelope_refusal
 from celerybridge._signing import Signer
+from celerybridge._worker.intake.envelope import envelope_refusal
 from pusher.bindings import send_to_s3
 
 from .._brokers import RESULT_BACKEND

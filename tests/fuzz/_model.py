@@ -21,7 +21,7 @@ MIB = 1024 * 1024
 MAX_MESSAGE_BYTES = MIB
 """The fuzz workers' CELERYBRIDGE_MAX_MESSAGE_BYTES."""
 MAX_DEPTH = 32
-"""How deep JSON may nest in a body or a header (``celerybridge._intake.shape``)."""
+"""How deep JSON may nest in a body or a header (``celerybridge._worker.intake.shape``)."""
 MAX_NAME = 255
 """Characters in a task name, an id and the other identifiers of a message."""
 BOTH: frozenset[BrokerName] = frozenset({"redis", "amqp"})

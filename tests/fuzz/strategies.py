@@ -15,7 +15,7 @@ comes back on the dead-letter queue, and whatever lands in S3, names its case. T
 key says what must become of the call: ``fuzz/<run>/bad/...`` must never be written,
 ``either/`` may run or be dead-lettered (not both, not neither), ``ok/`` must run.
 
-What each family expects, by the intake contract (``celerybridge/_intake/shape.py``: it
+What each family expects, by the intake contract (``celerybridge/_worker/intake/shape.py``: it
 runs only well-formed Celery protocol 2 JSON task messages and dead-letters the rest):
 
 - ``refuse``: every malformed message (body shape and types, embeds that are not null or

@@ -65,7 +65,7 @@ def test_every_case_can_be_told_from_its_dead_letter(broker: BrokerName, keyed: 
     check()
 
 
-# An independent reading of the intake contract (the worker's is celerybridge._intake).
+# An independent reading of the intake contract (the worker's is celerybridge._worker.intake).
 
 _IDENTIFIER = re.compile(rf"[^\x00-\x1f\x7f]{{1,{MAX_NAME}}}")
 _RESERVED = {*EMBED_KEYS, "args", "kwargs", "hostname", "is_eager", "delivery_info"}

@@ -100,7 +100,7 @@ def test_a_visibility_timeout_under_the_time_limit_only_warns_on_celerybridges_t
     problem = "PUSHER_VISIBILITY_TIMEOUT (10 s) does not exceed PUSHER_TASK_TIME_LIMIT (20 s)"
     assert json.loads(done.stdout) == {
         "default": 360,
-        "started": "celerybridge._redis_transport:Transport",
+        "started": "celerybridge._worker.redis_transport:Transport",
         "warned": [
             f"{problem}: celerybridge's Redis transport refreshes the records of running "
             "tasks, so none is delivered twice while its worker lives; a worker that stalls "

@@ -18,7 +18,7 @@ from typing import Any
 from celery.exceptions import Retry
 
 from celerybridge import celery_app
-from celerybridge._dead_letter import DeadLetterTask
+from celerybridge._worker.dead_letter import DeadLetterTask
 
 from . import retry_bindings
 
