@@ -251,10 +251,11 @@ PUBLISH_BUILDERS: Final = 4
 # at 100 ms is 10,000 msg/s); beyond it callers wait, before their message is built.
 PUBLISH_WINDOW_MESSAGES: Final = 1024
 # ... on RabbitMQ: publishes sent and not yet confirmed. aio-pika/aiormq keep several times
-# more objects alive per message than redis-py, and a thousand at once made the garbage
-# collector stall the loop for 2-5 ms now and then (loop lag); 128 still overlaps 1,280
-# confirms per second at 100 ms.
-AMQP_WINDOW_MESSAGES: Final = 128
+# more objects alive per message than redis-py: with 128 or more at once the garbage
+# collector stalled the loop for 2-3 ms now and then, and ran a full collection (50-60 ms)
+# every few bursts of 1,000; with 32, as rarely as with 8. 32 still overlaps some 250
+# confirms per second at 100 ms (a burst of 1,000 in 4 s, against 10 for kombu's path).
+AMQP_WINDOW_MESSAGES: Final = 32
 PUBLISH_WINDOW_BYTES: Final = 16 * 1024 * 1024
 # Batches the native Redis publisher has on the wire at once, each on a pool connection.
 REDIS_BATCHES: Final = REDIS_CONNECTIONS
