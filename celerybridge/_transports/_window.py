@@ -34,9 +34,10 @@ class Turns:
         self._per_iteration = per_iteration
         self._taken = 0  # in this iteration
         self._scheduled = False  # the next iteration's reset
-        self._queued: collections.deque[tuple[asyncio.Future[None], BaseException | None]] = (
-            collections.deque()
-        )
+        # Waiters only, the fewest objects per waiting caller (a thousand may wait, and
+        # what they keep alive is what the garbage collector walks); errors aside.
+        self._queued: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._errors: dict[asyncio.Future[None], BaseException] = {}
 
     async def take(self) -> None:
         """Return at a turn: now if this iteration has one left, else at a later one."""
@@ -44,7 +45,7 @@ class Turns:
             self._count()
             return
         waiter = asyncio.get_running_loop().create_future()
-        self._queued.append((waiter, None))
+        self._queued.append(waiter)
         self._schedule()
         await waiter
 
@@ -57,7 +58,9 @@ class Turns:
             self._count()
             _resolve(outcome, error)
             return
-        self._queued.append((outcome, error))
+        self._queued.append(outcome)
+        if error is not None:
+            self._errors[outcome] = error
         self._schedule()
 
     def _count(self) -> None:
@@ -74,9 +77,10 @@ class Turns:
         # they resume in this one, as those given a turn now resume in the next.
         self._scheduled = False
         self._taken = 0
-        queued = self._queued
+        queued, errors = self._queued, self._errors
         while queued and self._taken < self._per_iteration:
-            outcome, error = queued.popleft()
+            outcome = queued.popleft()
+            error = errors.pop(outcome, None) if errors else None
             if not outcome.done():  # else its caller gave up (cancelled): no turn spent
                 _resolve(outcome, error)
                 self._taken += 1
@@ -100,9 +104,34 @@ class Window:
         """Bytes of the admitted publishes that are built."""
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
 
-    def ticket(self) -> Ticket:
-        """Admission for one publish: ``async with window.ticket(): ...``."""
-        return Ticket(self)
+    def ticket(self) -> Window:
+        """Admission for one publish: ``async with window.ticket(): ...`` (the window
+        itself: what a publish holds once admitted is its :class:`Ticket`, made then, so
+        a caller waiting for room or a turn keeps no object of its own alive)."""
+        return self
+
+    async def __aenter__(self) -> Ticket:
+        await self._enter()
+        try:
+            await self._builds.take()
+        except BaseException:
+            self._leave(0)
+            raise
+        ticket = Ticket(self)
+        ticket._token = _TICKET.set(ticket)
+        return ticket
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        ticket = _TICKET.get()
+        assert ticket is not None, "not entered in this task"
+        assert ticket._window is self, "entered in another window"
+        _TICKET.reset(ticket._token)  # type: ignore[arg-type]
+        self._leave(ticket._size)
 
     async def finish(self) -> None:
         """Wait for a turn to finish a publish the broker accepted.
@@ -151,11 +180,10 @@ class Window:
 
 
 class Ticket:
-    """One publish's admission: a place in the window, then a turn to build.
+    """One admitted publish: its place in the window and the bytes it holds there.
 
-    The publisher finds the current ticket with :func:`current_ticket` (it runs in the
-    caller's task, inside the ``async with``) and calls :meth:`built` once the message
-    is built, with its size.
+    The publisher finds it with :func:`current_ticket` (it runs in the caller's task,
+    inside the ``async with``) and calls :meth:`built` once the message is built.
     """
 
     __slots__ = ("_size", "_token", "_window")
@@ -165,33 +193,10 @@ class Ticket:
         self._size = 0
         self._token: Token[Ticket | None] | None = None
 
-    async def __aenter__(self) -> Ticket:
-        window = self._window
-        await window._enter()
-        try:
-            await window._builds.take()
-        except BaseException:
-            window._leave(0)
-            raise
-        self._token = _TICKET.set(self)
-        return self
-
     def built(self, size: int) -> None:
         """The message is built and holds ``size`` bytes."""
         self._window.size += size
         self._size += size
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self._token is not None:
-            _TICKET.reset(self._token)
-            self._token = None
-        size, self._size = self._size, 0
-        self._window._leave(size)
 
 
 def _resolve(outcome: asyncio.Future[None], error: BaseException | None) -> None:
