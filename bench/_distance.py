@@ -3,8 +3,8 @@
 For each broker, each added latency (``bench._proxy``) and each celerybridge path (fast,
 kombu), ``BURST`` calls are started at once, after one untimed call that opens the
 connections, and each ends accepted (the broker took it), timed out (``PublishTimeoutError``
-after the bridge's ``publish_timeout``, which counts the wait for a free publishing slot
-too) or failed otherwise. The rate is accepted calls per second of the whole burst. Once
+after the bridge's ``publish_timeout``, which counts the wait for room in the publishing
+window too) or failed otherwise. The rate is accepted calls per second of the whole burst. Once
 the bridge is closed, the queue's length says how many messages really arrived: a publish
 that timed out may still have reached the broker.
 

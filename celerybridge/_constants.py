@@ -241,11 +241,31 @@ PUBLISH_RETRIES: Final = 3
 REDIS_CONNECTIONS: Final = 16
 # Messages the native Redis publisher sends in one pipeline at most.
 BATCH_MAX: Final = 256
-# Publishes a native publisher validates, encodes and has on the wire at once. A batch
-# of replies lets as many waiting publishes in, all in one iteration of the event loop:
-# 8 keeps that iteration near a millisecond (32 published a little faster with 50
-# concurrent, with 4-5 ms of loop lag; see docs/benchmarks.md).
-PUBLISH_SLOTS: Final = 8
+# Publishes a native publisher validates and encodes per iteration of the event loop, and
+# callers it resumes per iteration once the broker answered (``_transports._window``):
+# 4 of each keeps an iteration near a millisecond (before, 8 publishes held until answered
+# did; 32 made 4-5 ms of loop lag with 50 concurrent; see docs/benchmarks.md).
+PUBLISH_BUILDERS: Final = 4
+# Publishes a native publisher admits at once, built or waiting for the broker, and the
+# bytes they may hold: round trips to a distant broker overlap up to this window (1,000
+# at 100 ms is 10,000 msg/s); beyond it callers wait, before their message is built.
+PUBLISH_WINDOW_MESSAGES: Final = 1024
+# ... on RabbitMQ: publishes sent and not yet confirmed. aio-pika/aiormq keep several times
+# more objects alive per message than redis-py: with 128 or more at once the garbage
+# collector stalled the loop for 2-3 ms now and then, and ran a full collection (50-60 ms)
+# every few bursts of 1,000; with 32, as rarely as with 8. 32 still overlaps some 250
+# confirms per second at 100 ms (a burst of 1,000 in 4 s, against 10 for kombu's path).
+AMQP_WINDOW_MESSAGES: Final = 32
+PUBLISH_WINDOW_BYTES: Final = 16 * 1024 * 1024
+# Batches the native Redis publisher has on the wire at once, each on a pool connection.
+REDIS_BATCHES: Final = REDIS_CONNECTIONS
+# ... unless Redis is near: its fastest recent batch answered within this many seconds.
+# Then one batch at a time: the answer is back within an iteration of the loop or two,
+# and publishes made meanwhile go in the next batch, a bigger one (fewer writes and reads
+# per message). The fastest round trip is remembered with a drift up of this factor per
+# batch, so a Redis that became slow (or far: a failover) is seen as such.
+REDIS_NEAR: Final = 0.001
+REDIS_RTT_DRIFT: Final = 1.01
 
 # The worker's asyncio pool (_worker/pool/): plain ``def`` tasks run in a thread pool of
 # at most this many threads (and never more than the worker's concurrency); the

@@ -15,7 +15,7 @@ import pytest
 import redis
 
 from celerybridge import Bridge, BridgeSettings, PublishTimeoutError, RemoteTask, remote_task
-from celerybridge._constants import PUBLISH_SLOTS
+from celerybridge._constants import PUBLISH_BUILDERS, PUBLISH_WINDOW_MESSAGES
 from celerybridge._transports._protocol import TaskMessage
 from celerybridge._transports.amqp import AmqpPublisher
 from celerybridge._transports.base import NativePublisher, OutgoingMessage
@@ -67,9 +67,21 @@ class _Gate(NativePublisher[None]):
     def _frame(self, message: OutgoingMessage, wire: TaskMessage) -> None:
         return None
 
+    def _size(self, framed: None) -> int:
+        return 1
+
     async def _send(self, message: OutgoingMessage, framed: None) -> None:
+        self._waiting += 1
         await self.open.wait()
         self.sent.append(message)
+
+    _waiting = 0
+
+    async def waiting(self, count: int) -> None:
+        """Until ``count`` publishes are sending at once (behind the closed gate)."""
+        with anyio.fail_after(10):
+            while self._waiting < count:  # noqa: ASYNC110
+                await anyio.sleep(0.001)
 
     async def aclose(self) -> None:
         self._closed = True
@@ -95,29 +107,33 @@ async def test_a_burst_is_validated_as_it_is_admitted_not_in_one_go(binds: list[
         for _ in range(200):
             group.start_soon(bridge.send, echo, ("x",), {})
         await anyio.lowlevel.checkpoint()  # every sender has taken its first step
-        assert len(binds) == PUBLISH_SLOTS
+        assert len(binds) == PUBLISH_BUILDERS
+        await gate.waiting(200)  # all on the wire at once, not a few at a time
         gate.open.set()
     assert len(binds) == len(gate.sent) == 200
 
 
 async def test_a_publish_that_never_got_room_says_it_was_not_sent(binds: list[str]) -> None:
-    gate = _Gate()  # two bridges on one publisher: one fills its slots, one times out
+    gate = _Gate()  # two bridges on one publisher: one fills its window, one times out
     async with (
         Bridge(publisher=gate) as patient,
         Bridge(publisher=gate, publish_timeout=0.2) as hasty,
         anyio.create_task_group() as group,
     ):
-        for _ in range(PUBLISH_SLOTS):
+        for _ in range(PUBLISH_WINDOW_MESSAGES):
             group.start_soon(patient.send, echo, ("x",), {})
-        await anyio.lowlevel.checkpoint()
+        await gate.waiting(PUBLISH_WINDOW_MESSAGES)
         with pytest.raises(PublishTimeoutError) as caught:
             await hasty.send(echo, ("y",), {})
-        assert len(binds) == PUBLISH_SLOTS  # the hasty call was never validated either
+        # The hasty call was never validated either.
+        assert len(binds) == PUBLISH_WINDOW_MESSAGES
         gate.open.set()
+        # Its place was given back: the window admits again.
+        await hasty.send(echo, ("z",), {})
     assert str(caught.value) == (
         "task 'lag.echo' v1 waited 0.2 s for other publishes to make room and was not sent"
     )
-    assert [m.args for m in gate.sent] == [("x",)] * PUBLISH_SLOTS
+    assert sorted(m.args for m in gate.sent) == [("x",)] * PUBLISH_WINDOW_MESSAGES + [("z",)]
 
 
 async def test_kombu_path_publishes_off_the_loop_thread(

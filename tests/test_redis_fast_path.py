@@ -191,8 +191,7 @@ async def test_publisher_reconnects_after_its_connections_are_dropped(
     try:
         await publisher.publish(message)  # declares the queue: a pipeline from the pool
         await publisher.publish(message)  # alone, on the publisher's own connection
-        pool = publisher._client.connection_pool
-        connections = [*pool._available_connections, *pool._in_use_connections]  # type: ignore[attr-defined]
+        connections = publisher._connections
         assert connections
         with redis.Redis.from_url(REDIS_URL) as broker:
             for connection in [*connections, publisher._lone]:  # only ours: the server is shared

@@ -31,6 +31,7 @@ from yarl import URL
 
 from .._constants import (
     AMQP_HEADER_FRAME_OVERHEAD,
+    AMQP_WINDOW_MESSAGES,
     PUBLISH_RETRIES,
     RECONNECT_INITIAL,
     RECONNECT_MAX,
@@ -240,7 +241,9 @@ class AmqpPublisher(NativePublisher[tuple[bytes, CeleryProperties]]):
 
     One robust connection and one channel in confirm mode per publisher, opened on the
     first publish. ``publish`` returns once RabbitMQ has confirmed the message (``ack``);
-    a ``nack`` is a :class:`DelegationError`. As on kombu's path, ``mandatory`` is off:
+    a ``nack`` is a :class:`DelegationError`. Confirms are pipelined: up to
+    ``AMQP_WINDOW_MESSAGES`` publishes are on the channel unconfirmed at once, each
+    waiting for its own. As on kombu's path, ``mandatory`` is off:
     the queue is declared before the first publish to it, so the message is routable.
 
     Delivery is at least once, as with kombu's publish retry policy: a publish whose
@@ -250,6 +253,8 @@ class AmqpPublisher(NativePublisher[tuple[bytes, CeleryProperties]]):
     With a ``signer`` every message carries its signature headers (``_signing``).
     ``queues`` says how to declare a queue that does not exist yet (``_queues``).
     """
+
+    window_messages = AMQP_WINDOW_MESSAGES
 
     def __init__(
         self,
@@ -281,6 +286,10 @@ class AmqpPublisher(NativePublisher[tuple[bytes, CeleryProperties]]):
     def _frame(self, message: OutgoingMessage, wire: TaskMessage) -> tuple[bytes, CeleryProperties]:
         return wire.body, properties_for(wire)
 
+    def _size(self, framed: tuple[bytes, CeleryProperties]) -> int:
+        body, properties = framed
+        return len(body) + len(properties.encoded_headers)
+
     async def _send(self, message: OutgoingMessage, framed: tuple[bytes, CeleryProperties]) -> None:
         body, properties = framed
         doing = f"publishing {message.task_name!r} to {message.queue!r}"
@@ -298,6 +307,16 @@ class AmqpPublisher(NativePublisher[tuple[bytes, CeleryProperties]]):
                         mandatory=False,
                     )
                     return
+                except asyncio.CancelledError:
+                    task = asyncio.current_task()
+                    if task is None or task.cancelling():  # our caller's (its timeout)
+                        raise
+                    # Not ours: aiormq cancels the confirms it waits for when the
+                    # channel is closed under them (aclose).
+                    raise DelegationError(
+                        f"{doing}: the connection was closed before RabbitMQ confirmed it; "
+                        "it may or may not have been delivered"
+                    ) from None
                 except CONNECTION_LOST as exc:
                     if self._closed or attempt == PUBLISH_RETRIES:
                         raise

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextvars
 from abc import ABC, abstractmethod
 from contextlib import AbstractAsyncContextManager, nullcontext
@@ -16,7 +15,9 @@ from .._constants import (
     POLL_FACTOR,
     POLL_INITIAL,
     POLL_MAX,
-    PUBLISH_SLOTS,
+    PUBLISH_BUILDERS,
+    PUBLISH_WINDOW_BYTES,
+    PUBLISH_WINDOW_MESSAGES,
     READY_STATES,
     SERVICE_HEADER,
 )
@@ -26,6 +27,7 @@ from .._utils import uuid4_str
 from ._errors import UNBUILDABLE, unbuildable
 from ._hooks import after_publish, celery_queue, sentry_headers
 from ._protocol import Origin, TaskMessage, check_body_depth, encoded_body, task_message
+from ._window import Window, current_ticket
 
 F = TypeVar("F")
 
@@ -138,19 +140,29 @@ class NativePublisher(Publisher, Generic[F]):
     A message that cannot be built or framed (a receiver put something there JSON or
     AMQP cannot carry) is a :class:`DelegationError`, and nothing is sent.
 
-    Refuses once closed, and admits at most ``PUBLISH_SLOTS`` publishes at a time; the
-    rest wait before they are validated and encoded, so a thousand delegations started
-    at once do not all do that work in one iteration of the loop.
+    Refuses once closed. Admission (``_window``): at most ``PUBLISH_BUILDERS`` publishes
+    are validated and encoded per iteration of the loop, so a thousand delegations
+    started at once do not all do that work in one iteration; once built, a publish
+    waits for the broker with up to :attr:`window_messages` others (``PUBLISH_WINDOW_BYTES``
+    in all), so round trips to a distant broker overlap; and at most ``PUBLISH_BUILDERS``
+    callers resume per iteration once the broker accepted their message.
     """
+
+    window_messages = PUBLISH_WINDOW_MESSAGES
+    """Publishes admitted at once (built, or waiting for the broker)."""
+    _paces_itself = False
+    """Whether ``_send`` returns at a paced turn already (``Window.settle``)."""
 
     def __init__(self, *, signer: Signer | None = None, reply_to: str | None = None) -> None:
         self._closed = False
-        self._slots = asyncio.Semaphore(PUBLISH_SLOTS)
+        self._window = Window(
+            turns=PUBLISH_BUILDERS, messages=self.window_messages, size=PUBLISH_WINDOW_BYTES
+        )
         self._signer = signer
         self._origin = Origin(reply_to)  # reply_to: the bridge's rpc:// reply queue, if any
 
     def admit(self) -> AbstractAsyncContextManager[object]:
-        return self._slots
+        return self._window.ticket()
 
     async def publish(self, message: OutgoingMessage) -> None:
         if self._closed:
@@ -160,7 +172,12 @@ class NativePublisher(Publisher, Generic[F]):
             wire, framed = context.run(self._build, message)
         except UNBUILDABLE as exc:
             raise unbuildable(message.task_name, exc) from exc
+        ticket = current_ticket()
+        if ticket is not None:
+            ticket.built(self._size(framed))
         await self._send(message, framed)
+        if ticket is not None and not self._paces_itself:
+            await self._window.finish()
         context.run(after_publish, message.queue, message.task_name, wire.payload, wire.headers)
 
     def _build(self, message: OutgoingMessage) -> tuple[TaskMessage, F]:
@@ -179,6 +196,10 @@ class NativePublisher(Publisher, Generic[F]):
     def _frame(self, message: OutgoingMessage, wire: TaskMessage) -> F:
         """``wire`` as this broker is sent it; raises what ``UNBUILDABLE`` lists if it
         cannot carry it."""
+
+    @abstractmethod
+    def _size(self, framed: F) -> int:
+        """The bytes ``framed`` puts on the wire, about (for the window)."""
 
     @abstractmethod
     async def _send(self, message: OutgoingMessage, framed: F) -> None:
