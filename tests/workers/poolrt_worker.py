@@ -44,6 +44,13 @@ async def nap(seconds: float) -> str:
     return _task_id()
 
 
+@bindings.marked_nap.implement(app)
+async def marked_nap(seconds: float) -> str:
+    _mark(f"started-{_task_id()}", str(os.getpid()))
+    await asyncio.sleep(seconds)
+    return _task_id()
+
+
 @bindings.exits.implement(app)
 async def exits(code: int) -> str:
     """A body that calls ``sys.exit`` (a CLI helper reused in a task, say)."""
