@@ -95,13 +95,6 @@ def sync_sleep(seconds: float) -> str:
     return _task_id()
 
 
-@bindings.forever.implement(app)
-async def forever() -> str:
-    _mark(f"started-{_task_id()}", str(os.getpid()))
-    await asyncio.Event().wait()
-    return "never"
-
-
 @bindings.block_limited.implement(app, time_limit=1)
 async def block_limited(seconds: float) -> str:
     """A runaway body: a blocking call (a sync client with no timeout) under a hard limit."""
