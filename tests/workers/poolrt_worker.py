@@ -113,24 +113,6 @@ async def spin_limited(seconds: float) -> str:
     return "not limited"
 
 
-@bindings.memory.implement(app)
-async def memory() -> dict[str, int]:
-    """What the worker process holds: RSS, objects the GC tracks, live greenlets."""
-    import gc
-
-    import greenlet
-    import psutil
-
-    gc.collect()
-    objects = gc.get_objects()
-    return {
-        "rss": psutil.Process().memory_info().rss,
-        "objects": len(objects),
-        "greenlets": sum(1 for o in objects if isinstance(o, greenlet.greenlet)),
-        "tasks": len(asyncio.all_tasks()),
-    }
-
-
 if os.environ.get("CB_RT_PLAIN_ASYNC"):
 
     @app.task(name="poolrt.plain_async")  # type: ignore[misc]
