@@ -95,11 +95,15 @@ class AsyncioPool(BasePool):
     ``async def`` implementations run on the worker's event loop, plain ``def`` ones in
     a thread pool of at most ``celerybridge_pool_threads`` threads (default 8).
 
+    Plain Celery ``@app.task async def`` tasks run on the loop as well.
+
     Supported: acks_late and reject_on_worker_lost, retries, result storing, task
     events, ``self.request``/``current_task`` across awaits, soft and hard time limits
-    on coroutine tasks, ``revoke(terminate=True)`` of coroutine tasks, warm shutdown.
+    on coroutine tasks (the hard one even when the body blocks the loop: the process
+    exits if the loop stays blocked), ``revoke(terminate=True)`` of coroutine tasks,
+    ``revoke`` of tasks waiting in the pool, warm shutdown.
     Refused at start: ``--max-tasks-per-child``, ``--max-memory-per-child``,
-    ``--autoscale``. Sync tasks have no time limits and cannot be terminated (threads).
+    ``--autoscale``. Sync tasks have no time limits and cannot be interrupted (threads).
     """
 
     signal_safe = False
