@@ -23,6 +23,7 @@ cannot be interrupted.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -78,9 +79,6 @@ class HardLimits:
             target=self._watch, name="celerybridge-hard-limits", daemon=True
         )
 
-    def start(self) -> None:
-        self._thread.start()
-
     def stop(self) -> None:
         with self._wake:
             self._stopped = True
@@ -93,6 +91,8 @@ class HardLimits:
         if not job.timeout:
             return
         with self._wake:
+            if not self._thread.is_alive() and not self._stopped:
+                self._thread.start()  # with the first hard limit: no thread without one
             self._deadlines[job] = time.monotonic() + job.timeout
             self._wake.notify()
 
@@ -123,7 +123,8 @@ class HardLimits:
         job.killed = True  # the tracer reports nothing from now on
         self._post(job.timeout_callback, False, job.timeout)
         self._expired[job] = now + self._grace
-        self._loop.call_soon_threadsafe(self._end, job)
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the worker is stopping
+            self._loop.call_soon_threadsafe(self._end, job)
 
     def _end(self, job: Job) -> None:
         """On the loop, back after the limit: cancel the coroutine, free the slot."""

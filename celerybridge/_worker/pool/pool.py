@@ -164,7 +164,6 @@ class AsyncioPool(BasePool):
         worker_loop.on_lost = self._loop_lost
         asyncio.run_coroutine_threadsafe(self._setup(), loop).result()
         self._hard = limits.HardLimits(loop, self._callbacks.post, self._finish)
-        self._hard.start()
         lag = conf.get(LAG_SETTING)
         threshold = LOOP_LAG_WARNING if lag is None else float(lag)
         if threshold > 0:
