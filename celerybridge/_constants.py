@@ -281,3 +281,14 @@ LOOP_LAG_CHECKS_PER_THRESHOLD: Final = 4
 # many (per worker process) while the task's greenlet waits, so the event loop runs the
 # other tasks meanwhile (_worker/final_state.py).
 RESULT_STORE_THREADS: Final = 4
+
+# A coroutine task past its hard time limit is failed at once from a timer thread; if
+# the worker's event loop is still blocked this many seconds later (a blocking call or
+# a CPU-bound loop in the body), the loop cannot be won back: the worker process exits
+# with POOL_FATAL_EXIT_CODE, as prefork kills a child, so a supervisor restarts it.
+POOL_HARD_LIMIT_GRACE: Final = 3.0
+# The exit status of a worker process whose event loop was lost (EX_SOFTWARE).
+POOL_FATAL_EXIT_CODE: Final = 70
+# Seconds the consumer's thread gets to run the callbacks queued before a fatal exit
+# (the failure of the task that caused it, acknowledgements) before the process ends anyway.
+POOL_FATAL_EXIT_DELAY: Final = 5.0

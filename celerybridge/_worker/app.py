@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from celery import Celery, current_task, shared_task
 from celery.app.amqp import Queues
+from celery.exceptions import Ignore
 from kombu import Queue
 
 from .._config import BridgeSettings, client_transport_options, kombu_url, load_settings
@@ -20,6 +21,7 @@ from .dead_letter import DeadLetterTask
 from .final_state import FinalStateLoader
 from .intake import CONSUMER, MAX_BYTES_OPTION, intake_transport
 from .loop import worker_loop
+from .pool.context import terminated_in_thread
 from .redis_transport import MAX_DELIVERIES_OPTION
 from .wakeup import SignalWakeup
 
@@ -214,6 +216,10 @@ def register_implementation(
                 value = fn(*call_args, **call_kwargs)
             finally:
                 _caller_service.reset(token)
+            if terminated_in_thread():
+                # revoke(terminate=True) on celerybridge.AsyncioPool cannot stop a
+                # thread: Celery recorded it revoked, so its result is not stored.
+                raise Ignore()
         return binder.dump_result(value)
 
     run.__name__ = fn.__name__

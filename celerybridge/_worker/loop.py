@@ -18,7 +18,7 @@ from typing import Any, Generic, TypeVar
 
 from celery import signals
 
-from .pool.greenlets import running_job
+from .pool.greenlets import guard, running_job, unwrap
 
 T = TypeVar("T")
 logger = logging.getLogger("celerybridge.worker")
@@ -38,6 +38,8 @@ class WorkerLoop:
         self.resources = AsyncExitStack()
         self.values: dict[WorkerResource[Any], Any] = {}
         self.creating = asyncio.Lock()  # serialises first uses of resources
+        self.on_lost: Callable[[], None] | None = None
+        """Called (on the dying loop thread) if the loop stops without :meth:`shutdown`."""
 
     def start(self) -> asyncio.AbstractEventLoop:
         """The running loop of this process, started now if it was not yet."""
@@ -53,10 +55,25 @@ class WorkerLoop:
                 self.values = {}
                 self.creating = asyncio.Lock()
                 self._thread = threading.Thread(
-                    target=self._loop.run_forever, name="celerybridge-loop", daemon=True
+                    target=self._run, args=(self._loop,), name="celerybridge-loop", daemon=True
                 )
                 self._thread.start()
             return self._loop
+
+    def _run(self, loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            loop.run_forever()
+        except BaseException:
+            logger.critical("the worker's event loop thread failed", exc_info=True)
+        if self._loop is not loop:
+            return  # shutdown() stopped it
+        # An exception out of a loop callback, or loop.stop() in a task: every coroutine
+        # of this process is frozen from now on.
+        logger.critical(
+            "the worker's event loop has stopped: no coroutine of this process runs any more"
+        )
+        if self.on_lost is not None:
+            self.on_lost()
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop | None:
@@ -78,9 +95,9 @@ class WorkerLoop:
         job = running_job()
         if job is not None:
             return job.await_(coro)
-        future = asyncio.run_coroutine_threadsafe(coro, self._ensure())
+        future = asyncio.run_coroutine_threadsafe(guard(coro), self._ensure())
         try:
-            return future.result()
+            return unwrap(future)
         except BaseException:
             # A soft time limit or shutdown interrupted us: do not leave the coroutine running.
             future.cancel()
@@ -92,6 +109,9 @@ class WorkerLoop:
             loop, thread = self.loop, self._thread
             self._loop = self._thread = None
         if loop is None or thread is None:
+            return
+        if not thread.is_alive():  # it died (on_lost): nothing can run on it
+            loop.close()
             return
         try:
             asyncio.run_coroutine_threadsafe(self.resources.aclose(), loop).result(timeout)

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from celery import current_task
 
@@ -137,3 +139,34 @@ async def retry_once(marker: str) -> dict[str, object]:
 async def block(seconds: float) -> str:
     time.sleep(seconds)  # noqa: ASYNC251 (the mistake the watchdog reports)
     return _task_id()
+
+
+@pool_bindings.block_hard.implement(app, time_limit=1)
+async def block_hard(seconds: float) -> str:
+    """Blocks the loop past its hard time limit, then returns."""
+    _mark(f"started-{_task_id()}", str(os.getpid()))
+    time.sleep(seconds)  # noqa: ASYNC251 (the runaway the hard limit is for)
+    await asyncio.sleep(0)
+    _mark(f"after-{_task_id()}", "the coroutine went on")
+    return "not limited"
+
+
+@pool_bindings.stop_loop.implement(app)
+async def stop_loop() -> str:
+    """Ends the loop thread from a loop callback (not the body): nothing can save it."""
+    asyncio.get_running_loop().call_soon(sys.exit, 4)
+    await asyncio.sleep(1)
+    return "the loop went on"
+
+
+# A plain Celery coroutine task (not a contract), bound, and one calling it directly.
+@app.task(name="pool.plain_double", bind=True)
+async def plain_double(self: Any, x: int) -> dict[str, object]:
+    await asyncio.sleep(0.01)
+    return {"double": x * 2, "id": self.request.id}
+
+
+@app.task(name="pool.plain_calls")
+async def plain_calls(x: int) -> int:
+    inner = await plain_double(x)
+    return int(inner["double"]) + 1

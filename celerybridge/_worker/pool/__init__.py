@@ -6,6 +6,8 @@
 - :mod:`.context`: Celery's request context keyed by job, right across awaits;
 - :mod:`.callbacks`: Celery's callbacks run on the consumer's thread;
 - :mod:`.limits`: soft and hard time limits of coroutine jobs;
+- :mod:`.fatal`: the process exits when its event loop is lost;
+- :mod:`.plain_async`: plain Celery ``async def`` tasks run on the loop;
 - :mod:`.watchdog`: a blocking call inside a coroutine task is reported.
 
 Nothing is imported here: :mod:`celerybridge._worker.loop` uses :mod:`.greenlets`, and

@@ -32,6 +32,16 @@ if TYPE_CHECKING:
 current_job: ContextVar[Job | None] = ContextVar("celerybridge_pool_job", default=None)
 """The pool job whose tracer or coroutine is running in this context, if any."""
 
+sync_job: ContextVar[Job | None] = ContextVar("celerybridge_pool_sync_job", default=None)
+"""The sync pool job running in this thread of the pool's thread pool, if any."""
+
+
+def terminated_in_thread() -> bool:
+    """Whether this thread runs a sync job that ``revoke(terminate=True)`` has ended:
+    Celery has recorded it revoked, so its result must not be stored over that."""
+    job = sync_job.get()
+    return job is not None and job.killed
+
 
 def ident() -> object:
     """The key of Celery's task-local stacks: the current job, else the greenlet."""

@@ -14,7 +14,9 @@ runs as it would in a thread of its own (the way SQLAlchemy's ``greenlet_spawn``
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextvars
+import threading
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -61,6 +63,18 @@ class Job:
         self.killed = False  # hard time limit, terminate, cold shutdown: no result callback
         self.timers: list[asyncio.TimerHandle] = []
         self.handle: object = None  # the pool's ApplyResult for this job
+        self.seq = 0  # arrival order in the pool
+        self._outcome = threading.Lock()
+
+    @property
+    def request(self) -> Any:
+        """Celery's ``Request`` for this job (whose ``on_success`` is the callback), if any."""
+        return getattr(self.callback, "__self__", None)
+
+    def claim(self) -> bool:
+        """True for the first caller only: the one that reports the job's outcome to
+        Celery (the tracer's result, a hard time limit, a kill). Any thread."""
+        return self._outcome.acquire(blocking=False)
 
     def __repr__(self) -> str:
         return f"{self.name}[{self.task_id}]"
@@ -94,7 +108,7 @@ class Job:
         me = self.greenlet
         assert me is not None
         assert me.parent is not None
-        task = loop.create_task(coro, context=contextvars.copy_context())
+        task = loop.create_task(guard(coro), context=contextvars.copy_context())
         self.task = task
 
         def resume(done: asyncio.Task[Any]) -> None:
@@ -116,8 +130,16 @@ class Job:
         if task.cancelled():
             if self.soft_expired:
                 raise SoftTimeLimitExceeded(f"soft time limit ({self.soft_timeout}s) exceeded")
-            raise asyncio.CancelledError()
-        return task.result()
+            # The body ended in a CancelledError of its own (it awaited a Task that
+            # something else cancelled): the pool's own cancellations (hard limit,
+            # terminate, cold shutdown) never get here. It fails as an exception, as on
+            # Celery's other pools (concurrent.futures.CancelledError is an Exception);
+            # asyncio's is a BaseException, which Celery's tracer would let through.
+            try:
+                task.result()
+            except asyncio.CancelledError as exc:
+                raise concurrent.futures.CancelledError(*exc.args) from exc
+        return unwrap(task)
 
     def kill(self) -> None:
         """End the job without a result (on the loop thread, from outside its greenlet).
@@ -126,6 +148,7 @@ class Job:
         the body's cleanup still sees its request; a body that will not stop gets
         :data:`KILL_GRACE` seconds, then the tracer is unwound under it.
         """
+        self.claim()  # whoever kills it has reported its outcome (or Celery has)
         self.killed = True
         task = self.task
         if task is not None and not task.done():
@@ -145,6 +168,35 @@ class Job:
 
 KILL_GRACE = 1.0
 """Seconds a cancelled coroutine has to stop before its tracer is unwound under it."""
+
+
+class BodyExit(Exception):
+    """Carries a body's ``SystemExit`` or ``KeyboardInterrupt`` out of its asyncio Task.
+
+    asyncio re-raises those two out of ``run_forever``, which would end the loop thread
+    and every task on it; :func:`unwrap` raises the original again where the coroutine
+    was awaited (a job's greenlet, or a thread of another pool).
+    """
+
+    def __init__(self, exc: BaseException) -> None:
+        super().__init__(repr(exc))
+        self.exc = exc
+
+
+async def guard(coro: Coroutine[Any, Any, T]) -> T:
+    """``await coro``, a ``SystemExit`` or ``KeyboardInterrupt`` wrapped in :class:`BodyExit`."""
+    try:
+        return await coro
+    except (SystemExit, KeyboardInterrupt) as exc:
+        raise BodyExit(exc) from None
+
+
+def unwrap(future: asyncio.Future[T] | concurrent.futures.Future[T]) -> T:
+    """``future.result()``, raising a :class:`BodyExit`'s original exception again."""
+    try:
+        return future.result()
+    except BodyExit as wrapped:
+        raise wrapped.exc from None
 
 
 def running_job() -> Job | None:

@@ -26,6 +26,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from typing import Any
 
 from billiard.einfo import ExceptionInfo
@@ -41,8 +42,10 @@ from ..._registry import registry
 from ..loop import worker_loop
 from . import limits
 from .callbacks import Callbacks
-from .context import bind_current_task, bind_task, current_job
+from .context import bind_current_task, bind_task, current_job, sync_job
+from .fatal import stop_process
 from .greenlets import Job
+from .plain_async import adopt_async_tasks
 from .watchdog import Watchdog
 
 logger = logging.getLogger("celerybridge.worker.pool")
@@ -92,11 +95,15 @@ class AsyncioPool(BasePool):
     ``async def`` implementations run on the worker's event loop, plain ``def`` ones in
     a thread pool of at most ``celerybridge_pool_threads`` threads (default 8).
 
+    Plain Celery ``@app.task async def`` tasks run on the loop as well.
+
     Supported: acks_late and reject_on_worker_lost, retries, result storing, task
     events, ``self.request``/``current_task`` across awaits, soft and hard time limits
-    on coroutine tasks, ``revoke(terminate=True)`` of coroutine tasks, warm shutdown.
+    on coroutine tasks (the hard one even when the body blocks the loop: the process
+    exits if the loop stays blocked), ``revoke(terminate=True)`` of coroutine tasks,
+    ``revoke`` of tasks waiting in the pool, warm shutdown.
     Refused at start: ``--max-tasks-per-child``, ``--max-memory-per-child``,
-    ``--autoscale``. Sync tasks have no time limits and cannot be terminated (threads).
+    ``--autoscale``. Sync tasks have no time limits and cannot be interrupted (threads).
     """
 
     signal_safe = False
@@ -113,18 +120,24 @@ class AsyncioPool(BasePool):
             if self.options.get(option)
         ]
         self._callbacks = Callbacks()
-        self._pending: deque[Job] = deque()
-        self._running: set[Job] = set()
+        self._pending: deque[Job] = deque()  # coroutine jobs waiting for a slot
+        self._pending_sync: deque[Job] = deque()  # sync jobs waiting for a slot and a thread
+        self._running: set[Job] = set()  # coroutine jobs, and sync jobs holding a thread
+        self._sync_running = 0
+        self._threads = 0
+        self._arrived = 0
         self._active = 0  # pending and running, counted on the loop thread
         self._closing = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_greenlet: greenlet | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._watchdog: Watchdog | None = None
+        self._hard: limits.HardLimits | None = None
         self._owners: weakref.WeakKeyDictionary[asyncio.Task[Any], Job] = (
             weakref.WeakKeyDictionary()
         )
         self._async_names: dict[str, bool] = {}
+        self._plain_async: frozenset[str] = frozenset()
 
     # -- start and stop (the worker's main thread) --------------------------------------
 
@@ -142,11 +155,15 @@ class AsyncioPool(BasePool):
                 f"celerybridge.AsyncioPool needs a concurrency of at least 1, got {self.limit!r}"
             )
         bind_current_task()
+        if self.app is not None:
+            self._plain_async = adopt_async_tasks(self.app)
         conf = self.app.conf if self.app is not None else {}
-        threads = min(self.limit, int(conf.get(THREADS_SETTING) or POOL_SYNC_THREADS))
-        self._executor = ThreadPoolExecutor(threads, thread_name_prefix="celerybridge-sync")
+        self._threads = min(self.limit, int(conf.get(THREADS_SETTING) or POOL_SYNC_THREADS))
+        self._executor = ThreadPoolExecutor(self._threads, thread_name_prefix="celerybridge-sync")
         self._loop = loop = worker_loop.start()
+        worker_loop.on_lost = self._loop_lost
         asyncio.run_coroutine_threadsafe(self._setup(), loop).result()
+        self._hard = limits.HardLimits(loop, self._callbacks.post, self._finish)
         lag = conf.get(LAG_SETTING)
         threshold = LOOP_LAG_WARNING if lag is None else float(lag)
         if threshold > 0:
@@ -197,7 +214,17 @@ class AsyncioPool(BasePool):
         if self._loop is not None and self._loop.is_running():
             self._call(self._close).result(timeout=5)
 
+    def _loop_lost(self) -> None:
+        stop_process(
+            self._callbacks.post,
+            "the worker's event loop has stopped with %d task(s) in flight, which can never end",
+            self._active,
+        )
+
     def _teardown(self, wait: bool) -> None:
+        if self._hard is not None:
+            self._hard.stop()
+            self._hard = None
         if self._watchdog is not None:
             self._watchdog.stop()
             self._watchdog = None
@@ -238,7 +265,9 @@ class AsyncioPool(BasePool):
         name = args[0]
         if name not in self._async_names:
             fn = registry.implementations.get(name)
-            self._async_names[name] = fn is not None and inspect.iscoroutinefunction(fn)
+            self._async_names[name] = name in self._plain_async or (
+                fn is not None and inspect.iscoroutinefunction(fn)
+            )
         return self._async_names[name]
 
     def terminate_job(self, pid: int, signal: Any = None) -> None:
@@ -256,44 +285,84 @@ class AsyncioPool(BasePool):
         if self._closing:
             return  # never accepted, never acknowledged: the broker redelivers it
         self._active += 1
-        self._pending.append(job)
+        self._arrived += 1
+        job.seq = self._arrived
+        (self._pending if job.is_async else self._pending_sync).append(job)
         self._pump()
 
     def _pump(self) -> None:
+        """Start waiting jobs in arrival order while there are slots; a sync job takes
+        a slot only with a thread, so sync jobs waiting for one never hold back a
+        coroutine job behind them."""
         assert self.limit is not None
-        while self._pending and len(self._running) < self.limit and not self._closing:
-            job = self._pending.popleft()
+        while len(self._running) < self.limit and not self._closing:
+            job = self._pending[0] if self._pending else None
+            if self._pending_sync and self._sync_running < self._threads:
+                first_sync = self._pending_sync[0]
+                if job is None or first_sync.seq < job.seq:
+                    job = first_sync
+            if job is None:
+                return
+            (self._pending if job.is_async else self._pending_sync).popleft()
             self._running.add(job)
+            if not job.is_async:
+                self._sync_running += 1
             self._start(job)
 
     def _start(self, job: Job) -> None:
         if job.killed:  # terminated while it waited: Celery revokes it once accepted
             self._callbacks.post(job.accept_callback, os.getpid(), time.monotonic())
             self._finish(job)
+        elif self._revoked(job):
+            self._callbacks.post(job.request.revoked)  # REVOKED stored, acknowledged
+            self._finish(job)
         elif job.is_async:
             assert self._loop is not None
             assert self._loop_greenlet is not None
             bind_task(self.app, job.name)
-            limits.arm(job, self._loop, self._callbacks.post, self._finish)
+            limits.arm(job, self._loop, self._callbacks.post)
+            if self._hard is not None:
+                self._hard.add(job)
             job.start(self._run_in_greenlet, self._loop_greenlet)
         else:
             assert self._executor is not None
+            job.started = True
             self._executor.submit(self._run_in_thread, job)
+
+    @staticmethod
+    def _revoked(job: Job) -> bool:
+        """Revoked (or expired) while it waited in the pool, as Celery's ``Request.revoked``
+        sees it (read here; the request itself records it on the consumer's thread)."""
+        request = job.request
+        if request is None or not callable(getattr(request, "revoked", None)):
+            return False
+        if job.task_id in worker_state.revoked:
+            return True
+        expires = getattr(request, "expires", None)
+        if isinstance(expires, datetime):
+            return datetime.now(expires.tzinfo) > expires
+        return False
 
     def _finish(self, job: Job) -> None:
         if job.finished:
             return
         job.finished = True
         limits.disarm(job)
-        self._running.discard(job)
+        if self._hard is not None:
+            self._hard.remove(job)
+        if job in self._running:
+            self._running.discard(job)
+            if not job.is_async:
+                self._sync_running -= 1
         self._active -= 1
         assert self._loop is not None
         self._loop.call_soon(self._pump)  # not from inside the finishing greenlet
 
     def _close(self) -> None:
         self._closing = True
-        self._active -= len(self._pending)
+        self._active -= len(self._pending) + len(self._pending_sync)
         self._pending.clear()
+        self._pending_sync.clear()
 
     def _kill_all(self) -> None:
         self._close()
@@ -316,7 +385,7 @@ class AsyncioPool(BasePool):
             job.killed = True
             logger.warning(
                 "task %r runs in a thread and cannot be interrupted: it runs to its end, "
-                "and Celery has already recorded it as revoked",
+                "its result is dropped, and Celery has already recorded it as revoked",
                 job,
             )
 
@@ -330,9 +399,11 @@ class AsyncioPool(BasePool):
             self._finish(job)
 
     def _run_in_thread(self, job: Job) -> None:
+        token = sync_job.set(job)
         try:
             self._trace(job)
         finally:
+            sync_job.reset(token)
             assert self._loop is not None
             self._loop.call_soon_threadsafe(self._finish, job)
 
@@ -345,15 +416,24 @@ class AsyncioPool(BasePool):
         except GreenletExit:
             return  # killed: Celery has recorded the outcome already
         except BaseException as exc:
-            if job.killed:
+            if job.killed or not job.claim():
                 return
-            logger.exception("task %r: Celery's tracer failed", job)
+            if isinstance(exc, (SystemExit, KeyboardInterrupt)):
+                # The body raised it (Celery's tracer lets these through): the task
+                # fails as on Celery's threads pool, and the worker goes on.
+                logger.error(
+                    "task %r raised %r: it fails with WorkerLostError, the worker goes on",
+                    job,
+                    exc,
+                )
+            else:
+                logger.exception("task %r: Celery's tracer failed", job)
             try:
                 raise WorkerLostError(repr(exc)).with_traceback(sys.exc_info()[2]) from exc
             except WorkerLostError:
                 post(job.callback, (1, ExceptionInfo(), 0.0))
         else:
-            if not job.killed:
+            if not job.killed and job.claim():
                 post(job.callback, ret)
 
     def _culprit(self) -> Job | str | None:
@@ -372,6 +452,6 @@ class AsyncioPool(BasePool):
             "implementation": f"{type(self).__module__}:{type(self).__name__}",
             "max-concurrency": self.limit,
             "running": len(self._running),
-            "pending": len(self._pending),
+            "pending": len(self._pending) + len(self._pending_sync),
             "threads": len(getattr(self._executor, "_threads", ())),
         }
