@@ -89,6 +89,10 @@ class ReliableChannel:
     celerybridge_max_deliveries: int = DEFAULT_MAX_DELIVERIES
     celerybridge_refresh_interval: float | None = None
     celerybridge_lost = False
+    # kombu sweeps for abandoned messages on every 10th call of its 10-second timer: a
+    # killed worker's tasks came back up to 100 s after their visibility timeout. Every
+    # call instead (the transport option ``unacked_restore_throttle`` still overrides it).
+    unacked_restore_throttle = 1
 
     _cb_sent: str | None = None
     _cb_more = False
