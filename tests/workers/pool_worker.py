@@ -12,7 +12,6 @@ import os
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 from celery import current_task
@@ -20,6 +19,8 @@ from celery import current_task
 from celerybridge import celery_app
 
 from . import pool_bindings
+from ._marks import mark as _mark
+from ._marks import task_id as _task_id
 
 # --8<-- [start:app]
 app = celery_app(
@@ -32,17 +33,6 @@ app = celery_app(
     worker_max_tasks_per_child=int(os.environ.get("CB_POOL_MAX_TASKS_PER_CHILD", "0")) or None,
 )
 # --8<-- [end:app]
-
-
-def _task_id() -> str:
-    return str(current_task.request.id)
-
-
-def _mark(name: str, text: str) -> None:
-    markers = os.environ.get("CB_POOL_MARKERS")
-    if markers:
-        with (Path(markers) / name).open("a") as out:
-            out.write(text + "\n")
 
 
 @pool_bindings.nap.implement(app)

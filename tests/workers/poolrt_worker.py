@@ -11,13 +11,12 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from pathlib import Path
-
-from celery import current_task
 
 from celerybridge import celery_app
 
 from . import poolrt_bindings as bindings
+from ._marks import mark as _mark
+from ._marks import task_id as _task_id
 
 app = celery_app(
     "poolrt_worker",
@@ -25,17 +24,6 @@ app = celery_app(
     worker_concurrency=int(os.environ.get("CB_POOL_CONCURRENCY", "100")),
     broker_transport_options={"visibility_timeout": 5},
 )
-
-
-def _task_id() -> str:
-    return str(current_task.request.id)
-
-
-def _mark(name: str, text: str) -> None:
-    markers = os.environ.get("CB_POOL_MARKERS")
-    if markers:
-        with (Path(markers) / name).open("a") as out:
-            out.write(text + "\n")
 
 
 @bindings.nap.implement(app)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
+
+from celerybridge import Bridge
 
 from ..._brokers import BROKERS, RESULT_BACKEND
 from ..._workers import Worker, stop_all
@@ -54,3 +56,12 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.05)
+
+
+@pytest.fixture
+async def bridge(broker: str) -> AsyncIterator[Bridge]:
+    """A bridge on the test's broker, the results on the test result backend."""
+    async with Bridge(
+        broker_url=BROKERS[broker], result_backend=RESULT_BACKEND, result_timeout=60
+    ) as bridge:
+        yield bridge

@@ -35,14 +35,6 @@ NAP_DEADLINE = 15.0
 MAX_THREADS = 30
 
 
-@pytest.fixture
-async def bridge(broker: str) -> Bridge:
-    async with Bridge(
-        broker_url=BROKERS[broker], result_backend=RESULT_BACKEND, result_timeout=60
-    ) as bridge:
-        yield bridge  # type: ignore[misc]
-
-
 def threads_of(worker: Worker) -> int:
     assert worker.process is not None
     return len(os.listdir(f"/proc/{worker.process.pid}/task"))

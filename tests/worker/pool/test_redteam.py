@@ -50,14 +50,6 @@ def start_worker(tmp_path: Path) -> Iterator[Callable[..., Worker]]:
     stop_all(started)
 
 
-@pytest.fixture
-async def bridge(broker: str) -> Bridge:
-    async with Bridge(
-        broker_url=BROKERS[broker], result_backend=RESULT_BACKEND, result_timeout=60
-    ) as bridge:
-        yield bridge  # type: ignore[misc]
-
-
 def control_app(broker: str) -> Celery:
     return Celery("poolrt-control", broker=BROKERS[broker], backend=RESULT_BACKEND,
                   set_as_current=False)  # fmt: skip
