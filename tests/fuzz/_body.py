@@ -113,11 +113,9 @@ def _embed_value(slot: str, label: str, value: Any) -> Mutation:
         embed_of(draft)[slot] = value
 
     # Each slot is null or well-formed signatures (a list of them; one for the chord): a
-    # signature naming only its task is well-formed, whatever it does when applied.
-    well_formed = slot != "chord" and value == [{"task": TASK}]
-    return Mutation(
-        "embed-values", f"{slot} = {label}", "either" if well_formed else "refuse", apply
-    )
+    # signature naming only its task is not one (Celery cannot apply it without its args,
+    # kwargs and options: its tracer failed, and the message ran again).
+    return Mutation("embed-values", f"{slot} = {label}", "refuse", apply)
 
 
 EMBED_GARBAGE = [

@@ -101,9 +101,17 @@ def _limits(value: Any) -> bool:
 
 
 def _signature(step: Any) -> bool:
-    return isinstance(step, dict) and _identifier(step.get("task")) and set(step) <= {
-        "task", "args", "kwargs", "options", "subtask_type", "immutable", "chord_size",
-    }  # fmt: skip
+    # Celery cannot apply a signature without its args, kwargs and options.
+    return (
+        isinstance(step, dict)
+        and _identifier(step.get("task"))
+        and isinstance(step.get("args"), list)
+        and isinstance(step.get("kwargs"), dict)
+        and isinstance(step.get("options"), dict)
+        and set(step) <= {
+            "task", "args", "kwargs", "options", "subtask_type", "immutable", "chord_size",
+        }
+    )  # fmt: skip
 
 
 def malformation(wire: Wire) -> str | None:

@@ -13,7 +13,8 @@ what its worker reads (``celery/worker/request.py``, ``celery/app/trace.py``):
 - a body of at most the configured bytes, UTF-8, JSON (as kombu's decoder reads it)
   nested at most :data:`MAX_DEPTH` deep, exactly ``[args, kwargs, embed]``: a list, an
   object, and an object with only ``callbacks``, ``errbacks``, ``chain`` and ``chord``,
-  each null or well-formed signatures (``chord`` one, the others lists);
+  each null or well-formed signatures (``chord`` one, the others lists; each with its
+  ``task``, ``args``, ``kwargs`` and ``options``, which Celery needs to apply it);
 - headers nested at most :data:`MAX_DEPTH` deep, the protocol 2 ones with their types
   (:data:`_HEADER_TYPES`), identifiers printable; no header named after an attribute of
   Celery's request context (:data:`RESERVED_HEADERS`: a ``callbacks`` header would reach
@@ -321,7 +322,9 @@ def signature_refusal(step: Any) -> str | None:
         ("kwargs", dict, "an object"),
         ("options", dict, "an object"),
     ):
-        if key in step and not isinstance(step[key], kind):
+        # Celery serialises all three, and cannot apply a signature without them: its
+        # tracer fails (``Signature._merge``), then its failure handling (``_fail_chain``).
+        if not isinstance(step.get(key), kind):
             return f"signature {key!r} must be {expected}"
     if not _optional_identifier(step.get("subtask_type")):
         return "signature 'subtask_type' must be a string"

@@ -418,16 +418,19 @@ class AsyncioPool(BasePool):
         except BaseException as exc:
             if job.killed or not job.claim():
                 return
-            if isinstance(exc, (SystemExit, KeyboardInterrupt)):
-                # The body raised it (Celery's tracer lets these through): the task
-                # fails as on Celery's threads pool, and the worker goes on.
-                logger.error(
-                    "task %r raised %r: it fails with WorkerLostError, the worker goes on",
-                    job,
-                    exc,
-                )
-            else:
+            if not isinstance(exc, (SystemExit, KeyboardInterrupt)):
+                # Celery's tracer failed (its own error handling raised): the task fails
+                # with that error, as on the prefork pool. A WorkerLostError would hand a
+                # message that fails this way every time back to the broker (acks_late with
+                # reject_on_worker_lost), to run again, for ever on RabbitMQ.
                 logger.exception("task %r: Celery's tracer failed", job)
+                post(job.callback, (1, ExceptionInfo(), 0.0))
+                return
+            # The body raised it (Celery's tracer lets these through): the task fails as on
+            # Celery's threads pool, and the worker goes on.
+            logger.error(
+                "task %r raised %r: it fails with WorkerLostError, the worker goes on", job, exc
+            )
             try:
                 raise WorkerLostError(repr(exc)).with_traceback(sys.exc_info()[2]) from exc
             except WorkerLostError:

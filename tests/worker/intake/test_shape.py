@@ -172,8 +172,11 @@ def test_the_size_is_checked_before_parsing() -> None:
         ({"task": "t", "evil": 1}, "unknown signature keys 'evil'"),
         ({"args": []}, "a signature needs a 'task' name"),
         ({"task": "t", "args": "x"}, "signature 'args' must be an array"),
-        ({"task": "t", "kwargs": []}, "signature 'kwargs' must be an object"),
-        ({"task": "t", "immutable": "yes"}, "signature 'immutable' must be a boolean"),
+        ({"task": "t", "args": [], "kwargs": []}, "signature 'kwargs' must be an object"),
+        ({"task": "t", "args": [], "kwargs": {}, "options": {}, "immutable": "yes"},
+         "signature 'immutable' must be a boolean"),
+        ({"task": "t"}, "signature 'args' must be an array"),
+        ({"task": "t", "args": [], "kwargs": {}}, "signature 'options' must be an object"),
         ("t", "a signature must be an object, not a string"),
     ],
 )  # fmt: skip

@@ -300,3 +300,31 @@ def test_a_plain_celery_async_task_runs_or_is_refused_at_start(broker: str, tmp_
         assert value == 42, f"{value!r}\n{worker.log()[-2000:]}"
     finally:
         worker.stop()
+
+
+async def test_a_message_celerys_tracer_fails_on_runs_once(broker: str, tmp_path: Path) -> None:
+    """A chain step Celery cannot apply (``{"task": ...}`` alone: no args, kwargs or options)
+    makes its tracer fail after the body ran, then its failure handling too. The pool
+    reported that as a lost worker (``WorkerLostError``): under ``acks_late`` +
+    ``reject_on_worker_lost`` the message went back to the broker and ran again, 11 times
+    on Redis before the delivery limit (the fuzz suite's pusher), for ever on RabbitMQ. It
+    is a failure of the task, as on the prefork pool: it runs once. A plain Celery app
+    here: a ``celery_app()`` worker's intake refuses such a chain before Celery reads it."""
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    worker = Worker("tests.workers.plain_pool_worker", BROKERS[broker], RESULT_BACKEND, pool=None)
+    worker.extra_env["CB_POOL_MARKERS"] = str(markers)
+    worker.start(tmp_path)
+    try:
+        sender = Celery("sender", broker=BROKERS[broker], backend=RESULT_BACKEND)
+        task_id = sender.send_task(
+            "plain_pool.mark", queue=worker.queue, chain=[{"task": "plain_pool.mark"}]
+        ).id
+        ran = markers / f"ran-{task_id}"
+        wait_for(ran.exists, 20, "the task to run")
+        # Long enough for a requeue (at once) or a visibility sweep (5 s + 10 s) to show.
+        await anyio.sleep(16)
+        assert len(ran.read_text().splitlines()) == 1, worker.log()
+        assert "Celery's tracer failed" in worker.log()
+    finally:
+        stop_all([worker])
