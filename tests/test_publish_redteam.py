@@ -1,0 +1,123 @@
+"""Red-team findings on the caller-side fast path (the publish window, pipelined Redis
+batches, 32 unconfirmed AMQP publishes per channel, the deadline timer).
+
+Each test states what a caller must be able to rely on and FAILS on the code it was
+written against (see the report on branch ``pubrt``); none of them is a fix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import kombu
+import pytest
+
+from celerybridge import Bridge, CeleryBridgeError, remote_task
+
+from .faults._private_brokers import PrivateRabbit
+
+pytestmark = pytest.mark.integration
+
+UNKNOWN = "may or may not have been delivered"
+"""What a caller is told when its message may have reached the broker."""
+MAX_MESSAGE_SIZE = 4096
+"""The private RabbitMQ's ``max_message_size``: an operator's limit (the default is 128 MiB)."""
+
+
+@remote_task(name="redteam.echo")
+def echo(i: int, text: str) -> None: ...
+
+
+class _SmallMessagesRabbit(PrivateRabbit):
+    """A private RabbitMQ that refuses messages over ``MAX_MESSAGE_SIZE`` bytes: it closes
+    the publishing channel (``PRECONDITION_FAILED``), as it does for any channel error."""
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__(folder)
+        with (folder / "rabbitmq.conf").open("a") as conf:
+            conf.write(f"max_message_size = {MAX_MESSAGE_SIZE}\n")
+
+
+@pytest.fixture(scope="module")
+def small_rabbit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateRabbit]:
+    server = _SmallMessagesRabbit(tmp_path_factory.mktemp("redteam") / "rabbit")
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+def _consume_first_args(broker_url: str, queue: str) -> list[int]:
+    """The first positional argument of every message on ``queue`` (consumed)."""
+    found: list[int] = []
+    with kombu.Connection(broker_url) as connection:
+        channel = connection.default_channel
+        while (message := channel.basic_get(queue, no_ack=True)) is not None:
+            found.append(json.loads(message.body)[0][0])
+    return found
+
+
+async def _window_with_one_oversized(url: str, queue: str) -> list[str | None]:
+    """32 publishes in flight on one channel, the 16th too large for the broker: each
+    caller's outcome (``None``: accepted; else the error's text)."""
+    async with Bridge(broker_url=url, publish_timeout=20) as bridge:
+        stub = echo.with_options(queue=queue)
+        await bridge.send(stub, (-1, "declare"), {})  # connected, queue declared
+
+        async def one(i: int) -> str | None:
+            text = "x" * (2 * MAX_MESSAGE_SIZE if i == 15 else 10)
+            try:
+                await bridge.send(stub, (i, text), {})
+            except CeleryBridgeError as exc:
+                return f"{type(exc).__name__}: {exc}"
+            return None
+
+        outcomes = await asyncio.gather(*(one(i) for i in range(32)))
+        # The publisher is usable afterwards (the channel was reopened).
+        await bridge.send(stub, (100, "after"), {})
+    return list(outcomes)
+
+
+async def test_amqp_callers_told_not_delivered_were_not_delivered(
+    small_rabbit: PrivateRabbit,
+) -> None:
+    """A channel closed by the broker mid-window (here: one message over RabbitMQ's
+    ``max_message_size``) fails every publish still unconfirmed on it with a plain
+    ``DelegationError`` (no "may or may not have been delivered"), yet RabbitMQ had
+    routed some of them before it closed the channel: those callers are told a failure
+    for a message that is on the queue, and a caller that retries sends it twice."""
+    queue = f"cb-redteam-{uuid.uuid4().hex[:8]}"
+    outcomes = await _window_with_one_oversized(small_rabbit.url, queue)
+    landed = set(_consume_first_args(small_rabbit.url, queue))
+    told_not_delivered = {
+        i for i, outcome in enumerate(outcomes) if outcome is not None and UNKNOWN not in outcome
+    }
+    lied_to = sorted(told_not_delivered & landed)
+    assert not lied_to, (
+        f"{len(lied_to)} callers were told their publish failed (no '{UNKNOWN}') while "
+        f"their message is on the queue: {lied_to}; e.g. {outcomes[lied_to[0]]}"
+    )
+
+
+async def test_amqp_one_oversized_message_fails_only_its_own_publish(
+    small_rabbit: PrivateRabbit,
+) -> None:
+    """The message RabbitMQ refused is one caller's; the 31 others sharing its channel
+    were valid. On the kombu path (one confirm at a time) only the refused one fails; on
+    the fast path every publish unconfirmed when the channel closed fails with the other
+    message's error (``message size ... is larger than configured max size``)."""
+    queue = f"cb-redteam-{uuid.uuid4().hex[:8]}"
+    outcomes = await _window_with_one_oversized(small_rabbit.url, queue)
+    _consume_first_args(small_rabbit.url, queue)
+    assert outcomes[15] is not None
+    assert "larger than configured max size" in outcomes[15]
+    others = {i: o for i, o in enumerate(outcomes) if o is not None and i != 15}
+    assert not others, (
+        f"{len(others)} valid publishes failed with another message's error, e.g. "
+        f"{next(iter(others.values()))}"
+    )
