@@ -8,6 +8,7 @@ written against (see the report on branch ``pubrt``); none of them is a fix.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ import pytest
 
 from celerybridge import Bridge, CeleryBridgeError, remote_task
 
+from ._brokers import BROKERS, purge
 from .faults._private_brokers import PrivateRabbit
 
 pytestmark = pytest.mark.integration
@@ -121,3 +123,38 @@ async def test_amqp_one_oversized_message_fails_only_its_own_publish(
         f"{len(others)} valid publishes failed with another message's error, e.g. "
         f"{next(iter(others.values()))}"
     )
+
+
+@pytest.mark.parametrize("broker", ["redis", "amqp"])
+def test_a_bridge_reused_in_a_second_event_loop_fails_within_the_error_tree(broker: str) -> None:
+    """A bridge built and used in one event loop, then used in another (a module-level
+    bridge under pytest's per-test loops, two ``asyncio.run`` calls): the docs say one
+    bridge per event loop, and the bridge refuses a forked process with a
+    ``ConfigurationError``. A second loop gets no such refusal: on Redis some publishes
+    go out and the others raise a bare ``RuntimeError('Event loop is closed')``; on
+    RabbitMQ every publish waits out its whole publish timeout, then a bare
+    ``RuntimeError`` (``... is bound to a different event loop``) follows. Whatever the
+    bridge does with a second loop, what escapes ``send`` must be a ``CeleryBridgeError``."""
+    bridge = Bridge(broker_url=BROKERS[broker], publish_timeout=1)
+    stub = echo.with_options(queue=f"cb-redteam-{uuid.uuid4().hex[:8]}")
+
+    async def publish(n: int) -> list[BaseException | None]:
+        async def one(i: int) -> BaseException | None:
+            try:
+                await bridge.send(stub, (i, "x"), {})
+            except BaseException as exc:  # what escapes is the finding
+                return exc
+            return None
+
+        return list(await asyncio.gather(*(one(i) for i in range(n))))
+
+    try:
+        first = asyncio.run(publish(1))
+        second = asyncio.run(publish(20)) + asyncio.run(publish(1))
+    finally:
+        with contextlib.suppress(Exception):
+            asyncio.run(bridge.aclose())
+        purge(BROKERS[broker], stub.queue)
+    assert first == [None]
+    foreign = [repr(o) for o in second if o is not None and not isinstance(o, CeleryBridgeError)]
+    assert not foreign, f"{len(foreign)} of {len(second)} outside the error tree: {foreign[:2]}"
