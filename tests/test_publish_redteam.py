@@ -225,3 +225,36 @@ async def test_amqp_a_publish_whose_confirms_were_lost_may_have_been_delivered()
     assert outcome is None or UNKNOWN in outcome, (
         f"told {outcome!r} while the message landed {landed.count(1)} time(s)"
     )
+
+
+async def test_amqp_two_lost_connections_do_not_use_up_three_retries() -> None:
+    """``AmqpPublisher``: "a publish whose connection broke before its confirm arrived is
+    sent again, up to ``PUBLISH_RETRIES`` (3) times, once aio-pika has reconnected ...
+    The caller's publish timeout bounds the wait for a reconnection". Two connection
+    losses in a row (each just before the confirm) and a publish timeout of 60 s: the
+    message was sent twice, a third send would go through, yet every caller fails after
+    about 2 s with ``ChannelInvalidStateError: <Channel ...> closed``; attempts made
+    while aio-pika was still reconnecting counted as retries."""
+    queue = f"cb-redteam-{uuid.uuid4().hex[:8]}"
+    cuts = [0]
+
+    def twice_before_a_confirm(index: int, chunk: bytes) -> tuple[int, bool]:
+        at = chunk.find(_BASIC_ACK)
+        if 0 < cuts[0] <= 2 and at >= 7 and chunk[at - 7] == 1:
+            cuts[0] += 1
+            return at - 7, True
+        return len(chunk), False
+
+    async with proxy(BROKERS["amqp"], replies=twice_before_a_confirm) as (url, _):  # noqa: SIM117
+        async with Bridge(broker_url=url, publish_timeout=60) as bridge:
+            stub = echo.with_options(queue=queue)
+            await bridge.send(stub, (0, "declare"), {})
+            cuts[0] = 1  # armed: the next two confirms are cut off
+            outcome: str | None = None
+            try:
+                await bridge.send(stub, (1, "two cuts"), {})
+            except CeleryBridgeError as exc:
+                outcome = f"{type(exc).__name__}: {exc}"
+    _delete(BROKERS["amqp"], queue)
+    assert cuts[0] == 3  # both cuts happened
+    assert outcome is None, f"failed after 2 of its 3 retries: {outcome}"
