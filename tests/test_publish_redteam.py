@@ -8,11 +8,12 @@ written against (see the report on branch ``pubrt``); none of them is a fix.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import gc
 import json
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import kombu
@@ -258,3 +259,85 @@ async def test_amqp_two_lost_connections_do_not_use_up_three_retries() -> None:
     _delete(BROKERS["amqp"], queue)
     assert cuts[0] == 3  # both cuts happened
     assert outcome is None, f"failed after 2 of its 3 retries: {outcome}"
+
+
+@contextlib.asynccontextmanager
+async def _garbling_redis(armed: list[bool]) -> AsyncIterator[str]:
+    """A proxy in front of the test Redis that, once ``armed``, puts one byte no RESP
+    reply starts with in front of the next chunk of replies (once), then forwards as is:
+    every command it carried reached Redis and ran, only a reply came back garbled."""
+    server_url = BROKERS["redis"]
+    parts = server_url.split("/")
+    host, port = parts[2].split(":")
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, down: bool) -> None:
+        with contextlib.suppress(OSError):
+            while data := await reader.read(65536):
+                if down and armed[0] and data.startswith(b":"):
+                    armed[0] = False
+                    data = b"?" + data
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+    async def handle(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        server_r, server_w = await asyncio.open_connection(host, int(port))
+        try:
+            await asyncio.gather(pipe(client_r, server_w, False), pipe(server_r, client_w, True))
+        finally:
+            for writer in (client_w, server_w):
+                writer.close()
+                with contextlib.suppress(OSError, asyncio.CancelledError):
+                    await writer.wait_closed()
+
+    def start(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        task = asyncio.ensure_future(handle(r, w))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    server = await asyncio.start_server(start, "127.0.0.1", 0)
+    try:
+        yield f"redis://127.0.0.1:{server.sockets[0].getsockname()[1]}/{parts[3]}"
+    finally:
+        server.close()
+        for task in list(tasks):
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await server.wait_closed()
+
+
+async def test_redis_a_garbled_reply_mid_batch_may_have_been_delivered() -> None:
+    """A batch of LPUSHes reached Redis and ran; a reply came back garbled (a proxy or
+    a middlebox fault: redis-py's ``InvalidResponse``). The publisher retries only on
+    ``ConnectionError``, so every unanswered publish of the batch is failed with a plain
+    ``DelegationError: ...: InvalidResponse: ...``, without "may or may not have been
+    delivered" (what a cut connection gets), though every message is on the queue."""
+    queue = f"cb-redteam-{uuid.uuid4().hex[:8]}"
+    armed = [False]
+    try:
+        async with _garbling_redis(armed) as url:  # noqa: SIM117
+            async with Bridge(broker_url=url, publish_timeout=20) as bridge:
+                stub = echo.with_options(queue=queue)
+                await bridge.send(stub, (-1, "declare"), {})
+
+                async def one(i: int) -> str | None:
+                    try:
+                        await bridge.send(stub, (i, "x"), {})
+                    except CeleryBridgeError as exc:
+                        return f"{type(exc).__name__}: {exc}"
+                    return None
+
+                armed[0] = True
+                outcomes = await asyncio.gather(*(one(i) for i in range(20)))
+        with redis.Redis.from_url(BROKERS["redis"]) as client:
+            raw = client.lrange(queue, 0, -1)
+        landed = {json.loads(base64.b64decode(json.loads(item)["body"]))[0][0] for item in raw}
+    finally:
+        _delete(BROKERS["redis"], queue)
+    failed = {i: o for i, o in enumerate(outcomes) if o is not None}
+    assert failed  # the garbled reply failed some
+    lied_to = sorted(i for i, o in failed.items() if UNKNOWN not in o and i in landed)
+    assert not lied_to, (
+        f"{len(lied_to)} told a plain failure while on the queue, e.g. {failed[lied_to[0]]}"
+    )
