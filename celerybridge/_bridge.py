@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
 from collections.abc import Mapping, Sequence
@@ -110,6 +111,7 @@ class Bridge:
             self._reply_to = f"celerybridge.reply.{uuid.uuid4()}"
         self._canvas: CanvasApp | None = None
         self._pid = os.getpid()
+        self._loop: asyncio.AbstractEventLoop | None = None  # the asyncio loop it is used in
         self._closed = False
 
     async def __aenter__(self) -> Self:
@@ -344,6 +346,18 @@ class Bridge:
             raise ConfigurationError(
                 f"this bridge was created in process {self._pid} and used in {os.getpid()} "
                 "after a fork; create a bridge in each process (e.g. in the app's lifespan)"
+            )
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not asyncio (trio): its connections are not loop-bound
+            return
+        if self._loop is None:
+            self._loop = loop
+        elif loop is not self._loop:
+            raise ConfigurationError(
+                "this bridge was first used in another event loop (its connections belong "
+                "to that loop); create a bridge per event loop (e.g. in the app's lifespan, "
+                "or in a fixture of the test's loop)"
             )
 
     def _fast_path(self, url: str, schemes: frozenset[str]) -> bool:

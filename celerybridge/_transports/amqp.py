@@ -247,11 +247,16 @@ class AmqpPublisher(NativePublisher[tuple[bytes, CeleryProperties]]):
     the queue is declared before the first publish to it, so the message is routable.
 
     Delivery is at least once, as with kombu's publish retry policy: a publish whose
-    connection broke before its confirm arrived is sent again, up to
-    ``PUBLISH_RETRIES`` times, once aio-pika has reconnected; a confirmed publish is
-    never repeated. The caller's publish timeout bounds the wait for a reconnection.
-    With a ``signer`` every message carries its signature headers (``_signing``).
-    ``queues`` says how to declare a queue that does not exist yet (``_queues``).
+    connection broke before its confirm arrived is sent again once aio-pika has
+    reconnected, up to ``PUBLISH_RETRIES`` times; a confirmed publish is never
+    repeated. Waiting for a reconnection costs no retry: the caller's publish timeout
+    bounds it. When RabbitMQ closes the channel over one message (over its
+    ``max_message_size``...), the others unconfirmed on it are sent again, each alone
+    on a fresh channel, so the message RabbitMQ refuses fails alone, with its reason.
+    One still unconfirmed after the retries is a :class:`DelegationError` that says it
+    may or may not have been delivered. With a ``signer`` every message carries its
+    signature headers (``_signing``). ``queues`` says how to declare a queue that does
+    not exist yet (``_queues``).
     """
 
     window_messages = AMQP_WINDOW_MESSAGES
@@ -271,9 +276,23 @@ class AmqpPublisher(NativePublisher[tuple[bytes, CeleryProperties]]):
         self._timeout = timeout
         self.connection_name = f"celerybridge-publisher {self._origin.origin} {uuid.uuid4()}"
         """How RabbitMQ lists this publisher's connection (``rabbitmqctl list_connections``)."""
-        self._connection: aio_pika.abc.AbstractRobustConnection | None = None
-        self._channel: aio_pika.abc.AbstractRobustChannel | None = None
-        self._lock: asyncio.Lock | None = None  # created on the caller's loop
+        self._connection: aio_pika.RobustConnection | None = None
+        # Ours, not aio-pika's robust one: a channel RabbitMQ closed is replaced (with a
+        # new number) before anything more is written, never written on while reopening.
+        self._channel: aiormq.abc.AbstractChannel | None = None
+        self._lock = asyncio.Lock()  # one caller connects or opens a channel at a time
+        # Publishes between basic_publish and their confirm, and how many have started:
+        # whether a publish had the channel to itself when RabbitMQ closed it.
+        self._inflight = 0
+        self._started = 0
+        self._drained = asyncio.Event()  # nothing in flight
+        self._drained.set()
+        # Publishes to send alone (after RabbitMQ closed a channel under them): while
+        # any wait, others wait at ``_gate`` before writing.
+        self._solo = asyncio.Lock()
+        self._solo_waiting = 0
+        self._gate = asyncio.Event()
+        self._gate.set()
         # Queues declared on the current underlying channel: a new one after a
         # reconnection declares again, as kombu does once per connection.
         self._declared: set[str] = set()
@@ -291,21 +310,25 @@ class AmqpPublisher(NativePublisher[tuple[bytes, CeleryProperties]]):
         return len(body) + len(properties.encoded_headers)
 
     async def _send(self, message: OutgoingMessage, framed: tuple[bytes, CeleryProperties]) -> None:
-        body, properties = framed
         doing = f"publishing {message.task_name!r} to {message.queue!r}"
         with translate(DelegationError, doing):
-            for attempt in range(PUBLISH_RETRIES + 1):
+            sends = 0  # times written on a channel: at most PUBLISH_RETRIES + 1
+            alone = False  # to be sent alone: RabbitMQ closed a shared channel under it
+            while True:
                 try:
-                    channel = await self._underlay()
-                    _check_fits(channel, properties, message)
-                    await self._declare(channel, message.queue)
-                    await channel.basic_publish(
-                        body,
-                        exchange="",  # Celery: the default exchange, routing key = queue
-                        routing_key=message.queue,
-                        properties=properties,
-                        mandatory=False,
-                    )
+                    if alone:
+                        self._solo_waiting += 1
+                        self._gate.clear()
+                        try:
+                            async with self._solo:
+                                await self._drained.wait()
+                                await self._publish(message, framed, doing, alone=True)
+                        finally:
+                            self._solo_waiting -= 1
+                            if not self._solo_waiting:
+                                self._gate.set()
+                    else:
+                        await self._publish(message, framed, doing, alone=False)
                     return
                 except asyncio.CancelledError:
                     task = asyncio.current_task()
@@ -317,24 +340,101 @@ class AmqpPublisher(NativePublisher[tuple[bytes, CeleryProperties]]):
                         f"{doing}: the connection was closed before RabbitMQ confirmed it; "
                         "it may or may not have been delivered"
                     ) from None
+                except _Unsent:
+                    continue  # the channel closed before it was written: not a send
+                except _Shared as shared:  # RabbitMQ closed the channel over some message
+                    sends += 1
+                    exc = shared.__cause__
+                    if self._closed or sends > PUBLISH_RETRIES:
+                        raise DelegationError(
+                            f"{doing}: RabbitMQ closed the channel under it before "
+                            f"confirming it ({amqp_reason(exc or shared)}); "
+                            "it may or may not have been delivered"
+                        ) from exc
+                    logger.info("%s: %r; sending it again, alone", doing, exc)
+                    alone = True
                 except CONNECTION_LOST as exc:
-                    if self._closed or attempt == PUBLISH_RETRIES:
-                        raise
+                    sends += 1
+                    if self._closed or sends > PUBLISH_RETRIES:
+                        raise DelegationError(
+                            f"{doing}: {type(exc).__name__}: {exc}; "
+                            "it may or may not have been delivered"
+                        ) from exc
                     logger.info("%s: %r; sending it again once reconnected", doing, exc)
-                    await asyncio.sleep(min(RECONNECT_INITIAL * 2**attempt, RECONNECT_MAX))
+
+    async def _publish(
+        self,
+        message: OutgoingMessage,
+        framed: tuple[bytes, CeleryProperties],
+        doing: str,
+        *,
+        alone: bool,
+    ) -> None:
+        """Write the message once on an open channel and wait for its confirm.
+
+        ``_Unsent``: the channel closed before it was written. ``_Shared``: RabbitMQ
+        closed the channel while others were in flight too (whose message it refused is
+        unknown). A refusal while it had the channel to itself is its own.
+        """
+        body, properties = framed
+        channel = await self._underlay()
+        _check_fits(channel, properties, message)
+        await self._declare(channel, message.queue)
+        if not alone:
+            while not self._gate.is_set():  # someone is being sent alone
+                await self._gate.wait()
+        if channel.is_closed:
+            raise _Unsent
+        # No await from here to the write: nobody starts between the gate and the count.
+        self._inflight += 1
+        self._started += 1
+        self._drained.clear()
+        mine, crowded = self._started, self._inflight > 1
+        try:
+            await channel.basic_publish(
+                body,
+                exchange="",  # Celery: the default exchange, routing key = queue
+                routing_key=message.queue,
+                properties=properties,
+                mandatory=False,
+            )
+        except aiormq.exceptions.ChannelClosed as exc:
+            if crowded or self._started != mine:
+                raise _Shared from exc
+            raise DelegationError(f"{doing}: RabbitMQ refused it: {amqp_reason(exc)}") from exc
+        finally:
+            self._inflight -= 1
+            if not self._inflight:
+                self._drained.set()
 
     async def _underlay(self) -> aiormq.abc.AbstractChannel:
-        """The current aiormq channel, connecting first if needed; waits out a reconnection."""
-        if self._channel is None:
-            if self._lock is None:
-                self._lock = asyncio.Lock()
-            async with self._lock:
+        """An open channel in confirm mode, connecting first if needed.
+
+        Waits out a reconnection (the caller's publish timeout bounds the wait) and
+        replaces a channel RabbitMQ closed, before anything more is written on it.
+        """
+        channel = self._channel
+        if channel is not None and not channel.is_closed:
+            return channel
+        async with self._lock:
+            while True:
                 if self._closed:
                     raise DelegationError("the publisher was closed")
-                if self._channel is None:
+                if self._connection is None:
                     await self._connect()
-        assert self._channel is not None
-        return await self._channel.get_underlay_channel()
+                channel = self._channel
+                if channel is not None and not channel.is_closed:
+                    return channel
+                assert self._connection is not None
+                transport = self._connection.transport
+                if transport is None or transport.connection.is_closed:
+                    await asyncio.sleep(RECONNECT_INITIAL)  # aio-pika is reconnecting
+                    continue
+                try:
+                    self._channel = await transport.connection.channel(publisher_confirms=True)
+                except (ConnectionError, RuntimeError) as exc:  # closed meanwhile
+                    logger.info("opening a publishing channel: %r; trying again", exc)
+                    await asyncio.sleep(RECONNECT_INITIAL)
 
     async def _connect(self) -> None:
         # Ours before it connects: a failed or cancelled connect, and aclose, close it.
@@ -342,13 +442,11 @@ class AmqpPublisher(NativePublisher[tuple[bytes, CeleryProperties]]):
         self._connection = connection
         try:
             await connection.connect(timeout=self._timeout)
-            channel = await connection.channel(publisher_confirms=True)
         except BaseException:
             self._connection = None
             with anyio.CancelScope(shield=True), anyio.move_on_after(self._timeout):
                 await connection.close()
             raise
-        self._channel = channel
 
     async def _declare(self, channel: aiormq.abc.AbstractChannel, queue: str) -> None:
         """Declare ``queue`` once per channel; concurrent first publishes share one declaration."""
@@ -378,7 +476,17 @@ class AmqpPublisher(NativePublisher[tuple[bytes, CeleryProperties]]):
             return
         self._closed = True
         connection, self._connection, self._channel = self._connection, None, None
+        self._gate.set()  # a publish waiting to be sent alone would find it closed
         if connection is not None:
             await connection.close()  # fails any declaration still waiting for the broker
         if self._declaring:
             await asyncio.gather(*self._declaring.values(), return_exceptions=True)
+
+
+class _Unsent(Exception):
+    """The channel closed before the message was written: it was not sent."""
+
+
+class _Shared(Exception):
+    """RabbitMQ closed the channel with others in flight: whose message it refused is
+    unknown (the cause is RabbitMQ's error)."""

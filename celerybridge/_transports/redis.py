@@ -150,7 +150,9 @@ class RedisPublisher(NativePublisher[tuple[str, bytes]]):
             if message.queue in self._declared and self._idle():
                 try:
                     await self._send_alone(key, payload)
-                except redis.exceptions.ConnectionError as exc:
+                except redis.exceptions.ResponseError:
+                    raise  # Redis refused the command: not delivered
+                except redis.exceptions.RedisError as exc:  # broken, garbled reply...
                     raise self._lost(doing, exc, written=self._lone_written) from exc
                 return
             push = _Push(message.queue, key, payload, asyncio.get_running_loop().create_future())
@@ -161,13 +163,16 @@ class RedisPublisher(NativePublisher[tuple[str, bytes]]):
                 # batch was not written yet, else the outcome is unknown, as
                 # PublishTimeoutError says.
                 await push.done
-            except redis.exceptions.ConnectionError as exc:
+            except redis.exceptions.ResponseError:
+                raise  # Redis refused the command: not delivered
+            except redis.exceptions.RedisError as exc:  # broken, garbled reply...
                 raise self._lost(doing, exc, written=push.written) from exc
 
     @staticmethod
     def _lost(doing: str, exc: Exception, *, written: bool) -> DelegationError:
-        """The error for a publish whose connection broke, after the retries: one sent at
-        least once may have reached Redis, one never written did not."""
+        """The error for a publish whose connection broke (after the retries) or whose
+        reply could not be read: one sent at least once may have reached Redis, one never
+        written did not."""
         if not written:
             return DelegationError(f"{doing}: {type(exc).__name__}: {exc}")
         return DelegationError(
@@ -308,6 +313,10 @@ class _Batch:
             await connection.retry.call_with_retry(
                 partial(self._attempt, connection), partial(self._lost, connection)
             )
+        except BaseException:
+            # Replies may be left unread (a garbled one, a timeout): never reuse it as is.
+            await connection.disconnect(nowait=True)
+            raise
         finally:
             self._publisher._spare.append(connection)
 
