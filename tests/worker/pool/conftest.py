@@ -16,10 +16,12 @@ from ..._workers import Worker, stop_all
 MODULE = "tests.workers.pool_worker"
 
 
-def pool_worker(broker: str, markers: Path, concurrency: int = 400, **env: str) -> Worker:
-    """A worker of ``MODULE``: no ``-P``, the app's ``worker_pool`` selects the pool."""
+def pool_worker(
+    broker: str, markers: Path, concurrency: int = 400, module: str = MODULE, **env: str
+) -> Worker:
+    """A worker of ``module``: no ``-P``, the app's ``worker_pool`` selects the pool."""
     markers.mkdir(exist_ok=True)
-    worker = Worker(MODULE, BROKERS[broker], RESULT_BACKEND, pool=None)
+    worker = Worker(module, BROKERS[broker], RESULT_BACKEND, pool=None)
     worker.extra_env.update(
         CB_POOL_CONCURRENCY=str(concurrency), CB_POOL_MARKERS=str(markers), **env
     )

@@ -20,20 +20,11 @@ from celerybridge import Bridge, RemoteTaskError, ResultTimeoutError
 from ..._brokers import BROKERS, RESULT_BACKEND
 from ..._workers import Worker, stop_all
 from ...workers import poolrt_bindings as bindings
-from .conftest import wait_for
+from .conftest import pool_worker, wait_for
 
 pytestmark = pytest.mark.integration
 
 MODULE = "tests.workers.poolrt_worker"
-
-
-def rt_worker(broker: str, markers: Path, concurrency: int = 100, **env: str) -> Worker:
-    markers.mkdir(exist_ok=True)
-    worker = Worker(MODULE, BROKERS[broker], RESULT_BACKEND, pool=None)
-    worker.extra_env.update(
-        CB_POOL_CONCURRENCY=str(concurrency), CB_POOL_MARKERS=str(markers), **env
-    )
-    return worker
 
 
 @pytest.fixture
@@ -42,7 +33,7 @@ def start_worker(tmp_path: Path) -> Iterator[Callable[..., Worker]]:
     started: list[Worker] = []
 
     def start(broker: str, concurrency: int = 100, **env: str) -> Worker:
-        worker = rt_worker(broker, tmp_path / "markers", concurrency, **env)
+        worker = pool_worker(broker, tmp_path / "markers", concurrency, MODULE, **env)
         started.append(worker)
         return worker.start(tmp_path)
 
@@ -282,7 +273,7 @@ def test_a_plain_celery_async_task_runs_or_is_refused_at_start(broker: str, tmp_
     Found: the worker starts, runs the function in the sync thread pool, and Celery
     tries to store the coroutine object as the result.
     """
-    worker = rt_worker(broker, tmp_path / "markers", CB_RT_PLAIN_ASYNC="1")
+    worker = pool_worker(broker, tmp_path / "markers", 100, MODULE, CB_RT_PLAIN_ASYNC="1")
     worker.start(tmp_path, wait=False)
     try:
         deadline = time.monotonic() + 60
