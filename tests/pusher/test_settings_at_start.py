@@ -36,17 +36,23 @@ print(json.dumps(out))
 """
 
 
-def test_settings_are_read_at_worker_start_and_configure_the_worker() -> None:
+def _run_fresh(script: str) -> subprocess.CompletedProcess[str]:
+    """``script`` in a fresh interpreter, with no PUSHER_* or CELERYBRIDGE_* setting but a
+    broker URL (nothing connects to it)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PUSHER_", "CELERYBRIDGE_"))}
-    env["CELERYBRIDGE_BROKER_URL"] = "redis://127.0.0.1:6379/2"  # nothing is connected
-    done = subprocess.run(
-        [sys.executable, "-c", SCRIPT],
+    env["CELERYBRIDGE_BROKER_URL"] = "redis://127.0.0.1:6379/2"
+    return subprocess.run(
+        [sys.executable, "-c", script],
         cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,
         timeout=60,
     )
+
+
+def test_settings_are_read_at_worker_start_and_configure_the_worker() -> None:
+    done = _run_fresh(SCRIPT)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == {
         "concurrency": 3,
@@ -86,16 +92,7 @@ def test_a_visibility_timeout_under_the_time_limit_only_warns_on_celerybridges_t
     lives): PUSHER_VISIBILITY_TIMEOUT need not exceed PUSHER_TASK_TIME_LIMIT, which kept
     the default at 3600 s and a killed worker's upload waiting ~75 minutes. kombu's own
     transport still needs it."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PUSHER_", "CELERYBRIDGE_"))}
-    env["CELERYBRIDGE_BROKER_URL"] = "redis://127.0.0.1:6379/2"  # nothing is connected
-    done = subprocess.run(
-        [sys.executable, "-c", VISIBILITY],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = _run_fresh(VISIBILITY)
     assert done.returncode == 0, done.stderr
     problem = "PUSHER_VISIBILITY_TIMEOUT (10 s) does not exceed PUSHER_TASK_TIME_LIMIT (20 s)"
     assert json.loads(done.stdout) == {

@@ -3,7 +3,7 @@ lost, and plain Celery ``async def`` tasks. Real workers on real brokers."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import anyio
@@ -33,14 +33,6 @@ def start_worker(tmp_path: Path) -> Iterator[Callable[[str], Worker]]:
 
     yield start
     stop_all(started)
-
-
-@pytest.fixture
-async def bridge(broker: str) -> AsyncIterator[Bridge]:
-    async with Bridge(
-        broker_url=BROKERS[broker], result_backend=RESULT_BACKEND, result_timeout=60
-    ) as bridge:
-        yield bridge
 
 
 def exit_code(worker: Worker, timeout: float) -> int | None:
